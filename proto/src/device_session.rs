@@ -1,0 +1,346 @@
+//! The device's end of the control stream, as a sans-IO state machine.
+//!
+//! On creation it queues Hello; once Welcome arrives the session is
+//! established and the app can register channels, receive wakes and ack
+//! them. It also runs the application keepalive: a Ping after
+//! `keepalive_interval` without anything sent (only the device's outgoing
+//! packets refresh a NAT binding), and a close with
+//! [`ErrorCode::KeepaliveTimeout`] if the Pong does not come back within
+//! `keepalive_timeout`. The Pong carries the address the relay observed,
+//! which the keepalive tuner uses to detect NAT rebinding.
+
+use std::time::{Duration, Instant};
+
+use crate::codec::DecodeError;
+use crate::pb::device::{frame::Body, Ack, ChannelBinding, GoAwayReason, Hello, Ping, Register, ServerLimits, Unregister, Wake};
+use crate::relay_session::{decode_reason, frame_name};
+pub use crate::session_core::Close;
+use crate::session_core::Core;
+use crate::{ErrorCode, MAX_FRAME_SIZE, MAX_PAYLOAD_SIZE, PROTOCOL_VERSION};
+
+/// Settings of a device session.
+#[derive(Debug, Clone)]
+pub struct DeviceSessionConfig {
+    /// Device credential sent in Hello.
+    pub credential: String,
+    /// SDK description sent in Hello.
+    pub sdk: String,
+    /// Send a Ping after this long without sending anything.
+    pub keepalive_interval: Duration,
+    /// Give up on the connection if a Pong takes longer than this.
+    pub keepalive_timeout: Duration,
+    /// Give up if Welcome takes longer than this.
+    pub welcome_timeout: Duration,
+}
+
+impl DeviceSessionConfig {
+    /// Defaults for everything but the credential.
+    pub fn new(credential: impl Into<String>) -> Self {
+        Self {
+            credential: credential.into(),
+            sdk: concat!("wakewire-proto/", env!("CARGO_PKG_VERSION")).to_owned(),
+            keepalive_interval: Duration::from_secs(25),
+            keepalive_timeout: Duration::from_secs(10),
+            welcome_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A refused Register request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegisterRefused {
+    /// `Registered.error_code` (see the `REGISTER_ERROR_*` constants).
+    pub code: u32,
+    /// The relay's explanation.
+    pub message: String,
+}
+
+/// Something the driver (the SDK) must act on.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DeviceEvent {
+    /// The relay accepted the device.
+    Welcome {
+        /// Session id, for logs.
+        session_id: String,
+        /// Device id the credential names.
+        device_id: String,
+        /// Relay limits.
+        limits: ServerLimits,
+        /// Relay wall clock at Welcome, Unix ms.
+        server_time_ms: u64,
+    },
+    /// Answer to [`DeviceSession::register`].
+    Registered {
+        /// Request id returned by `register`.
+        request_id: u64,
+        /// Bindings, or why nothing was registered.
+        result: Result<Vec<ChannelBinding>, RegisterRefused>,
+    },
+    /// A wake event: hand it to the app, then [`DeviceSession::ack`] it.
+    Wake(Wake),
+    /// A keepalive round trip completed.
+    KeepaliveCompleted {
+        /// Ping to Pong time.
+        rtt: Duration,
+        /// The device's address as the relay saw it.
+        observed_addr: String,
+    },
+    /// The relay is about to close the connection.
+    GoAway {
+        /// Why.
+        reason: GoAwayReason,
+        /// Suggested wait before reconnecting.
+        reconnect_after: Duration,
+        /// The relay's message.
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    AwaitWelcome { deadline: Instant },
+    Established,
+}
+
+/// Device side of the control stream.
+#[derive(Debug)]
+pub struct DeviceSession {
+    core: Core<DeviceEvent>,
+    state: State,
+    config: DeviceSessionConfig,
+    max_payload: usize,
+    next_request_id: u64,
+    next_nonce: u64,
+    last_send: Instant,
+    ping_out: Option<(u64, Instant)>,
+}
+
+impl DeviceSession {
+    /// Starts a session at `now`: Hello is queued.
+    pub fn new(now: Instant, config: DeviceSessionConfig) -> Self {
+        let mut core = Core::new(MAX_FRAME_SIZE);
+        core.send(Body::Hello(Hello {
+            protocol_version: PROTOCOL_VERSION,
+            credential: config.credential.clone(),
+            sdk: config.sdk.clone(),
+        }));
+        Self {
+            core,
+            state: State::AwaitWelcome {
+                deadline: now + config.welcome_timeout,
+            },
+            config,
+            max_payload: MAX_PAYLOAD_SIZE,
+            next_request_id: 1,
+            next_nonce: 1,
+            last_send: now,
+            ping_out: None,
+        }
+    }
+
+    /// Whether Welcome has arrived and the session is open.
+    pub fn is_established(&self) -> bool {
+        self.state == State::Established && !self.core.is_closed()
+    }
+
+    /// Whether the session has ended.
+    pub fn is_closed(&self) -> bool {
+        self.core.is_closed()
+    }
+
+    /// Why the session ended, if it did.
+    pub fn close_reason(&self) -> Option<&Close> {
+        self.core.close_reason()
+    }
+
+    /// Current keepalive interval.
+    pub fn keepalive_interval(&self) -> Duration {
+        self.config.keepalive_interval
+    }
+
+    /// Changes the keepalive interval; the next Ping is due `interval` after
+    /// the last thing sent.
+    pub fn set_keepalive_interval(&mut self, interval: Duration) {
+        self.config.keepalive_interval = interval;
+    }
+
+    /// Asks for channel ids for `names`; the answer is a
+    /// [`DeviceEvent::Registered`] with the returned request id.
+    pub fn register(&mut self, now: Instant, names: Vec<String>) -> u64 {
+        let request_id = self.next_request_id;
+        self.next_request_id += 1;
+        self.send(now, Body::Register(Register { request_id, names }));
+        request_id
+    }
+
+    /// Stops wakes on these channels.
+    pub fn unregister(&mut self, now: Instant, channel_ids: Vec<String>) {
+        self.send(now, Body::Unregister(Unregister { channel_ids }));
+    }
+
+    /// Acknowledges an event after the app has handled it.
+    pub fn ack(&mut self, now: Instant, event_id: String) {
+        self.send(now, Body::Ack(Ack { event_id }));
+    }
+
+    /// Sends a Ping now (unless one is outstanding).
+    pub fn ping(&mut self, now: Instant) {
+        if self.ping_out.is_some() || !self.is_established() {
+            return;
+        }
+        let nonce = self.next_nonce;
+        self.next_nonce += 1;
+        self.ping_out = Some((nonce, now));
+        self.send(now, Body::Ping(Ping { nonce }));
+    }
+
+    /// Feeds bytes read from the control stream.
+    pub fn handle_data(&mut self, now: Instant, data: &[u8]) {
+        if self.core.is_closed() {
+            return;
+        }
+        self.core.decoder.extend(data);
+        while !self.core.is_closed() {
+            match self.core.decoder.next_frame() {
+                Ok(Some(body)) => self.handle_frame(now, body),
+                Ok(None) => break,
+                Err(e) => self.violation(&e),
+            }
+        }
+    }
+
+    /// The relay finished its side of the control stream.
+    pub fn handle_stream_finished(&mut self) {
+        if self.core.decoder.buffered() > 0 {
+            self.core.fail(ErrorCode::ProtocolViolation, "bad frame: control stream ended inside a frame");
+        } else {
+            self.core.fail(ErrorCode::NoError, "relay closed the control stream");
+        }
+    }
+
+    /// Timer expiry: Welcome timeout, keepalive due, Pong overdue.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.core.is_closed() {
+            return;
+        }
+        match self.state {
+            State::AwaitWelcome { deadline } if now >= deadline => {
+                self.core.fail(ErrorCode::HelloTimeout, "no Welcome from the relay in time");
+            }
+            State::AwaitWelcome { .. } => {}
+            State::Established => match self.ping_out {
+                Some((_, sent)) if now >= sent + self.config.keepalive_timeout => {
+                    self.core.fail(ErrorCode::KeepaliveTimeout, "relay did not answer a keepalive in time");
+                }
+                Some(_) => {}
+                None if now >= self.last_send + self.config.keepalive_interval => self.ping(now),
+                None => {}
+            },
+        }
+    }
+
+    /// When [`DeviceSession::handle_timeout`] must be called next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.core.is_closed() {
+            return None;
+        }
+        match self.state {
+            State::AwaitWelcome { deadline } => Some(deadline),
+            State::Established => Some(match self.ping_out {
+                Some((_, sent)) => sent + self.config.keepalive_timeout,
+                None => self.last_send + self.config.keepalive_interval,
+            }),
+        }
+    }
+
+    /// Bytes to write on the control stream.
+    pub fn poll_transmit(&mut self) -> Option<bytes::Bytes> {
+        self.core.poll_transmit()
+    }
+
+    /// Next event for the driver.
+    pub fn poll_event(&mut self) -> Option<DeviceEvent> {
+        self.core.poll_event()
+    }
+
+    /// The close to perform, yielded once.
+    pub fn poll_close(&mut self) -> Option<Close> {
+        self.core.poll_close()
+    }
+
+    fn send(&mut self, now: Instant, body: Body) {
+        self.last_send = now;
+        self.core.send(body);
+    }
+
+    fn violation(&mut self, e: &DecodeError) {
+        self.core.fail(ErrorCode::ProtocolViolation, decode_reason(e));
+    }
+
+    fn handle_frame(&mut self, now: Instant, body: Body) {
+        match (self.state, body) {
+            (State::AwaitWelcome { .. }, Body::Welcome(w)) => {
+                let limits = w.limits.unwrap_or_default();
+                if limits.max_payload_size > 0 {
+                    self.max_payload = limits.max_payload_size as usize;
+                }
+                self.state = State::Established;
+                self.last_send = now;
+                self.core.push_event(DeviceEvent::Welcome {
+                    session_id: w.session_id,
+                    device_id: w.device_id,
+                    limits,
+                    server_time_ms: w.server_time_ms,
+                });
+            }
+            (_, Body::GoAway(g)) => self.core.push_event(DeviceEvent::GoAway {
+                reason: GoAwayReason::try_from(g.reason).unwrap_or(GoAwayReason::Unspecified),
+                reconnect_after: Duration::from_millis(g.reconnect_after_ms),
+                message: g.message,
+            }),
+            (State::Established, Body::Registered(r)) => {
+                let result = if r.error_code == 0 {
+                    Ok(r.channels)
+                } else {
+                    Err(RegisterRefused {
+                        code: r.error_code,
+                        message: r.error_message,
+                    })
+                };
+                self.core.push_event(DeviceEvent::Registered {
+                    request_id: r.request_id,
+                    result,
+                });
+            }
+            (State::Established, Body::Wake(w)) => {
+                if w.payload.len() > self.max_payload {
+                    self.core.fail(
+                        ErrorCode::ProtocolViolation,
+                        format!("wake payload of {} bytes exceeds {}", w.payload.len(), self.max_payload),
+                    );
+                } else {
+                    self.core.push_event(DeviceEvent::Wake(w));
+                }
+            }
+            (State::Established, Body::Pong(p)) => match self.ping_out {
+                Some((nonce, sent)) if nonce == p.nonce => {
+                    self.ping_out = None;
+                    self.core.push_event(DeviceEvent::KeepaliveCompleted {
+                        rtt: now.saturating_duration_since(sent),
+                        observed_addr: p.observed_addr,
+                    });
+                }
+                // A late or unsolicited Pong is harmless.
+                _ => {}
+            },
+            (state, other) => self.core.fail(
+                ErrorCode::ProtocolViolation,
+                format!(
+                    "unexpected {} from the relay{}",
+                    frame_name(&other),
+                    if matches!(state, State::AwaitWelcome { .. }) { " before Welcome" } else { "" }
+                ),
+            ),
+        }
+    }
+}

@@ -1,0 +1,43 @@
+//! # wakewire-proto
+//!
+//! Everything two wakewire peers must agree on, with no I/O:
+//!
+//! - [`pb`]: the generated protobuf types of the device wire protocol
+//!   (`wakewire.device.v1`) and the publisher gRPC API (`wakewire.publish.v1`),
+//!   compiled from the `.proto` files in `proto/` by protox (no system `protoc`).
+//! - [`codec`]: the length-delimited frame codec of the control stream, with a
+//!   hard maximum frame size.
+//! - [`ErrorCode`]: the QUIC application close codes, in one place.
+//! - [`token`]: Ed25519-signed device and publisher credentials.
+//! - [`ids`]: channel id derivation (HMAC, stable, unguessable) and event ids.
+//! - [`relay_session`] and [`device_session`]: the protocol's sans-IO state
+//!   machines for the two ends. They take input with the time passed in
+//!   (`handle_*`) and yield output (`poll_*`: bytes to write, events, the next
+//!   timeout, a close). They never touch a socket, a runtime or a clock, so
+//!   they are tested on a simulated clock with in-memory pairs, and the relay
+//!   and SDK are thin drivers around them (the design of quinn-proto).
+
+pub mod codec;
+mod error_code;
+pub mod ids;
+pub mod names;
+pub mod pb;
+pub mod relay_session;
+mod session_core;
+pub mod device_session;
+pub mod token;
+
+pub use error_code::ErrorCode;
+
+/// ALPN protocol id of the device protocol, version 1.
+pub const ALPN: &[u8] = b"wakewire/1";
+/// Device protocol version spoken by this crate.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Hard upper bound for one control-stream frame, in bytes.
+pub const MAX_FRAME_SIZE: usize = 16 * 1024;
+/// Largest wake payload, in bytes.
+pub const MAX_PAYLOAD_SIZE: usize = 4096;
+/// Default UDP port of the device endpoint.
+pub const DEFAULT_QUIC_PORT: u16 = 4433;
+/// Default TCP port of the publisher gRPC API.
+pub const DEFAULT_GRPC_PORT: u16 = 50051;

@@ -1,0 +1,426 @@
+//! The relay's end of one device connection, as a sans-IO state machine.
+//!
+//! States: `AwaitHello` (until the first frame or the hello timeout) ->
+//! `Authenticating` (the driver checks the credential and calls
+//! [`RelaySession::accept`] or [`RelaySession::reject`]) -> `Established`
+//! (register, wake/ack, ping/pong) -> closed. Anything the protocol forbids
+//! closes the session with [`ErrorCode::ProtocolViolation`] and a reason.
+//!
+//! Driver loop: feed stream bytes to [`RelaySession::handle_data`], timer
+//! expiry to [`RelaySession::handle_timeout`]; then write
+//! [`RelaySession::poll_transmit`], act on [`RelaySession::poll_event`],
+//! arm a timer for [`RelaySession::poll_timeout`], and once
+//! [`RelaySession::poll_close`] yields, close the connection with its code
+//! after writing what was transmitted.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+use crate::codec::DecodeError;
+use crate::names::validate_channel_name;
+use crate::pb::device::{
+    frame::Body, ChannelBinding, GoAway, GoAwayReason, Pong, Registered, ServerLimits, Wake, Welcome,
+};
+pub use crate::session_core::Close;
+use crate::session_core::{millis, Core, WallClock};
+use crate::{ErrorCode, MAX_FRAME_SIZE, MAX_PAYLOAD_SIZE, PROTOCOL_VERSION};
+
+/// `Registered.error_code`: a requested name is invalid.
+pub const REGISTER_ERROR_INVALID_NAME: u32 = 1;
+/// `Registered.error_code`: the device would exceed its channel limit.
+pub const REGISTER_ERROR_TOO_MANY_CHANNELS: u32 = 2;
+
+/// Limits and timers of relay sessions.
+#[derive(Debug, Clone)]
+pub struct RelaySessionConfig {
+    /// Largest frame accepted or sent.
+    pub max_frame_size: usize,
+    /// Largest wake payload.
+    pub max_payload_size: usize,
+    /// Most channels per device.
+    pub max_channels: usize,
+    /// How long a new connection may take to send Hello.
+    pub hello_timeout: Duration,
+    /// Connection idle timeout, announced to the device in Welcome.
+    pub idle_timeout: Duration,
+}
+
+impl Default for RelaySessionConfig {
+    fn default() -> Self {
+        Self {
+            max_frame_size: MAX_FRAME_SIZE,
+            max_payload_size: MAX_PAYLOAD_SIZE,
+            max_channels: 64,
+            hello_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(660),
+        }
+    }
+}
+
+/// Something the driver must act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RelayEvent {
+    /// The device said Hello: verify `credential`, then call
+    /// [`RelaySession::accept`] or [`RelaySession::reject`].
+    Hello {
+        /// Device credential (token).
+        credential: String,
+        /// SDK description, for logs.
+        sdk: String,
+    },
+    /// The device asks for channel ids for these (valid, distinct) names:
+    /// answer with [`RelaySession::registered`].
+    Register {
+        /// Echo in the answer.
+        request_id: u64,
+        /// Channel names.
+        names: Vec<String>,
+    },
+    /// The device no longer wants these channels (only ids registered on
+    /// this session are listed).
+    Unregister {
+        /// Channel ids.
+        channel_ids: Vec<String>,
+    },
+    /// The device has handed an event to its app.
+    Ack {
+        /// Event id.
+        event_id: String,
+    },
+    /// The device sent a keepalive ping (already answered).
+    Ping,
+}
+
+/// Why a wake could not be queued on this session.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum SendWakeError {
+    /// The session is not (or no longer) established.
+    #[error("device session is not established")]
+    NotEstablished,
+    /// The channel is not registered on this session.
+    #[error("channel {0} is not registered on this connection")]
+    UnknownChannel(String),
+    /// Payload above the limit.
+    #[error("payload of {len} bytes exceeds the maximum of {max}")]
+    PayloadTooLarge {
+        /// Payload length.
+        len: usize,
+        /// Limit.
+        max: usize,
+    },
+}
+
+#[derive(Debug)]
+enum State {
+    AwaitHello { deadline: Instant },
+    Authenticating,
+    Established { device_id: String },
+}
+
+/// Relay side of one device connection.
+#[derive(Debug)]
+pub struct RelaySession {
+    core: Core<RelayEvent>,
+    state: State,
+    config: RelaySessionConfig,
+    clock: WallClock,
+    observed_addr: String,
+    /// Names requested so far (counted against the limit at request time).
+    names: HashSet<String>,
+    /// Registered channel id -> name.
+    channels: HashMap<String, String>,
+}
+
+impl RelaySession {
+    /// A new session at `now`; `unix_ms` is the wall clock at `now`.
+    pub fn new(now: Instant, unix_ms: u64, config: RelaySessionConfig) -> Self {
+        Self {
+            core: Core::new(config.max_frame_size),
+            state: State::AwaitHello {
+                deadline: now + config.hello_timeout,
+            },
+            clock: WallClock::new(now, unix_ms),
+            config,
+            observed_addr: String::new(),
+            names: HashSet::new(),
+            channels: HashMap::new(),
+        }
+    }
+
+    /// Records the device's address as the relay sees it (echoed in Pong).
+    pub fn set_observed_addr(&mut self, addr: SocketAddr) {
+        self.observed_addr = addr.to_string();
+    }
+
+    /// The authenticated device id, once established.
+    pub fn device_id(&self) -> Option<&str> {
+        match &self.state {
+            State::Established { device_id } => Some(device_id),
+            _ => None,
+        }
+    }
+
+    /// Channel ids registered on this session.
+    pub fn channel_ids(&self) -> impl Iterator<Item = &str> {
+        self.channels.keys().map(String::as_str)
+    }
+
+    /// Feeds bytes read from the control stream.
+    pub fn handle_data(&mut self, now: Instant, data: &[u8]) {
+        if self.core.is_closed() {
+            return;
+        }
+        self.core.decoder.extend(data);
+        while !self.core.is_closed() {
+            match self.core.decoder.next_frame() {
+                Ok(Some(body)) => self.handle_frame(now, body),
+                Ok(None) => break,
+                Err(e) => self.violation(decode_reason(&e)),
+            }
+        }
+    }
+
+    /// The peer finished its side of the control stream.
+    pub fn handle_stream_finished(&mut self) {
+        if self.core.decoder.buffered() > 0 {
+            self.core.fail(ErrorCode::ProtocolViolation, "bad frame: control stream ended inside a frame");
+        } else {
+            self.core.fail(ErrorCode::NoError, "device closed the control stream");
+        }
+    }
+
+    /// Timer expiry.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if let State::AwaitHello { deadline } = self.state {
+            if now >= deadline {
+                self.core.fail(ErrorCode::HelloTimeout, "no Hello within the hello timeout");
+            }
+        }
+    }
+
+    /// Accepts the Hello: the credential names `device_id`.
+    pub fn accept(&mut self, now: Instant, device_id: String, session_id: String) {
+        if !matches!(self.state, State::Authenticating) || self.core.is_closed() {
+            return;
+        }
+        self.core.send(Body::Welcome(Welcome {
+            session_id,
+            limits: Some(ServerLimits {
+                max_frame_size: self.config.max_frame_size as u32,
+                max_payload_size: self.config.max_payload_size as u32,
+                max_channels: self.config.max_channels as u32,
+                idle_timeout_ms: millis(self.config.idle_timeout),
+            }),
+            server_time_ms: self.clock.unix_ms(now),
+            device_id: device_id.clone(),
+        }));
+        self.state = State::Established { device_id };
+    }
+
+    /// Refuses the session (bad credential, unsupported version...).
+    pub fn reject(&mut self, code: ErrorCode, reason: impl Into<String>) {
+        self.core.fail(code, reason);
+    }
+
+    /// Answers a [`RelayEvent::Register`] with one channel id per name, in
+    /// request order.
+    pub fn registered(&mut self, request_id: u64, bindings: Vec<(String, String)>) {
+        let channels = bindings
+            .into_iter()
+            .map(|(name, channel_id)| {
+                self.channels.insert(channel_id.clone(), name.clone());
+                ChannelBinding { name, channel_id }
+            })
+            .collect();
+        self.core.send(Body::Registered(Registered {
+            request_id,
+            channels,
+            error_code: 0,
+            error_message: String::new(),
+        }));
+    }
+
+    /// Queues a wake event for the device.
+    pub fn send_wake(&mut self, wake: Wake) -> Result<(), SendWakeError> {
+        if self.core.is_closed() || self.device_id().is_none() {
+            return Err(SendWakeError::NotEstablished);
+        }
+        if wake.payload.len() > self.config.max_payload_size {
+            return Err(SendWakeError::PayloadTooLarge {
+                len: wake.payload.len(),
+                max: self.config.max_payload_size,
+            });
+        }
+        if !self.channels.contains_key(&wake.channel_id) {
+            return Err(SendWakeError::UnknownChannel(wake.channel_id));
+        }
+        self.core.send(Body::Wake(wake));
+        Ok(())
+    }
+
+    /// Asks the device to leave, then closes with [`ErrorCode::GoingAway`]
+    /// (or [`ErrorCode::Replaced`] for [`GoAwayReason::Replaced`]).
+    pub fn go_away(&mut self, reason: GoAwayReason, reconnect_after: Duration, message: &str) {
+        if self.device_id().is_some() {
+            self.core.send(Body::GoAway(GoAway {
+                reason: reason as i32,
+                reconnect_after_ms: millis(reconnect_after),
+                message: message.to_owned(),
+            }));
+        }
+        let code = match reason {
+            GoAwayReason::Replaced => ErrorCode::Replaced,
+            _ => ErrorCode::GoingAway,
+        };
+        self.core.fail(code, message);
+    }
+
+    /// Bytes to write on the control stream.
+    pub fn poll_transmit(&mut self) -> Option<bytes::Bytes> {
+        self.core.poll_transmit()
+    }
+
+    /// Next event for the driver.
+    pub fn poll_event(&mut self) -> Option<RelayEvent> {
+        self.core.poll_event()
+    }
+
+    /// When [`RelaySession::handle_timeout`] must be called next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match self.state {
+            State::AwaitHello { deadline } if !self.core.is_closed() => Some(deadline),
+            _ => None,
+        }
+    }
+
+    /// The close to perform, yielded once.
+    pub fn poll_close(&mut self) -> Option<Close> {
+        self.core.poll_close()
+    }
+
+    /// Whether the session has ended (its close may not be polled yet).
+    pub fn is_closed(&self) -> bool {
+        self.core.is_closed()
+    }
+
+    fn violation(&mut self, reason: impl Into<String>) {
+        self.core.fail(ErrorCode::ProtocolViolation, reason);
+    }
+
+    fn handle_frame(&mut self, now: Instant, body: Body) {
+        match (&self.state, body) {
+            (State::AwaitHello { .. }, Body::Hello(h)) => {
+                if h.protocol_version != PROTOCOL_VERSION {
+                    self.core.fail(
+                        ErrorCode::UnsupportedVersion,
+                        format!(
+                            "protocol version {} is not supported; this relay speaks {PROTOCOL_VERSION}",
+                            h.protocol_version
+                        ),
+                    );
+                    return;
+                }
+                self.state = State::Authenticating;
+                self.core.push_event(RelayEvent::Hello {
+                    credential: h.credential,
+                    sdk: h.sdk,
+                });
+            }
+            (State::AwaitHello { .. }, other) => {
+                self.violation(format!("expected Hello, got {}", frame_name(&other)))
+            }
+            (State::Authenticating, other) => {
+                self.violation(format!("{} before Welcome", frame_name(&other)))
+            }
+            (State::Established { .. }, Body::Register(r)) => self.handle_register(r.request_id, r.names),
+            (State::Established { .. }, Body::Unregister(u)) => {
+                let channel_ids: Vec<String> = u
+                    .channel_ids
+                    .into_iter()
+                    .filter(|id| match self.channels.remove(id) {
+                        Some(name) => {
+                            self.names.remove(&name);
+                            true
+                        }
+                        None => false,
+                    })
+                    .collect();
+                if !channel_ids.is_empty() {
+                    self.core.push_event(RelayEvent::Unregister { channel_ids });
+                }
+            }
+            (State::Established { .. }, Body::Ack(a)) => {
+                self.core.push_event(RelayEvent::Ack { event_id: a.event_id })
+            }
+            (State::Established { .. }, Body::Ping(p)) => {
+                self.core.send(Body::Pong(Pong {
+                    nonce: p.nonce,
+                    observed_addr: self.observed_addr.clone(),
+                    server_time_ms: self.clock.unix_ms(now),
+                }));
+                self.core.push_event(RelayEvent::Ping);
+            }
+            (State::Established { .. }, other) => {
+                self.violation(format!("unexpected {} from a device", frame_name(&other)))
+            }
+        }
+    }
+
+    fn handle_register(&mut self, request_id: u64, names: Vec<String>) {
+        let refuse = |this: &mut Self, code: u32, msg: String| {
+            this.core.send(Body::Registered(Registered {
+                request_id,
+                channels: vec![],
+                error_code: code,
+                error_message: msg,
+            }))
+        };
+        if let Some(err) = names.iter().find_map(|n| validate_channel_name(n).err()) {
+            return refuse(self, REGISTER_ERROR_INVALID_NAME, err.to_string());
+        }
+        let mut unique: Vec<String> = Vec::with_capacity(names.len());
+        for n in names {
+            if !unique.contains(&n) {
+                unique.push(n);
+            }
+        }
+        let new = unique.iter().filter(|n| !self.names.contains(*n)).count();
+        if self.names.len() + new > self.config.max_channels {
+            return refuse(
+                self,
+                REGISTER_ERROR_TOO_MANY_CHANNELS,
+                format!(
+                    "registering {new} more channels would exceed the limit of {} per device",
+                    self.config.max_channels
+                ),
+            );
+        }
+        self.names.extend(unique.iter().cloned());
+        self.core.push_event(RelayEvent::Register {
+            request_id,
+            names: unique,
+        });
+    }
+}
+
+pub(crate) fn decode_reason(e: &DecodeError) -> String {
+    format!("bad frame: {e}")
+}
+
+pub(crate) fn frame_name(b: &Body) -> &'static str {
+    match b {
+        Body::Hello(_) => "Hello",
+        Body::Welcome(_) => "Welcome",
+        Body::Register(_) => "Register",
+        Body::Registered(_) => "Registered",
+        Body::Unregister(_) => "Unregister",
+        Body::Wake(_) => "Wake",
+        Body::Ack(_) => "Ack",
+        Body::Ping(_) => "Ping",
+        Body::Pong(_) => "Pong",
+        Body::GoAway(_) => "GoAway",
+    }
+}
