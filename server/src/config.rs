@@ -1,0 +1,340 @@
+//! Relay configuration: one [`Settings`] struct read from a TOML file, then
+//! `WAKEWIRE_*` environment variables, then command-line flags (each layer
+//! overrides the one before), and validated into a typed [`RelayConfig`] at
+//! start. Unknown keys in any layer are errors, not silently ignored.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use thiserror::Error;
+use wakewire_proto::relay_session::RelaySessionConfig;
+use wakewire_proto::{DEFAULT_GRPC_PORT, DEFAULT_QUIC_PORT, MAX_FRAME_SIZE, MAX_PAYLOAD_SIZE};
+
+/// Prefix of the environment variables that set [`Settings`] fields:
+/// `WAKEWIRE_QUIC_LISTEN` sets `quic_listen`, and so on.
+pub const ENV_PREFIX: &str = "WAKEWIRE_";
+
+/// Everything an operator can set, as written in the config file. Field
+/// names are the TOML keys; the env variable is `WAKEWIRE_` + the upper-case
+/// name.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// UDP address of the device (QUIC) endpoint.
+    pub quic_listen: SocketAddr,
+    /// TCP address of the publisher gRPC API.
+    pub grpc_listen: SocketAddr,
+    /// TCP address of the Prometheus metrics endpoint; empty = off.
+    pub metrics_listen: String,
+    /// Directory for keys, the dev certificate and (later) the store.
+    pub data_dir: PathBuf,
+    /// PEM certificate chain for the device endpoint; unset = dev mode
+    /// (self-signed certificate for `localhost` in the data directory).
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key matching `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// Most channels one device may register.
+    pub max_channels_per_device: usize,
+    /// Seconds a new connection has to send Hello.
+    pub hello_timeout_secs: u64,
+    /// Seconds of silence after which a device connection is closed.
+    pub idle_timeout_secs: u64,
+    /// Milliseconds a Publish waits for the device's ack before answering
+    /// `SENT_UNACKED`.
+    pub ack_wait_ms: u64,
+    /// Largest TTL a publisher may ask for, in seconds.
+    pub max_ttl_secs: u32,
+    /// TTL of events published without one, in seconds.
+    pub default_ttl_secs: u32,
+    /// Log filter (tracing `EnvFilter` syntax), e.g. `info,wakewire_server=debug`.
+    pub log: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            quic_listen: SocketAddr::from(([0, 0, 0, 0], DEFAULT_QUIC_PORT)),
+            grpc_listen: SocketAddr::from(([0, 0, 0, 0], DEFAULT_GRPC_PORT)),
+            metrics_listen: "127.0.0.1:9464".into(),
+            data_dir: PathBuf::from("wakewire-data"),
+            tls_cert: None,
+            tls_key: None,
+            max_channels_per_device: 64,
+            hello_timeout_secs: 10,
+            idle_timeout_secs: 660,
+            ack_wait_ms: 5_000,
+            max_ttl_secs: 28 * 24 * 3600,
+            default_ttl_secs: 28 * 24 * 3600,
+            log: "info".into(),
+        }
+    }
+}
+
+/// A configuration that cannot be used. The message names the setting.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    ReadFile {
+        /// File path.
+        path: PathBuf,
+        /// I/O error.
+        source: std::io::Error,
+    },
+    /// The config file or the environment has a bad or unknown key.
+    #[error("invalid configuration ({origin}): {message}")]
+    Parse {
+        /// "config file <path>" or "environment".
+        origin: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A setting has a value that cannot work.
+    #[error("invalid setting {setting}: {message}")]
+    Invalid {
+        /// Setting name.
+        setting: &'static str,
+        /// Why.
+        message: String,
+    },
+}
+
+impl Settings {
+    /// Layers a TOML file (if given) and the `WAKEWIRE_*` variables among
+    /// `env` over the defaults. `env` is passed in so tests need no
+    /// `set_var`; the binary passes `std::env::vars()`.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut table = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                toml::from_str::<toml::Table>(&text).map_err(|e| ConfigError::Parse {
+                    origin: format!("config file {}", path.display()),
+                    message: e.to_string(),
+                })?
+            }
+            None => toml::Table::new(),
+        };
+        let origin = file.map_or("defaults".to_owned(), |p| format!("config file {}", p.display()));
+        // Check the file alone first so its errors name the file.
+        toml::Value::Table(table.clone())
+            .try_into::<Settings>()
+            .map_err(|e| ConfigError::Parse {
+                origin,
+                message: e.to_string(),
+            })?;
+        for (key, value) in env {
+            let Some(name) = key.strip_prefix(ENV_PREFIX) else { continue };
+            let name = name.to_ascii_lowercase();
+            let value = match value.parse::<i64>() {
+                Ok(n) => toml::Value::Integer(n),
+                Err(_) => toml::Value::String(value),
+            };
+            table.insert(name, value);
+        }
+        toml::Value::Table(table)
+            .try_into::<Settings>()
+            .map_err(|e| ConfigError::Parse {
+                origin: "environment (WAKEWIRE_* variables)".into(),
+                message: e.to_string(),
+            })
+    }
+
+    /// Checks every setting and builds the typed configuration.
+    pub fn validate(&self) -> Result<RelayConfig, ConfigError> {
+        let invalid = |setting, message: &str| ConfigError::Invalid {
+            setting,
+            message: message.to_owned(),
+        };
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (None, None) => TlsSource::Dev,
+            (Some(cert), Some(key)) => {
+                for (setting, p) in [("tls_cert", cert), ("tls_key", key)] {
+                    if !p.is_file() {
+                        return Err(invalid(setting, &format!("{} is not a readable file", p.display())));
+                    }
+                }
+                TlsSource::Files {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                }
+            }
+            _ => return Err(invalid("tls_cert", "tls_cert and tls_key must be set together")),
+        };
+        let metrics_listen = match self.metrics_listen.trim() {
+            "" | "off" => None,
+            s => Some(s.parse::<SocketAddr>().map_err(|e| {
+                invalid("metrics_listen", &format!("{s:?} is not an address like 127.0.0.1:9464 ({e})"))
+            })?),
+        };
+        if self.max_channels_per_device == 0 || self.max_channels_per_device > 10_000 {
+            return Err(invalid("max_channels_per_device", "must be between 1 and 10000"));
+        }
+        if self.hello_timeout_secs == 0 {
+            return Err(invalid("hello_timeout_secs", "must be at least 1"));
+        }
+        if !(10..=86_400).contains(&self.idle_timeout_secs) {
+            return Err(invalid("idle_timeout_secs", "must be between 10 and 86400"));
+        }
+        if self.ack_wait_ms > 60_000 {
+            return Err(invalid("ack_wait_ms", "must be at most 60000"));
+        }
+        if self.default_ttl_secs > self.max_ttl_secs {
+            return Err(invalid("default_ttl_secs", "must not exceed max_ttl_secs"));
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(invalid("data_dir", "must not be empty"));
+        }
+        Ok(RelayConfig {
+            quic_listen: self.quic_listen,
+            grpc_listen: self.grpc_listen,
+            metrics_listen,
+            data_dir: self.data_dir.clone(),
+            tls,
+            session: RelaySessionConfig {
+                max_frame_size: MAX_FRAME_SIZE,
+                max_payload_size: MAX_PAYLOAD_SIZE,
+                max_channels: self.max_channels_per_device,
+                hello_timeout: Duration::from_secs(self.hello_timeout_secs),
+                idle_timeout: Duration::from_secs(self.idle_timeout_secs),
+            },
+            ack_wait: Duration::from_millis(self.ack_wait_ms),
+            max_ttl_secs: self.max_ttl_secs,
+            default_ttl_secs: self.default_ttl_secs,
+        })
+    }
+}
+
+/// Where the device endpoint's certificate comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsSource {
+    /// Self-signed `localhost` certificate generated into the data directory.
+    Dev,
+    /// Operator-provided PEM files.
+    Files {
+        /// Certificate chain.
+        cert: PathBuf,
+        /// Private key.
+        key: PathBuf,
+    },
+}
+
+/// Validated relay configuration.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// UDP address of the device endpoint (port 0 = any free port).
+    pub quic_listen: SocketAddr,
+    /// TCP address of the gRPC API (port 0 = any free port).
+    pub grpc_listen: SocketAddr,
+    /// Prometheus endpoint, if any.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Certificate source.
+    pub tls: TlsSource,
+    /// Per-session limits and timers.
+    pub session: RelaySessionConfig,
+    /// How long Publish waits for an ack.
+    pub ack_wait: Duration,
+    /// Largest TTL accepted.
+    pub max_ttl_secs: u32,
+    /// TTL when none is given.
+    pub default_ttl_secs: u32,
+}
+
+impl RelayConfig {
+    /// A configuration for tests and embedding: loopback, ephemeral ports,
+    /// dev TLS in `data_dir`, no metrics endpoint.
+    pub fn local(data_dir: impl Into<PathBuf>) -> Self {
+        let mut s = Settings {
+            quic_listen: "127.0.0.1:0".parse().unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0))),
+            grpc_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            metrics_listen: String::new(),
+            ..Settings::default()
+        };
+        s.data_dir = data_dir.into();
+        s.validate().unwrap_or_else(|e| unreachable!("local defaults are valid: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Settings::default().validate().unwrap();
+        assert_eq!(c.quic_listen.port(), 4433);
+        assert_eq!(c.grpc_listen.port(), 50051);
+        assert_eq!(c.tls, TlsSource::Dev);
+    }
+
+    #[test]
+    fn env_overrides_file_and_other_vars_are_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("relay.toml");
+        std::fs::write(&file, "ack_wait_ms = 100\nquic_listen = \"127.0.0.1:1\"\n").unwrap();
+        let s = Settings::load(
+            Some(&file),
+            env(&[
+                ("WAKEWIRE_QUIC_LISTEN", "127.0.0.1:2"),
+                ("WAKEWIRE_MAX_CHANNELS_PER_DEVICE", "7"),
+                ("HOME", "/root"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.ack_wait_ms, 100);
+        assert_eq!(s.quic_listen.port(), 2);
+        assert_eq!(s.max_channels_per_device, 7);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_clear_errors() {
+        let err = Settings::load(None, env(&[("WAKEWIRE_QUIC_LISTN", "x")])).unwrap_err();
+        assert!(err.to_string().contains("quic_listn"), "{err}");
+        let err = Settings::load(None, env(&[("WAKEWIRE_QUIC_LISTEN", "nowhere")])).unwrap_err();
+        assert!(err.to_string().contains("environment"), "{err}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("relay.toml");
+        std::fs::write(&file, "colour = \"blue\"\n").unwrap();
+        let err = Settings::load(Some(&file), env(&[])).unwrap_err();
+        assert!(err.to_string().contains("relay.toml") && err.to_string().contains("colour"), "{err}");
+        assert!(matches!(
+            Settings::load(Some(&dir.path().join("missing.toml")), env(&[])),
+            Err(ConfigError::ReadFile { .. })
+        ));
+    }
+
+    #[test]
+    fn validation_names_the_setting() {
+        let cases: Vec<(Settings, &str)> = vec![
+            (Settings { tls_cert: Some("/nope.pem".into()), ..Settings::default() }, "tls_cert"),
+            (
+                Settings { tls_cert: Some("/nope".into()), tls_key: Some("/nope".into()), ..Settings::default() },
+                "tls_cert",
+            ),
+            (Settings { metrics_listen: "here".into(), ..Settings::default() }, "metrics_listen"),
+            (Settings { idle_timeout_secs: 1, ..Settings::default() }, "idle_timeout_secs"),
+            (Settings { max_channels_per_device: 0, ..Settings::default() }, "max_channels_per_device"),
+            (Settings { default_ttl_secs: 10, max_ttl_secs: 5, ..Settings::default() }, "default_ttl_secs"),
+        ];
+        for (s, setting) in cases {
+            let err = s.validate().unwrap_err();
+            assert!(err.to_string().contains(setting), "{err} / {setting}");
+        }
+        let off = Settings { metrics_listen: "off".into(), ..Settings::default() };
+        assert_eq!(off.validate().unwrap().metrics_listen, None);
+    }
+}

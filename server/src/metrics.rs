@@ -1,0 +1,24 @@
+//! Metric names of the relay, in one place. Exported in Prometheus format
+//! when `metrics_listen` is set.
+
+/// Gauge: device connections currently open.
+pub const CONNECTIONS: &str = "wakewire_relay_connections";
+/// Counter: QUIC handshakes completed.
+pub const HANDSHAKES: &str = "wakewire_relay_handshakes_total";
+/// Counter: QUIC handshakes that failed.
+pub const HANDSHAKE_FAILURES: &str = "wakewire_relay_handshake_failures_total";
+/// Counter: device sessions refused for a bad credential.
+pub const AUTH_FAILURES: &str = "wakewire_relay_auth_failures_total";
+/// Counter: connections closed by the relay, label `code`.
+pub const CLOSES: &str = "wakewire_relay_closes_total";
+/// Counter: publishes, label `status` (delivered, sent_unacked,
+/// not_connected, or the gRPC error code).
+pub const PUBLISHES: &str = "wakewire_relay_publishes_total";
+/// Histogram: publish handling time in seconds (includes the ack wait).
+pub const PUBLISH_SECONDS: &str = "wakewire_relay_publish_seconds";
+/// Counter: wake frames written to devices.
+pub const WAKES_SENT: &str = "wakewire_relay_wakes_sent_total";
+/// Counter: acks received from devices.
+pub const ACKS: &str = "wakewire_relay_acks_total";
+/// Counter: keepalive pings answered.
+pub const KEEPALIVES: &str = "wakewire_relay_keepalives_total";

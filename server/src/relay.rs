@@ -1,0 +1,275 @@
+//! Starting and stopping a relay: the QUIC device endpoint, the gRPC
+//! publisher API (with reflection and health), and the metrics exporter.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use thiserror::Error;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+use wakewire_proto::pb::device::GoAwayReason;
+use wakewire_proto::pb::publish::publisher_server::PublisherServer;
+use wakewire_proto::pb::FILE_DESCRIPTOR_SET;
+use wakewire_proto::ErrorCode;
+
+use crate::config::{RelayConfig, TlsSource};
+use crate::data_dir::{DataDir, DataDirError, Keys};
+use crate::publish::PublisherService;
+use crate::registry::{ConnCommand, Registry};
+use crate::tls::{self, TlsError};
+
+/// State shared by every task of a relay.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) config: RelayConfig,
+    pub(crate) keys: Keys,
+    pub(crate) registry: Registry,
+    conn_ids: AtomicU64,
+}
+
+impl Shared {
+    pub(crate) fn next_conn_id(&self) -> u64 {
+        self.conn_ids.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// Why the relay could not start. All are configuration or environment
+/// problems: fix and start again.
+#[derive(Debug, Error)]
+pub enum StartError {
+    /// Data directory problem.
+    #[error("data directory: {0}")]
+    DataDir(#[from] DataDirError),
+    /// Certificate or TLS problem.
+    #[error("{0}")]
+    Tls(#[from] TlsError),
+    /// A listen address could not be bound.
+    #[error("cannot listen on {what} {addr}: {source}")]
+    Bind {
+        /// "QUIC (UDP)" or "gRPC (TCP)".
+        what: &'static str,
+        /// Address.
+        addr: SocketAddr,
+        /// OS error.
+        source: std::io::Error,
+    },
+    /// The metrics exporter could not start.
+    #[error("metrics exporter on {addr}: {message}")]
+    Metrics {
+        /// Address.
+        addr: SocketAddr,
+        /// What went wrong.
+        message: String,
+    },
+    /// The gRPC services could not be built.
+    #[error("gRPC setup: {0}")]
+    Grpc(String),
+}
+
+/// A running relay. Dropping it does not stop it; call [`RelayHandle::shutdown`].
+#[derive(Debug)]
+pub struct RelayHandle {
+    shared: Arc<Shared>,
+    endpoint: quinn::Endpoint,
+    quic_addr: SocketAddr,
+    grpc_addr: SocketAddr,
+    dev_cert: Option<PathBuf>,
+    stop: watch::Sender<bool>,
+    accept_task: JoinHandle<()>,
+    grpc_task: JoinHandle<()>,
+}
+
+/// Starts a relay on the current tokio runtime.
+pub async fn start(config: RelayConfig) -> Result<RelayHandle, StartError> {
+    let data_dir = DataDir::open(&config.data_dir)?;
+    let keys = data_dir.keys()?;
+    let (cert_path, key_path, dev_cert) = match &config.tls {
+        TlsSource::Dev => {
+            let (c, k) = data_dir.dev_certificate()?;
+            (c.clone(), k, Some(c))
+        }
+        TlsSource::Files { cert, key } => (cert.clone(), key.clone(), None),
+    };
+    let (certs, key) = tls::load_pem(&cert_path, &key_path)?;
+    let server_config = tls::server_config(certs, key, config.session.idle_timeout)?;
+    let endpoint = quinn::Endpoint::server(server_config, config.quic_listen).map_err(|source| StartError::Bind {
+        what: "QUIC (UDP)",
+        addr: config.quic_listen,
+        source,
+    })?;
+    let quic_addr = endpoint.local_addr().map_err(|source| StartError::Bind {
+        what: "QUIC (UDP)",
+        addr: config.quic_listen,
+        source,
+    })?;
+    let listener = tokio::net::TcpListener::bind(config.grpc_listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            what: "gRPC (TCP)",
+            addr: config.grpc_listen,
+            source,
+        })?;
+    let grpc_addr = listener.local_addr().map_err(|source| StartError::Bind {
+        what: "gRPC (TCP)",
+        addr: config.grpc_listen,
+        source,
+    })?;
+    if let Some(addr) = config.metrics_listen {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install()
+            .map_err(|e| StartError::Metrics {
+                addr,
+                message: e.to_string(),
+            })?;
+        info!(%addr, "Prometheus metrics at http://{addr}/metrics");
+    }
+
+    let shared = Arc::new(Shared {
+        config,
+        keys,
+        registry: Registry::default(),
+        conn_ids: AtomicU64::new(1),
+    });
+    let (stop, stop_rx) = watch::channel(false);
+
+    let accept_task = {
+        let endpoint = endpoint.clone();
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            while let Some(incoming) = endpoint.accept().await {
+                tokio::spawn(crate::device_conn::serve(incoming, shared.clone()));
+            }
+        })
+    };
+
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| StartError::Grpc(e.to_string()))?;
+    let (mut health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<PublisherServer<PublisherService>>()
+        .await;
+    let publisher = PublisherServer::new(PublisherService::new(shared.clone()));
+    let grpc_task = {
+        let mut stop_rx = stop_rx.clone();
+        tokio::spawn(async move {
+            let result = tonic::transport::Server::builder()
+                .add_service(health_service)
+                .add_service(reflection)
+                .add_service(publisher)
+                .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
+                    let _ = stop_rx.wait_for(|s| *s).await;
+                })
+                .await;
+            if let Err(e) = result {
+                warn!(error = %e, "gRPC server stopped with an error");
+            }
+        })
+    };
+    info!(quic = %quic_addr, grpc = %grpc_addr, data_dir = %shared.config.data_dir.display(), "relay started");
+    if let Some(cert) = &dev_cert {
+        info!(
+            cert = %cert.display(),
+            "dev mode: self-signed certificate for localhost; devices must trust this file. \
+             Mint tokens with `wakewire-relay token device --device-id D` and \
+             `wakewire-relay token publisher --device-id D`"
+        );
+    }
+    Ok(RelayHandle {
+        shared,
+        endpoint,
+        quic_addr,
+        grpc_addr,
+        dev_cert,
+        stop,
+        accept_task,
+        grpc_task,
+    })
+}
+
+impl RelayHandle {
+    /// Bound UDP address of the device endpoint.
+    pub fn quic_addr(&self) -> SocketAddr {
+        self.quic_addr
+    }
+
+    /// Bound TCP address of the gRPC API.
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    /// The dev certificate devices must trust (dev mode only).
+    pub fn dev_cert_path(&self) -> Option<&std::path::Path> {
+        self.dev_cert.as_deref()
+    }
+
+    /// The relay's keys (to mint tokens in tests and tools).
+    pub fn keys(&self) -> &Keys {
+        &self.shared.keys
+    }
+
+    /// Devices connected right now.
+    pub fn connected_devices(&self) -> usize {
+        self.shared.registry.connected_devices()
+    }
+
+    /// Stops the relay: asks every device to go away (reconnecting after
+    /// `reconnect_after`), waits up to 2 s for them to leave, then closes
+    /// the endpoint and the gRPC server.
+    pub async fn shutdown(self, reconnect_after: Duration) {
+        self.endpoint.set_server_config(None);
+        for conn in self.shared.registry.all_connections() {
+            let _ = conn.try_send(Box::new(ConnCommand::GoAway {
+                reason: GoAwayReason::Shutdown,
+                reconnect_after,
+                message: "relay shutting down",
+            }));
+        }
+        let drained = tokio::time::timeout(Duration::from_secs(2), async {
+            while self.shared.registry.connected_devices() > 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        if drained.is_err() {
+            warn!(left = self.shared.registry.connected_devices(), "devices still connected at shutdown");
+        }
+        self.endpoint
+            .close(ErrorCode::GoingAway.as_u32().into(), b"relay shutting down");
+        let _ = self.stop.send(true);
+        let _ = self.grpc_task.await;
+        self.accept_task.abort();
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+        info!("relay stopped");
+    }
+
+    /// Stops at once without telling devices (as a crash would, minus the
+    /// process exit): for tests of reconnection.
+    pub async fn abort(self) {
+        self.endpoint.close(ErrorCode::Internal.as_u32().into(), b"relay aborted");
+        let _ = self.stop.send(true);
+        self.accept_task.abort();
+        let _ = self.grpc_task.await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+}
+
+/// Wall clock, Unix milliseconds.
+pub(crate) fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// Wall clock, Unix seconds.
+pub(crate) fn unix_secs() -> u64 {
+    unix_ms() / 1000
+}

@@ -1,0 +1,104 @@
+//! TLS and QUIC transport settings of the device endpoint.
+//!
+//! One rustls crypto provider (ring) is used everywhere and installed
+//! explicitly as the process default. Only TLS 1.3 is offered (QUIC needs
+//! it anyway) and only the `wakewire/1` ALPN. The transport is tuned for a
+//! control channel: one bidirectional stream, no unidirectional streams, no
+//! datagrams, small flow-control windows, and no server-side keepalive (the
+//! device keeps the path alive; both sides pinging wastes radio wakes).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use thiserror::Error;
+use wakewire_proto::ALPN;
+
+/// A certificate or key problem.
+#[derive(Debug, Error)]
+pub enum TlsError {
+    /// The PEM file could not be read or holds nothing usable.
+    #[error("cannot load {what} from {path}: {message}")]
+    Load {
+        /// "certificate" or "private key".
+        what: &'static str,
+        /// File.
+        path: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// rustls or quinn refused the configuration.
+    #[error("invalid TLS configuration: {0}")]
+    Config(String),
+}
+
+/// The crypto provider, installed as the process default on first use.
+pub fn crypto_provider() -> Arc<CryptoProvider> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    // Already installed (by us or an embedding app) is fine.
+    let _ = CryptoProvider::install_default((*provider).clone());
+    provider
+}
+
+/// Reads a PEM certificate chain and private key.
+pub fn load_pem(
+    cert: &Path,
+    key: &Path,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
+    let load = |what, path: &Path, message: String| TlsError::Load {
+        what,
+        path: path.display().to_string(),
+        message,
+    };
+    let certs = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| load("certificate", cert, e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| load("certificate", cert, e.to_string()))?;
+    if certs.is_empty() {
+        return Err(load("certificate", cert, "no CERTIFICATE block".into()));
+    }
+    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| load("private key", key, e.to_string()))?;
+    Ok((certs, key_der))
+}
+
+/// QUIC transport settings for device connections.
+pub fn transport_config(idle_timeout: Duration) -> Result<quinn::TransportConfig, TlsError> {
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(1u8.into())
+        .max_concurrent_uni_streams(0u8.into())
+        .max_idle_timeout(Some(
+            idle_timeout
+                .try_into()
+                .map_err(|_| TlsError::Config("idle timeout too large".into()))?,
+        ))
+        .keep_alive_interval(None)
+        .stream_receive_window(32_768u32.into())
+        .receive_window(65_536u32.into())
+        .send_window(65_536)
+        .datagram_receive_buffer_size(None)
+        .datagram_send_buffer_size(0);
+    Ok(t)
+}
+
+/// Server configuration for the device endpoint.
+pub fn server_config(
+    certs: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    idle_timeout: Duration,
+) -> Result<quinn::ServerConfig, TlsError> {
+    let mut tls = rustls::ServerConfig::builder_with_provider(crypto_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    config.transport_config(Arc::new(transport_config(idle_timeout)?));
+    Ok(config)
+}
