@@ -1,1 +1,200 @@
-//! placeholder
+//! Shared test utilities: an in-process relay on loopback with ephemeral
+//! ports and its own data directory, SDK clients that trust it, publisher
+//! gRPC clients with tokens, and a raw QUIC connection for sending bytes
+//! the SDK never would.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::mpsc;
+use tonic::transport::Channel;
+use wakewire_proto::pb::publish::publisher_client::PublisherClient;
+use wakewire_sdk::{ClientBuilder, Status, WakeEvent};
+use wakewire_server::{RelayConfig, RelayHandle};
+
+/// Seconds since the Unix epoch.
+pub fn unix_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// A relay running in this process, with its data directory.
+pub struct TestRelay {
+    /// The running relay (None between `stop` and `restart`).
+    pub handle: Option<RelayHandle>,
+    /// Data directory (kept across restarts).
+    pub dir: tempfile::TempDir,
+    /// Configuration used to start it.
+    pub config: RelayConfig,
+}
+
+impl TestRelay {
+    /// Starts a relay on 127.0.0.1 with ephemeral ports.
+    pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts a relay after letting `tweak` change the local configuration.
+    pub async fn start_with(tweak: impl FnOnce(&mut RelayConfig)) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let mut config = RelayConfig::local(dir.path().join("data"));
+        tweak(&mut config);
+        let handle = wakewire_server::start(config.clone()).await?;
+        Ok(Self {
+            handle: Some(handle),
+            dir,
+            config,
+        })
+    }
+
+    /// The running relay.
+    pub fn relay(&self) -> &RelayHandle {
+        self.handle.as_ref().expect("relay is running")
+    }
+
+    /// Device endpoint address.
+    pub fn quic_addr(&self) -> SocketAddr {
+        self.relay().quic_addr()
+    }
+
+    /// Mints a device token valid for an hour.
+    pub fn device_token(&self, device_id: &str) -> String {
+        self.relay().keys().device_token(device_id, Duration::from_secs(3600), unix_secs())
+    }
+
+    /// Mints a publisher token for channel ids and device ids.
+    pub fn publisher_token(&self, channels: &[&str], devices: &[&str]) -> String {
+        let c: Vec<String> = channels.iter().map(|s| s.to_string()).collect();
+        let d: Vec<String> = devices.iter().map(|s| s.to_string()).collect();
+        self.relay().keys().publisher_token(&c, &d, Duration::from_secs(3600), unix_secs())
+    }
+
+    /// An SDK builder for `device_id` that trusts this relay, with fast
+    /// reconnects for tests.
+    pub fn client(&self, device_id: &str) -> ClientBuilder {
+        let cert = self.relay().dev_cert_path().expect("dev mode").to_path_buf();
+        ClientBuilder::new(self.quic_addr().to_string())
+            .server_name("localhost")
+            .trust_pem_file(cert)
+            .device_token(self.device_token(device_id))
+            .reconnect_backoff(Duration::from_millis(20), Duration::from_millis(200))
+    }
+
+    /// A gRPC publisher client.
+    pub async fn publisher(&self) -> anyhow::Result<PublisherClient<Channel>> {
+        let url = format!("http://{}", self.relay().grpc_addr());
+        Ok(PublisherClient::connect(url).await?)
+    }
+
+    /// Stops the relay without telling devices.
+    pub async fn abort(&mut self) {
+        if let Some(h) = self.handle.take() {
+            h.abort().await;
+        }
+    }
+
+    /// Stops the relay gracefully (GoAway to every device).
+    pub async fn shutdown(&mut self, reconnect_after: Duration) {
+        if let Some(h) = self.handle.take() {
+            h.shutdown(reconnect_after).await;
+        }
+    }
+
+    /// Starts the relay again on the same ports and data directory.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        let prev = self.handle.take();
+        let (quic, grpc) = match &prev {
+            Some(h) => (h.quic_addr(), h.grpc_addr()),
+            None => (self.config.quic_listen, self.config.grpc_listen),
+        };
+        if let Some(h) = prev {
+            h.abort().await;
+        }
+        self.config.quic_listen = quic;
+        self.config.grpc_listen = grpc;
+        // The old sockets close asynchronously: retry the bind briefly.
+        let mut last = None;
+        for _ in 0..100 {
+            match wakewire_server::start(self.config.clone()).await {
+                Ok(h) => {
+                    self.handle = Some(h);
+                    return Ok(());
+                }
+                Err(e) => last = Some(e),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Err(last.map(anyhow::Error::from).unwrap_or_else(|| anyhow::anyhow!("restart failed")))
+    }
+
+    /// Remembers the current ports so `restart` after `abort` reuses them.
+    pub fn pin_ports(&mut self) {
+        if let Some(h) = &self.handle {
+            self.config.quic_listen = h.quic_addr();
+            self.config.grpc_listen = h.grpc_addr();
+        }
+    }
+}
+
+/// A request with `authorization: Bearer <token>`.
+pub fn authed<T>(msg: T, token: &str) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    let value = format!("Bearer {token}").parse().expect("token is ASCII");
+    req.metadata_mut().insert("authorization", value);
+    req
+}
+
+/// A wake callback that forwards events into a channel.
+pub fn wake_sink() -> (impl Fn(&WakeEvent) + Send + Sync + 'static, mpsc::UnboundedReceiver<WakeEvent>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (move |w: &WakeEvent| drop(tx.send(w.clone())), rx)
+}
+
+/// A status callback that forwards statuses into a channel.
+pub fn status_sink() -> (impl Fn(&Status) + Send + Sync + 'static, mpsc::UnboundedReceiver<Status>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (move |s: &Status| drop(tx.send(s.clone())), rx)
+}
+
+/// Waits (bounded) for the first status matching `pred`.
+pub async fn wait_status(rx: &mut mpsc::UnboundedReceiver<Status>, pred: impl Fn(&Status) -> bool) -> anyhow::Result<Status> {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(s) = rx.recv().await {
+            if pred(&s) {
+                return Ok(s);
+            }
+        }
+        anyhow::bail!("status stream ended")
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("timed out waiting for a status"))?
+}
+
+/// Receives one item (bounded wait).
+pub async fn recv<T>(rx: &mut mpsc::UnboundedReceiver<T>) -> anyhow::Result<T> {
+    tokio::time::timeout(Duration::from_secs(20), rx.recv())
+        .await
+        .map_err(|_| anyhow::anyhow!("timed out"))?
+        .ok_or_else(|| anyhow::anyhow!("channel closed"))
+}
+
+/// A raw QUIC connection to the relay (ALPN wakewire/1, trusting its dev
+/// certificate), for sending bytes the SDK would never send.
+pub async fn raw_connection(relay: &TestRelay) -> anyhow::Result<(quinn::Endpoint, quinn::Connection)> {
+    use rustls::pki_types::pem::PemObject;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let _ = rustls::crypto::CryptoProvider::install_default((*provider).clone());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(relay.relay().dev_cert_path().expect("dev mode"))? {
+        roots.add(c?)?;
+    }
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![wakewire_proto::ALPN.to_vec()];
+    let cfg = quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(tls)?));
+    let ep = quinn::Endpoint::client(([127, 0, 0, 1], 0).into())?;
+    let conn = ep.connect_with(cfg, relay.quic_addr(), "localhost")?.await?;
+    Ok((ep, conn))
+}

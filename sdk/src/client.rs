@@ -1,0 +1,400 @@
+//! The app-facing API: [`ClientBuilder`], [`Client`], channels, callbacks.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+use rustls::RootCertStore;
+use tokio::sync::{mpsc, oneshot};
+use wakewire_proto::names::validate_channel_name;
+use wakewire_proto::pb::device::Priority;
+
+use crate::driver::{self, Command};
+use crate::error::{ConnectError, RegisterError};
+use crate::tls::{CipherSuite, Protection};
+
+/// A wake event handed to a channel's callback.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WakeEvent {
+    /// Unique event id (the SDK acks it after the callback returns).
+    pub event_id: String,
+    /// Channel id.
+    pub channel_id: String,
+    /// Channel name, as registered.
+    pub channel: String,
+    /// Publisher's payload (at most 4 KiB).
+    pub payload: Vec<u8>,
+    /// Priority.
+    pub priority: Priority,
+    /// When the relay accepted it, Unix ms.
+    pub created_at_ms: u64,
+    /// Time to live from `created_at_ms`, seconds.
+    pub ttl_s: u32,
+}
+
+/// Connection state changes, in the spirit of ControlChannelTrigger's
+/// status and reset triggers.
+#[derive(Debug, Clone)]
+pub enum Status {
+    /// A connection attempt is starting.
+    Connecting {
+        /// 1 for the first attempt after a loss.
+        attempt: u32,
+    },
+    /// Connected and authenticated.
+    Connected(ConnectionInfo),
+    /// The connection is gone; `retry_in` is the backoff before the next
+    /// attempt, `None` when the SDK has given up (the error is not retryable
+    /// or the client was closed).
+    Disconnected {
+        /// What happened.
+        error: ConnectError,
+        /// Delay before the next attempt.
+        retry_in: Option<Duration>,
+    },
+    /// The channels had to be re-established on a new connection (their ids
+    /// are unchanged). Events sent while disconnected were not delivered.
+    Reset {
+        /// Channel names re-registered.
+        channels: Vec<String>,
+    },
+    /// A keepalive round trip completed.
+    KeepaliveCompleted {
+        /// Round-trip time of the Ping.
+        rtt: Duration,
+        /// The device's address and port as the relay saw them.
+        observed_addr: String,
+    },
+}
+
+/// What a connection actually negotiated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionInfo {
+    /// Transport ("QUIC v1").
+    pub transport: &'static str,
+    /// TLS version ("TLSv1.3").
+    pub tls_version: &'static str,
+    /// Negotiated cipher suite.
+    pub cipher_suite: CipherSuite,
+    /// Negotiated ALPN.
+    pub alpn: String,
+    /// Relay address connected to.
+    pub relay_addr: SocketAddr,
+    /// Local socket address.
+    pub local_addr: Option<SocketAddr>,
+    /// Relay's session id.
+    pub session_id: String,
+    /// Device id the relay authenticated.
+    pub device_id: String,
+    /// Keepalive interval in use.
+    pub keepalive_interval: Duration,
+}
+
+/// How the SDK keeps the network path alive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeepalivePolicy {
+    /// A Ping after this long without sending anything.
+    Fixed(Duration),
+}
+
+impl Default for KeepalivePolicy {
+    fn default() -> Self {
+        KeepalivePolicy::Fixed(Duration::from_secs(25))
+    }
+}
+
+pub(crate) type WakeCallback = Arc<dyn Fn(&WakeEvent) + Send + Sync>;
+pub(crate) type StatusCallback = Arc<dyn Fn(&Status) + Send + Sync>;
+
+/// Everything the driver needs to (re)connect.
+pub(crate) struct Config {
+    pub(crate) relay: String,
+    pub(crate) server_name: String,
+    pub(crate) roots: RootCertStore,
+    pub(crate) token: String,
+    pub(crate) min_protection: Protection,
+    pub(crate) keepalive: KeepalivePolicy,
+    pub(crate) keepalive_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) backoff: (Duration, Duration),
+    pub(crate) on_status: Option<StatusCallback>,
+}
+
+/// Builds a [`Client`].
+pub struct ClientBuilder {
+    relay: String,
+    server_name: Option<String>,
+    trust_files: Vec<PathBuf>,
+    trust_certs: Vec<CertificateDer<'static>>,
+    token: Option<String>,
+    min_protection: Protection,
+    keepalive: KeepalivePolicy,
+    keepalive_timeout: Duration,
+    connect_timeout: Duration,
+    backoff: (Duration, Duration),
+    on_status: Option<StatusCallback>,
+}
+
+impl std::fmt::Debug for ClientBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientBuilder")
+            .field("relay", &self.relay)
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientBuilder {
+    /// A builder for the relay at `relay` (`host:port`).
+    pub fn new(relay: impl Into<String>) -> Self {
+        Self {
+            relay: relay.into(),
+            server_name: None,
+            trust_files: vec![],
+            trust_certs: vec![],
+            token: None,
+            min_protection: Protection::default(),
+            keepalive: KeepalivePolicy::default(),
+            keepalive_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+            backoff: (Duration::from_millis(250), Duration::from_secs(60)),
+            on_status: None,
+        }
+    }
+
+    /// TLS server name to verify (default: the host part of the address).
+    pub fn server_name(mut self, name: impl Into<String>) -> Self {
+        self.server_name = Some(name.into());
+        self
+    }
+
+    /// Trusts the CA or self-signed certificates in a PEM file (e.g. the
+    /// relay's `dev-cert.pem`).
+    pub fn trust_pem_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.trust_files.push(path.into());
+        self
+    }
+
+    /// Trusts a DER certificate.
+    pub fn trust_certificate(mut self, cert: CertificateDer<'static>) -> Self {
+        self.trust_certs.push(cert);
+        self
+    }
+
+    /// The device credential minted by the relay.
+    pub fn device_token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// Refuse connections that negotiate less than `min`.
+    pub fn min_protection(mut self, min: Protection) -> Self {
+        self.min_protection = min;
+        self
+    }
+
+    /// Keepalive policy.
+    pub fn keepalive(mut self, policy: KeepalivePolicy) -> Self {
+        self.keepalive = policy;
+        self
+    }
+
+    /// Drop the connection if a keepalive is not answered within this time.
+    pub fn keepalive_timeout(mut self, d: Duration) -> Self {
+        self.keepalive_timeout = d;
+        self
+    }
+
+    /// Limit for one connection attempt (QUIC handshake and Welcome).
+    pub fn connect_timeout(mut self, d: Duration) -> Self {
+        self.connect_timeout = d;
+        self
+    }
+
+    /// Reconnect backoff: first ceiling and cap (full jitter below them).
+    pub fn reconnect_backoff(mut self, initial: Duration, max: Duration) -> Self {
+        self.backoff = (initial, max);
+        self
+    }
+
+    /// Called on every [`Status`] change, from the SDK's task: keep it short.
+    pub fn on_status(mut self, cb: impl Fn(&Status) + Send + Sync + 'static) -> Self {
+        self.on_status = Some(Arc::new(cb));
+        self
+    }
+
+    /// Connects (one attempt; reconnects happen on their own afterwards).
+    /// Must be called within a tokio runtime.
+    pub async fn connect(self) -> Result<Client, ConnectError> {
+        let token = self
+            .token
+            .ok_or_else(|| ConnectError::Config("no device token: call device_token()".into()))?;
+        let mut roots = RootCertStore::empty();
+        for path in &self.trust_files {
+            let certs = CertificateDer::pem_file_iter(path)
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| ConnectError::Config(format!("cannot read certificates from {}: {e}", path.display())))?;
+            if certs.is_empty() {
+                return Err(ConnectError::Config(format!("no certificate in {}", path.display())));
+            }
+            for c in certs {
+                roots
+                    .add(c)
+                    .map_err(|e| ConnectError::Config(format!("bad certificate in {}: {e}", path.display())))?;
+            }
+        }
+        for c in self.trust_certs {
+            roots.add(c).map_err(|e| ConnectError::Config(format!("bad certificate: {e}")))?;
+        }
+        if roots.is_empty() {
+            return Err(ConnectError::Config(
+                "no trusted certificates: call trust_pem_file() or trust_certificate()".into(),
+            ));
+        }
+        let server_name = match self.server_name {
+            Some(n) => n,
+            None => host_of(&self.relay),
+        };
+        let config = Arc::new(Config {
+            relay: self.relay,
+            server_name,
+            roots,
+            token,
+            min_protection: self.min_protection,
+            keepalive: self.keepalive,
+            keepalive_timeout: self.keepalive_timeout,
+            connect_timeout: self.connect_timeout,
+            backoff: self.backoff,
+            on_status: self.on_status,
+        });
+        let shared = Arc::new(Shared::default());
+        let cmd = driver::start(config, shared.clone()).await?;
+        Ok(Client { shared, cmd })
+    }
+}
+
+/// Host part of `host:port` / `[v6]:port`.
+fn host_of(addr: &str) -> String {
+    let host = match addr.rsplit_once(':') {
+        Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) => h,
+        _ => addr,
+    };
+    host.trim_start_matches('[').trim_end_matches(']').to_owned()
+}
+
+/// State the driver publishes for the app to read.
+#[derive(Debug, Default)]
+pub(crate) struct Shared {
+    pub(crate) info: Mutex<Option<ConnectionInfo>>,
+}
+
+/// A connected wakewire client. Cheap to clone; all clones share one
+/// connection. The connection is closed by [`Client::close`] or when every
+/// clone is dropped.
+#[derive(Debug, Clone)]
+pub struct Client {
+    shared: Arc<Shared>,
+    cmd: mpsc::UnboundedSender<Command>,
+}
+
+impl Client {
+    /// Starts registering a channel named `name`.
+    pub fn channel(&self, name: impl Into<String>) -> ChannelBuilder<'_> {
+        ChannelBuilder {
+            client: self,
+            name: name.into(),
+            on_wake: None,
+        }
+    }
+
+    /// What the current connection negotiated; `None` while disconnected.
+    pub fn info(&self) -> Option<ConnectionInfo> {
+        self.shared.info.lock().ok().and_then(|i| i.clone())
+    }
+
+    /// Stops receiving wakes on a channel.
+    pub async fn unregister(&self, channel_id: &str) -> Result<(), RegisterError> {
+        let (reply, answer) = oneshot::channel();
+        self.cmd
+            .send(Command::Unregister {
+                channel_id: channel_id.to_owned(),
+                reply,
+            })
+            .map_err(|_| closed())?;
+        answer.await.map_err(|_| closed())?
+    }
+
+    /// Closes the connection and stops reconnecting.
+    pub async fn close(&self) {
+        let (reply, answer) = oneshot::channel();
+        if self.cmd.send(Command::Close { reply }).is_ok() {
+            let _ = answer.await;
+        }
+    }
+}
+
+fn closed() -> RegisterError {
+    RegisterError::Closed("the client is closed".into())
+}
+
+/// Registers one channel: `client.channel("mail").on_wake(cb).register()`.
+pub struct ChannelBuilder<'a> {
+    client: &'a Client,
+    name: String,
+    on_wake: Option<WakeCallback>,
+}
+
+impl ChannelBuilder<'_> {
+    /// The callback for this channel's wake events. It runs on the SDK's
+    /// task; the event is acked when it returns (not if it panics).
+    pub fn on_wake(mut self, cb: impl Fn(&WakeEvent) + Send + Sync + 'static) -> Self {
+        self.on_wake = Some(Arc::new(cb));
+        self
+    }
+
+    /// Registers the channel and returns its id, which is stable for this
+    /// device and name. While disconnected, waits for the next connection.
+    pub async fn register(self) -> Result<String, RegisterError> {
+        validate_channel_name(&self.name)?;
+        let (reply, answer) = oneshot::channel();
+        self.client
+            .cmd
+            .send(Command::Register {
+                name: self.name,
+                callback: self.on_wake.unwrap_or_else(|| Arc::new(|_: &WakeEvent| {})),
+                reply,
+            })
+            .map_err(|_| closed())?;
+        answer.await.map_err(|_| closed())?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_is_taken_from_the_address() {
+        assert_eq!(host_of("localhost:4433"), "localhost");
+        assert_eq!(host_of("[::1]:4433"), "::1");
+        assert_eq!(host_of("relay.example"), "relay.example");
+    }
+
+    #[tokio::test]
+    async fn builder_refuses_missing_token_and_trust() {
+        let e = ClientBuilder::new("localhost:1").connect().await.unwrap_err();
+        assert!(matches!(e, ConnectError::Config(ref m) if m.contains("token")), "{e}");
+        let e = ClientBuilder::new("localhost:1").device_token("t").connect().await.unwrap_err();
+        assert!(matches!(e, ConnectError::Config(ref m) if m.contains("trusted")), "{e}");
+        let e = ClientBuilder::new("localhost:1")
+            .device_token("t")
+            .trust_pem_file("/nonexistent.pem")
+            .connect()
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ConnectError::Config(ref m) if m.contains("nonexistent")), "{e}");
+    }
+}

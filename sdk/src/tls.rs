@@ -1,0 +1,170 @@
+//! The SDK's TLS settings, and how it learns what was negotiated.
+//!
+//! quinn does not expose the negotiated cipher suite, so each connection
+//! attempt gets its own rustls config whose `KeyLog` records the length of
+//! the client handshake traffic secret: 48 bytes means a SHA-384 suite,
+//! 32 bytes a SHA-256 one. The SDK offers exactly one suite of each hash
+//! (TLS13_AES_256_GCM_SHA384 and TLS13_AES_128_GCM_SHA256), so the length
+//! names the suite. Nothing is assumed: if the secret was never seen, the
+//! connection is refused.
+
+use std::sync::{Arc, Mutex};
+
+use rustls::crypto::CryptoProvider;
+use rustls::{KeyLog, RootCertStore, SupportedCipherSuite};
+use wakewire_proto::ALPN;
+
+use crate::error::ConnectError;
+
+/// Minimum protection a connection must have. Every level is TLS 1.3 (the
+/// floor: QUIC cannot run on less).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub enum Protection {
+    /// TLS 1.3 with AES-128-GCM or AES-256-GCM.
+    #[default]
+    Tls13,
+    /// TLS 1.3 with AES-256-GCM only.
+    Tls13Aes256,
+}
+
+/// A negotiated TLS 1.3 cipher suite.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CipherSuite {
+    /// TLS13_AES_128_GCM_SHA256.
+    Aes128GcmSha256,
+    /// TLS13_AES_256_GCM_SHA384.
+    Aes256GcmSha384,
+}
+
+impl CipherSuite {
+    /// IANA name.
+    pub fn name(self) -> &'static str {
+        match self {
+            CipherSuite::Aes128GcmSha256 => "TLS13_AES_128_GCM_SHA256",
+            CipherSuite::Aes256GcmSha384 => "TLS13_AES_256_GCM_SHA384",
+        }
+    }
+
+    /// The protection level this suite provides.
+    pub fn protection(self) -> Protection {
+        match self {
+            CipherSuite::Aes128GcmSha256 => Protection::Tls13,
+            CipherSuite::Aes256GcmSha384 => Protection::Tls13Aes256,
+        }
+    }
+}
+
+/// Records the handshake secret length of one connection attempt.
+#[derive(Debug, Default)]
+pub(crate) struct SuiteProbe {
+    secret_len: Mutex<Option<usize>>,
+}
+
+impl KeyLog for SuiteProbe {
+    fn log(&self, label: &str, _client_random: &[u8], secret: &[u8]) {
+        if label == "CLIENT_HANDSHAKE_TRAFFIC_SECRET" {
+            if let Ok(mut l) = self.secret_len.lock() {
+                *l = Some(secret.len());
+            }
+        }
+    }
+
+    fn will_log(&self, label: &str) -> bool {
+        label == "CLIENT_HANDSHAKE_TRAFFIC_SECRET"
+    }
+}
+
+impl SuiteProbe {
+    /// The suite, if the handshake has derived its secrets.
+    pub(crate) fn negotiated(&self) -> Option<CipherSuite> {
+        match *self.secret_len.lock().ok()? {
+            Some(48) => Some(CipherSuite::Aes256GcmSha384),
+            Some(32) => Some(CipherSuite::Aes128GcmSha256),
+            _ => None,
+        }
+    }
+}
+
+/// The crypto provider (ring), installed as the process default on first
+/// use, restricted to the two AES-GCM suites.
+pub(crate) fn provider() -> Arc<CryptoProvider> {
+    let base = rustls::crypto::ring::default_provider();
+    let _ = CryptoProvider::install_default(base.clone());
+    use rustls::crypto::ring::cipher_suite as cs;
+    // QUIC needs TLS13_AES_128_GCM_SHA256 to be available (Initial packets)
+    // even when the minimum is AES-256: the negotiated suite is checked
+    // against the minimum after the handshake instead.
+    let suites: Vec<SupportedCipherSuite> = vec![cs::TLS13_AES_256_GCM_SHA384, cs::TLS13_AES_128_GCM_SHA256];
+    Arc::new(CryptoProvider {
+        cipher_suites: suites,
+        ..base
+    })
+}
+
+/// QUIC client config for one connection attempt, and its suite probe.
+pub(crate) fn client_config(roots: &RootCertStore) -> Result<(quinn::ClientConfig, Arc<SuiteProbe>), ConnectError> {
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| ConnectError::Config(e.to_string()))?
+        .with_root_certificates(roots.clone())
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let probe = Arc::new(SuiteProbe::default());
+    tls.key_log = probe.clone();
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| ConnectError::Config(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(quic));
+    let mut transport = quinn::TransportConfig::default();
+    // The app-level keepalive (Ping/Pong) keeps the path alive; the idle
+    // timeout is left to the relay (the lower of both sides applies).
+    transport
+        .keep_alive_interval(None)
+        .max_idle_timeout(None)
+        .max_concurrent_bidi_streams(0u8.into())
+        .max_concurrent_uni_streams(0u8.into())
+        .stream_receive_window(65_536u32.into())
+        .receive_window(131_072u32.into())
+        .datagram_receive_buffer_size(None);
+    config.transport_config(Arc::new(transport));
+    Ok((config, probe))
+}
+
+/// Checks what a connection negotiated against the minimum.
+pub(crate) fn check_protection(
+    negotiated: Option<CipherSuite>,
+    alpn: Option<&[u8]>,
+    min: Protection,
+) -> Result<CipherSuite, ConnectError> {
+    if alpn != Some(ALPN) {
+        return Err(ConnectError::ProtectionTooLow(format!(
+            "ALPN {:?} negotiated, wakewire/1 required",
+            alpn.map(String::from_utf8_lossy)
+        )));
+    }
+    let suite = negotiated.ok_or_else(|| ConnectError::ProtectionTooLow("the negotiated cipher suite could not be determined".into()))?;
+    if suite.protection() < min {
+        return Err(ConnectError::ProtectionTooLow(format!("{} negotiated, {min:?} required", suite.name())));
+    }
+    Ok(suite)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn protection_check_refuses_below_minimum_and_unknowns() {
+        let ok = check_protection(Some(CipherSuite::Aes128GcmSha256), Some(ALPN), Protection::Tls13);
+        assert_eq!(ok.unwrap(), CipherSuite::Aes128GcmSha256);
+        assert!(matches!(
+            check_protection(Some(CipherSuite::Aes128GcmSha256), Some(ALPN), Protection::Tls13Aes256),
+            Err(ConnectError::ProtectionTooLow(_))
+        ));
+        assert!(check_protection(Some(CipherSuite::Aes256GcmSha384), Some(ALPN), Protection::Tls13Aes256).is_ok());
+        assert!(check_protection(None, Some(ALPN), Protection::Tls13).is_err());
+        assert!(check_protection(Some(CipherSuite::Aes256GcmSha384), Some(b"h3"), Protection::Tls13).is_err());
+        let probe = SuiteProbe::default();
+        assert_eq!(probe.negotiated(), None);
+        probe.log("CLIENT_HANDSHAKE_TRAFFIC_SECRET", &[], &[0; 48]);
+        assert_eq!(probe.negotiated(), Some(CipherSuite::Aes256GcmSha384));
+    }
+}
