@@ -210,6 +210,23 @@ impl Link {
         self.conn.close(code.as_u32().into(), reason.as_bytes());
     }
 
+    /// Orderly close: flushes what the session still has to send (acks
+    /// above all), waits (bounded) for the relay to receive it, then closes.
+    async fn close_gracefully(&mut self, reason: &str) {
+        let mut rest = std::mem::take(&mut self.out).to_vec();
+        while let Some(b) = self.session.poll_transmit() {
+            rest.extend_from_slice(&b);
+        }
+        let send = &mut self.send;
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            send.write_all(&rest).await.ok()?;
+            send.finish().ok()?;
+            send.stopped().await.ok()
+        })
+        .await;
+        self.close(ErrorCode::NoError, reason);
+    }
+
     /// Adds what a GoAway said to the error that followed it.
     fn explain(&self, e: ConnectError) -> ConnectError {
         match (&self.go_away, e) {
@@ -330,11 +347,11 @@ impl Driver {
             tokio::select! {
                 cmd = self.cmd_rx.recv() => match cmd {
                     None => {
-                        link.close(ErrorCode::NoError, "client dropped");
+                        link.close_gracefully("client dropped").await;
                         return ConnectError::Closed;
                     }
                     Some(Command::Close { reply }) => {
-                        link.close(ErrorCode::NoError, "client closed");
+                        link.close_gracefully("client closed").await;
                         let _ = reply.send(());
                         return ConnectError::Closed;
                     }

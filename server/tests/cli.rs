@@ -1,0 +1,145 @@
+//! The command line a newcomer uses, as real processes: `serve`, `listen`
+//! and `publish` show a wake arriving; bad configuration exits clearly.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::process::{Child, ChildStderr, ChildStdout, Command};
+
+const BIN: &str = env!("CARGO_BIN_EXE_wakewire-relay");
+
+fn relay_cmd(args: &[&str]) -> Command {
+    let mut c = Command::new(BIN);
+    c.args(args)
+        .env_remove("WAKEWIRE_DATA_DIR")
+        .env("WAKEWIRE_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    c
+}
+
+/// Reads lines until one contains `needle` (bounded in time).
+async fn line_with<R: tokio::io::AsyncRead + Unpin>(lines: &mut Lines<BufReader<R>>, needle: &str) -> anyhow::Result<String> {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(line) = lines.next_line().await? {
+            if line.contains(needle) {
+                return Ok(line);
+            }
+        }
+        anyhow::bail!("output ended before {needle:?}")
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("timed out waiting for {needle:?}"))?
+}
+
+fn field<'a>(line: &'a str, key: &str) -> anyhow::Result<&'a str> {
+    let start = line.find(key).ok_or_else(|| anyhow::anyhow!("no {key} in {line:?}"))? + key.len();
+    Ok(line[start..].split_whitespace().next().unwrap_or(""))
+}
+
+struct Relay {
+    child: Child,
+    _stderr: Lines<BufReader<ChildStderr>>,
+    quic: String,
+    grpc: String,
+}
+
+async fn start_relay(data_dir: &str) -> anyhow::Result<Relay> {
+    let mut child = relay_cmd(&[
+        "serve",
+        "--data-dir",
+        data_dir,
+        "--quic-listen",
+        "127.0.0.1:0",
+        "--grpc-listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "off",
+    ])
+    .spawn()?;
+    let mut stderr = BufReader::new(child.stderr.take().expect("piped")).lines();
+    let started = line_with(&mut stderr, "relay started").await?;
+    Ok(Relay {
+        quic: field(&started, "quic=")?.to_owned(),
+        grpc: field(&started, "grpc=")?.to_owned(),
+        child,
+        _stderr: stderr,
+    })
+}
+
+#[tokio::test]
+async fn three_commands_show_a_wake_arriving() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    let data = data.to_str().expect("utf-8 path");
+    let mut relay = start_relay(data).await?;
+    assert!(std::path::Path::new(data).join("dev-cert.pem").exists());
+
+    let mut listener = relay_cmd(&[
+        "listen", "--relay", &relay.quic, "--server-name", "localhost", "--data-dir", data, "--channel", "mail", "--count", "1",
+    ])
+    .spawn()?;
+    let mut out: Lines<BufReader<ChildStdout>> = BufReader::new(listener.stdout.take().expect("piped")).lines();
+    let registered = line_with(&mut out, "registered channel=mail").await?;
+    let channel_id = field(&registered, "id=")?.to_owned();
+
+    let grpc = format!("http://{}", relay.grpc);
+    let published = relay_cmd(&["publish", "--grpc", &grpc, "--data-dir", data, "--channel", &channel_id, "hello device"])
+        .output()
+        .await?;
+    let stdout = String::from_utf8_lossy(&published.stdout);
+    assert!(published.status.success(), "{stdout} {}", String::from_utf8_lossy(&published.stderr));
+    assert!(stdout.contains("status=DELIVERY_STATUS_DELIVERED"), "{stdout}");
+
+    let wake = line_with(&mut out, "wake event=").await?;
+    assert!(wake.contains("channel=mail") && wake.ends_with("payload=hello device"), "{wake}");
+    let status = tokio::time::timeout(Duration::from_secs(30), listener.wait()).await??;
+    assert!(status.success());
+
+    // A token for a device, minted offline, is accepted by the CLI's parser.
+    let token = relay_cmd(&["token", "device", "--device-id", "phone-7", "--data-dir", data]).output().await?;
+    assert!(token.status.success());
+    assert!(String::from_utf8_lossy(&token.stdout).starts_with("ww1."));
+
+    // Publishing to an unknown channel fails with the gRPC code, exit 1.
+    let refused = relay_cmd(&["publish", "--grpc", &grpc, "--data-dir", data, "--channel", "AAAAAAAAAAAAAAAAAAAAAA", "x"])
+        .output()
+        .await?;
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("NotFound"));
+
+    // SIGTERM: graceful shutdown, exit 0.
+    let pid = relay.child.id().expect("running").to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().await?.success());
+    let status = tokio::time::timeout(Duration::from_secs(30), relay.child.wait()).await??;
+    assert!(status.success(), "{status}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn bad_configuration_exits_with_a_clear_message() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().to_str().expect("utf-8");
+    let cases: Vec<(Vec<&str>, Vec<(&str, &str)>, &str)> = vec![
+        (vec!["serve", "--data-dir", data, "--idle-timeout-secs", "1"], vec![], "idle_timeout_secs"),
+        (vec!["serve", "--data-dir", data], vec![("WAKEWIRE_QUIC_LISTN", "x")], "quic_listn"),
+        (vec!["serve", "--data-dir", data, "--metrics-listen", "nowhere"], vec![], "metrics_listen"),
+        (vec!["serve", "--data-dir", data, "--config", "/nonexistent.toml"], vec![], "/nonexistent.toml"),
+        (vec!["token", "device", "--device-id", "d", "--data-dir", "/nonexistent"], vec![], "no signing key"),
+        (vec!["token", "publisher", "--data-dir", data], vec![], "needs a scope"),
+    ];
+    for (args, env, needle) in cases {
+        let mut cmd = relay_cmd(&args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = tokio::time::timeout(Duration::from_secs(30), cmd.output()).await??;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    }
+    Ok(())
+}
