@@ -109,7 +109,8 @@ impl FrameDecoder {
         }
         self.buf.advance(prefix);
         let bytes = self.buf.split_to(len);
-        let frame = Frame::decode(bytes.freeze()).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+        let frame =
+            Frame::decode(bytes.freeze()).map_err(|e| DecodeError::Malformed(e.to_string()))?;
         frame.body.map(Some).ok_or(DecodeError::UnknownFrame)
     }
 }
@@ -171,7 +172,10 @@ mod tests {
         d.extend(&[0xe9, 0x07]); // 1001
         assert_eq!(
             d.next_frame(),
-            Err(DecodeError::FrameTooLarge { len: 1001, max: 100 })
+            Err(DecodeError::FrameTooLarge {
+                len: 1001,
+                max: 100
+            })
         );
         let big = Body::Ack(Ack {
             event_id: "x".repeat(200),

@@ -12,7 +12,10 @@
 use std::time::{Duration, Instant};
 
 use crate::codec::DecodeError;
-use crate::pb::device::{frame::Body, Ack, ChannelBinding, GoAwayReason, Hello, Ping, Register, ServerLimits, Unregister, Wake};
+use crate::pb::device::{
+    frame::Body, Ack, ChannelBinding, GoAwayReason, Hello, Ping, Register, ServerLimits,
+    Unregister, Wake,
+};
 use crate::relay_session::{decode_reason, frame_name};
 pub use crate::session_core::Close;
 use crate::session_core::Core;
@@ -212,9 +215,13 @@ impl DeviceSession {
     /// The relay finished its side of the control stream.
     pub fn handle_stream_finished(&mut self) {
         if self.core.decoder.buffered() > 0 {
-            self.core.fail(ErrorCode::ProtocolViolation, "bad frame: control stream ended inside a frame");
+            self.core.fail(
+                ErrorCode::ProtocolViolation,
+                "bad frame: control stream ended inside a frame",
+            );
         } else {
-            self.core.fail(ErrorCode::NoError, "relay closed the control stream");
+            self.core
+                .fail(ErrorCode::NoError, "relay closed the control stream");
         }
     }
 
@@ -225,12 +232,16 @@ impl DeviceSession {
         }
         match self.state {
             State::AwaitWelcome { deadline } if now >= deadline => {
-                self.core.fail(ErrorCode::HelloTimeout, "no Welcome from the relay in time");
+                self.core
+                    .fail(ErrorCode::HelloTimeout, "no Welcome from the relay in time");
             }
             State::AwaitWelcome { .. } => {}
             State::Established => match self.ping_out {
                 Some((_, sent)) if now >= sent + self.config.keepalive_timeout => {
-                    self.core.fail(ErrorCode::KeepaliveTimeout, "relay did not answer a keepalive in time");
+                    self.core.fail(
+                        ErrorCode::KeepaliveTimeout,
+                        "relay did not answer a keepalive in time",
+                    );
                 }
                 Some(_) => {}
                 None if now >= self.last_send + self.config.keepalive_interval => self.ping(now),
@@ -274,7 +285,8 @@ impl DeviceSession {
     }
 
     fn violation(&mut self, e: &DecodeError) {
-        self.core.fail(ErrorCode::ProtocolViolation, decode_reason(e));
+        self.core
+            .fail(ErrorCode::ProtocolViolation, decode_reason(e));
     }
 
     fn handle_frame(&mut self, now: Instant, body: Body) {
@@ -316,7 +328,11 @@ impl DeviceSession {
                 if w.payload.len() > self.max_payload {
                     self.core.fail(
                         ErrorCode::ProtocolViolation,
-                        format!("wake payload of {} bytes exceeds {}", w.payload.len(), self.max_payload),
+                        format!(
+                            "wake payload of {} bytes exceeds {}",
+                            w.payload.len(),
+                            self.max_payload
+                        ),
                     );
                 } else {
                     self.core.push_event(DeviceEvent::Wake(w));
@@ -338,7 +354,11 @@ impl DeviceSession {
                 format!(
                     "unexpected {} from the relay{}",
                     frame_name(&other),
-                    if matches!(state, State::AwaitWelcome { .. }) { " before Welcome" } else { "" }
+                    if matches!(state, State::AwaitWelcome { .. }) {
+                        " before Welcome"
+                    } else {
+                        ""
+                    }
                 ),
             ),
         }

@@ -84,6 +84,9 @@ mod tests {
             assert_eq!(ErrorCode::from_u32(c.as_u32()), Some(c));
         }
         assert_eq!(ErrorCode::from_u32(0xdead), None);
-        assert_eq!(ErrorCode::ProtocolViolation.to_string(), "PROTOCOL_VIOLATION (0x1)");
+        assert_eq!(
+            ErrorCode::ProtocolViolation.to_string(),
+            "PROTOCOL_VIOLATION (0x1)"
+        );
     }
 }

@@ -46,7 +46,9 @@ impl ChannelIds {
 
 /// Whether `s` has the shape of a channel id (cheap check before a lookup).
 pub fn is_channel_id(s: &str) -> bool {
-    s.len() == CHANNEL_ID_LEN && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    s.len() == CHANNEL_ID_LEN
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// Builds an event id from a millisecond timestamp and 10 random bytes:

@@ -18,13 +18,13 @@
 //!   and SDK are thin drivers around them (the design of quinn-proto).
 
 pub mod codec;
+pub mod device_session;
 mod error_code;
 pub mod ids;
 pub mod names;
 pub mod pb;
 pub mod relay_session;
 mod session_core;
-pub mod device_session;
 pub mod token;
 
 pub use error_code::ErrorCode;

@@ -81,7 +81,10 @@ mod tests {
     fn accepts_ordinary_names_and_rejects_bad_ones() {
         assert!(validate_channel_name("mail").is_ok());
         assert!(validate_channel_name("com.example/chat:1").is_ok());
-        assert!(matches!(validate_channel_name(""), Err(NameError::Empty { .. })));
+        assert!(matches!(
+            validate_channel_name(""),
+            Err(NameError::Empty { .. })
+        ));
         assert!(matches!(
             validate_channel_name(&"x".repeat(65)),
             Err(NameError::TooLong { len: 65, .. })

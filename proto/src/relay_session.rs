@@ -22,7 +22,8 @@ use thiserror::Error;
 use crate::codec::DecodeError;
 use crate::names::validate_channel_name;
 use crate::pb::device::{
-    frame::Body, ChannelBinding, GoAway, GoAwayReason, Pong, Registered, ServerLimits, Wake, Welcome,
+    frame::Body, ChannelBinding, GoAway, GoAwayReason, Pong, Registered, ServerLimits, Wake,
+    Welcome,
 };
 pub use crate::session_core::Close;
 use crate::session_core::{millis, Core, WallClock};
@@ -186,9 +187,13 @@ impl RelaySession {
     /// The peer finished its side of the control stream.
     pub fn handle_stream_finished(&mut self) {
         if self.core.decoder.buffered() > 0 {
-            self.core.fail(ErrorCode::ProtocolViolation, "bad frame: control stream ended inside a frame");
+            self.core.fail(
+                ErrorCode::ProtocolViolation,
+                "bad frame: control stream ended inside a frame",
+            );
         } else {
-            self.core.fail(ErrorCode::NoError, "device closed the control stream");
+            self.core
+                .fail(ErrorCode::NoError, "device closed the control stream");
         }
     }
 
@@ -196,7 +201,8 @@ impl RelaySession {
     pub fn handle_timeout(&mut self, now: Instant) {
         if let State::AwaitHello { deadline } = self.state {
             if now >= deadline {
-                self.core.fail(ErrorCode::HelloTimeout, "no Hello within the hello timeout");
+                self.core
+                    .fail(ErrorCode::HelloTimeout, "no Hello within the hello timeout");
             }
         }
     }
@@ -335,7 +341,9 @@ impl RelaySession {
             (State::Authenticating, other) => {
                 self.violation(format!("{} before Welcome", frame_name(&other)))
             }
-            (State::Established { .. }, Body::Register(r)) => self.handle_register(r.request_id, r.names),
+            (State::Established { .. }, Body::Register(r)) => {
+                self.handle_register(r.request_id, r.names)
+            }
             (State::Established { .. }, Body::Unregister(u)) => {
                 let channel_ids: Vec<String> = u
                     .channel_ids
@@ -352,9 +360,9 @@ impl RelaySession {
                     self.core.push_event(RelayEvent::Unregister { channel_ids });
                 }
             }
-            (State::Established { .. }, Body::Ack(a)) => {
-                self.core.push_event(RelayEvent::Ack { event_id: a.event_id })
-            }
+            (State::Established { .. }, Body::Ack(a)) => self.core.push_event(RelayEvent::Ack {
+                event_id: a.event_id,
+            }),
             (State::Established { .. }, Body::Ping(p)) => {
                 self.core.send(Body::Pong(Pong {
                     nonce: p.nonce,

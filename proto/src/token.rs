@@ -154,7 +154,12 @@ pub struct Verifier {
 
 impl Verifier {
     /// Verifies signature, expiry (against `now_unix`, seconds) and kind.
-    pub fn verify(&self, token: &str, expected: TokenKind, now_unix: u64) -> Result<Claims, TokenError> {
+    pub fn verify(
+        &self,
+        token: &str,
+        expected: TokenKind,
+        now_unix: u64,
+    ) -> Result<Claims, TokenError> {
         if token.len() > MAX_TOKEN_LEN {
             return Err(TokenError::Malformed("longer than 8 KiB"));
         }
@@ -174,8 +179,8 @@ impl Verifier {
         let json = URL_SAFE_NO_PAD
             .decode(claims_b64)
             .map_err(|_| TokenError::Malformed("claims are not base64url"))?;
-        let claims: Claims =
-            serde_json::from_slice(&json).map_err(|_| TokenError::Malformed("claims are not valid JSON"))?;
+        let claims: Claims = serde_json::from_slice(&json)
+            .map_err(|_| TokenError::Malformed("claims are not valid JSON"))?;
         if claims.typ != expected {
             return Err(TokenError::WrongKind {
                 expected,
@@ -246,7 +251,10 @@ mod tests {
             other.rsplit_once('.').unwrap().0,
             t.rsplit_once('.').unwrap().1
         );
-        assert_eq!(v.verify(&forged, TokenKind::Device, 1), Err(TokenError::BadSignature));
+        assert_eq!(
+            v.verify(&forged, TokenKind::Device, 1),
+            Err(TokenError::BadSignature)
+        );
         for junk in ["", "abc", "ww1.", "ww1.x.y", "ww1.a.!!!"] {
             assert!(v.verify(junk, TokenKind::Device, 1).is_err(), "{junk}");
         }

@@ -7,7 +7,8 @@ use wakewire_proto::codec::encode_to_bytes;
 use wakewire_proto::device_session::{DeviceEvent, DeviceSession, DeviceSessionConfig};
 use wakewire_proto::pb::device::{frame::Body, GoAwayReason, Hello, Priority, Register, Wake};
 use wakewire_proto::relay_session::{
-    RelayEvent, RelaySession, RelaySessionConfig, REGISTER_ERROR_INVALID_NAME, REGISTER_ERROR_TOO_MANY_CHANNELS,
+    RelayEvent, RelaySession, RelaySessionConfig, REGISTER_ERROR_INVALID_NAME,
+    REGISTER_ERROR_TOO_MANY_CHANNELS,
 };
 use wakewire_proto::{ErrorCode, MAX_FRAME_SIZE};
 
@@ -49,9 +50,14 @@ impl Pair {
                     RelayEvent::Hello { credential, .. } if credential == "token-1" => {
                         self.relay.accept(self.now, "dev1".into(), "s1".into())
                     }
-                    RelayEvent::Hello { .. } => self.relay.reject(ErrorCode::Unauthorized, "bad token"),
+                    RelayEvent::Hello { .. } => {
+                        self.relay.reject(ErrorCode::Unauthorized, "bad token")
+                    }
                     RelayEvent::Register { request_id, names } => {
-                        let b = names.iter().map(|n| (n.clone(), format!("{n}-id"))).collect();
+                        let b = names
+                            .iter()
+                            .map(|n| (n.clone(), format!("{n}-id")))
+                            .collect();
                         self.relay.registered(*request_id, b)
                     }
                     _ => {}
@@ -103,31 +109,55 @@ fn wake(id: &str, channel: &str, payload: &[u8]) -> Wake {
 fn handshake_register_wake_ack() {
     let mut p = Pair::new(RelaySessionConfig::default());
     p.pump();
-    assert!(matches!(&p.device_events[0], DeviceEvent::Welcome { device_id, session_id, limits, server_time_ms }
-        if device_id == "dev1" && session_id == "s1" && limits.max_payload_size == 4096 && *server_time_ms == 1_700_000_000_000));
+    assert!(
+        matches!(&p.device_events[0], DeviceEvent::Welcome { device_id, session_id, limits, server_time_ms }
+        if device_id == "dev1" && session_id == "s1" && limits.max_payload_size == 4096 && *server_time_ms == 1_700_000_000_000)
+    );
     assert_eq!(p.relay.device_id(), Some("dev1"));
 
-    let req = p.device.register(p.now, vec!["mail".into(), "chat".into(), "mail".into()]);
+    let req = p
+        .device
+        .register(p.now, vec!["mail".into(), "chat".into(), "mail".into()]);
     p.pump();
-    let DeviceEvent::Registered { request_id, result: Ok(bindings) } = &p.device_events[1] else {
+    let DeviceEvent::Registered {
+        request_id,
+        result: Ok(bindings),
+    } = &p.device_events[1]
+    else {
         panic!("{:?}", p.device_events)
     };
     assert_eq!(*request_id, req);
-    let ids: Vec<_> = bindings.iter().map(|b| (b.name.as_str(), b.channel_id.as_str())).collect();
+    let ids: Vec<_> = bindings
+        .iter()
+        .map(|b| (b.name.as_str(), b.channel_id.as_str()))
+        .collect();
     assert_eq!(ids, [("mail", "mail-id"), ("chat", "chat-id")]);
 
     p.relay.send_wake(wake("e1", "chat-id", b"hi")).unwrap();
     p.pump();
-    assert!(matches!(&p.device_events[2], DeviceEvent::Wake(w) if w.event_id == "e1" && w.payload == b"hi"));
+    assert!(
+        matches!(&p.device_events[2], DeviceEvent::Wake(w) if w.event_id == "e1" && w.payload == b"hi")
+    );
     p.device.ack(p.now, "e1".into());
     p.pump();
-    assert_eq!(p.relay_events.last(), Some(&RelayEvent::Ack { event_id: "e1".into() }));
+    assert_eq!(
+        p.relay_events.last(),
+        Some(&RelayEvent::Ack {
+            event_id: "e1".into()
+        })
+    );
 
     // A wake to a channel this session never registered is refused locally.
     assert!(p.relay.send_wake(wake("e2", "other-id", b"")).is_err());
-    p.device.unregister(p.now, vec!["chat-id".into(), "never".into()]);
+    p.device
+        .unregister(p.now, vec!["chat-id".into(), "never".into()]);
     p.pump();
-    assert_eq!(p.relay_events.last(), Some(&RelayEvent::Unregister { channel_ids: vec!["chat-id".into()] }));
+    assert_eq!(
+        p.relay_events.last(),
+        Some(&RelayEvent::Unregister {
+            channel_ids: vec!["chat-id".into()]
+        })
+    );
     assert!(p.relay.send_wake(wake("e3", "chat-id", b"")).is_err());
     assert!(!p.relay.is_closed() && !p.device.is_closed());
 }
@@ -138,7 +168,10 @@ fn keepalive_runs_on_the_simulated_clock_and_reports_observed_address() {
     let interval = p.device.keepalive_interval();
     assert_eq!(p.device.poll_timeout(), Some(p.now + interval));
     p.advance(interval - Duration::from_millis(1));
-    assert!(!p.device_events.iter().any(|e| matches!(e, DeviceEvent::KeepaliveCompleted { .. })));
+    assert!(!p
+        .device_events
+        .iter()
+        .any(|e| matches!(e, DeviceEvent::KeepaliveCompleted { .. })));
     p.advance(Duration::from_millis(1));
     assert!(p.device_events.iter().any(
         |e| matches!(e, DeviceEvent::KeepaliveCompleted { observed_addr, .. } if observed_addr == "203.0.113.7:51234")
@@ -162,7 +195,10 @@ fn keepalive_timeout_closes_when_pongs_stop() {
     assert!(p.device.poll_transmit().is_some(), "ping written");
     p.now += Duration::from_secs(10);
     p.device.handle_timeout(p.now);
-    assert_eq!(p.device.poll_close().map(|c| c.code), Some(ErrorCode::KeepaliveTimeout));
+    assert_eq!(
+        p.device.poll_close().map(|c| c.code),
+        Some(ErrorCode::KeepaliveTimeout)
+    );
 }
 
 #[test]
@@ -173,12 +209,18 @@ fn hello_timeout_and_welcome_timeout() {
     relay.handle_timeout(now + Duration::from_secs(9));
     assert!(!relay.is_closed());
     relay.handle_timeout(now + Duration::from_secs(10));
-    assert_eq!(relay.poll_close().map(|c| c.code), Some(ErrorCode::HelloTimeout));
+    assert_eq!(
+        relay.poll_close().map(|c| c.code),
+        Some(ErrorCode::HelloTimeout)
+    );
     assert_eq!(relay.poll_close(), None, "a close is yielded once");
 
     let mut device = DeviceSession::new(now, DeviceSessionConfig::new("t"));
     device.handle_timeout(now + Duration::from_secs(10));
-    assert_eq!(device.poll_close().map(|c| c.code), Some(ErrorCode::HelloTimeout));
+    assert_eq!(
+        device.poll_close().map(|c| c.code),
+        Some(ErrorCode::HelloTimeout)
+    );
 }
 
 #[test]
@@ -187,7 +229,10 @@ fn bad_credential_is_rejected_with_unauthorized() {
     let mut p = Pair::new(RelaySessionConfig::default());
     p.device = DeviceSession::new(now, DeviceSessionConfig::new("wrong"));
     p.pump();
-    assert_eq!(p.relay.poll_close().map(|c| c.code), Some(ErrorCode::Unauthorized));
+    assert_eq!(
+        p.relay.poll_close().map(|c| c.code),
+        Some(ErrorCode::Unauthorized)
+    );
     assert!(!p.device.is_established());
 }
 
@@ -216,9 +261,18 @@ fn hello(v: u32) -> Body {
 #[test]
 fn frames_in_the_wrong_state_are_protocol_violations() {
     let cases: Vec<(Vec<Body>, &str)> = vec![
-        (vec![Body::Register(Register { request_id: 1, names: vec![] })], "expected Hello"),
+        (
+            vec![Body::Register(Register {
+                request_id: 1,
+                names: vec![],
+            })],
+            "expected Hello",
+        ),
         (vec![hello(1), hello(1)], "unexpected Hello"),
-        (vec![hello(1), Body::Wake(wake("e", "c", b""))], "unexpected Wake"),
+        (
+            vec![hello(1), Body::Wake(wake("e", "c", b""))],
+            "unexpected Wake",
+        ),
     ];
     for (frames, why) in cases {
         let mut relay = relay_after(&frames);
@@ -227,7 +281,10 @@ fn frames_in_the_wrong_state_are_protocol_violations() {
         assert!(close.reason.contains(why), "{} / {why}", close.reason);
     }
     let mut relay = relay_after(&[hello(7)]);
-    assert_eq!(relay.poll_close().map(|c| c.code), Some(ErrorCode::UnsupportedVersion));
+    assert_eq!(
+        relay.poll_close().map(|c| c.code),
+        Some(ErrorCode::UnsupportedVersion)
+    );
 }
 
 #[test]
@@ -236,14 +293,16 @@ fn garbage_oversize_and_unknown_frames_close_with_protocol_violation() {
     let http = b"GET / HTTP/1.1\r\n\r\n".repeat(5);
     let inputs: [&[u8]; 4] = [
         &http,
-        &[0xff, 0xff, 0xff, 0x7f],   // announces a huge frame
-        &[0x02, 0x78, 0x01],         // frame type 15, unknown
+        &[0xff, 0xff, 0xff, 0x7f],       // announces a huge frame
+        &[0x02, 0x78, 0x01],             // frame type 15, unknown
         &[0x04, 0x0a, 0x02, 0xff, 0xff], // Hello with a truncated field
     ];
     for input in inputs {
         let mut relay = RelaySession::new(now, 0, RelaySessionConfig::default());
         relay.handle_data(now, input);
-        let close = relay.poll_close().unwrap_or_else(|| panic!("{input:?} not refused"));
+        let close = relay
+            .poll_close()
+            .unwrap_or_else(|| panic!("{input:?} not refused"));
         assert_eq!(close.code, ErrorCode::ProtocolViolation, "{input:?}");
         assert!(close.reason.starts_with("bad frame"), "{}", close.reason);
         // Further input after the close is ignored, never a panic.
@@ -255,11 +314,17 @@ fn garbage_oversize_and_unknown_frames_close_with_protocol_violation() {
     relay.handle_data(now, b"GET /");
     assert!(!relay.is_closed());
     relay.handle_stream_finished();
-    assert_eq!(relay.poll_close().map(|c| c.code), Some(ErrorCode::ProtocolViolation));
+    assert_eq!(
+        relay.poll_close().map(|c| c.code),
+        Some(ErrorCode::ProtocolViolation)
+    );
 
     let mut device = DeviceSession::new(now, DeviceSessionConfig::new("t"));
     device.handle_data(now, b"\x05hello");
-    assert_eq!(device.poll_close().map(|c| c.code), Some(ErrorCode::ProtocolViolation));
+    assert_eq!(
+        device.poll_close().map(|c| c.code),
+        Some(ErrorCode::ProtocolViolation)
+    );
 }
 
 #[test]
@@ -270,7 +335,8 @@ fn register_refusals_do_not_close_the_session() {
     });
     p.pump();
     p.device.register(p.now, vec!["bad name".into()]);
-    p.device.register(p.now, vec!["a".into(), "b".into(), "c".into()]);
+    p.device
+        .register(p.now, vec!["a".into(), "b".into(), "c".into()]);
     p.device.register(p.now, vec!["a".into(), "b".into()]);
     p.device.register(p.now, vec!["a".into()]); // already registered: no new slot used
     p.pump();
@@ -278,13 +344,20 @@ fn register_refusals_do_not_close_the_session() {
         .device_events
         .iter()
         .filter_map(|e| match e {
-            DeviceEvent::Registered { result, .. } => Some(result.as_ref().map(|b| b.len()).map_err(|r| r.code)),
+            DeviceEvent::Registered { result, .. } => {
+                Some(result.as_ref().map(|b| b.len()).map_err(|r| r.code))
+            }
             _ => None,
         })
         .collect();
     assert_eq!(
         results,
-        [Err(REGISTER_ERROR_INVALID_NAME), Err(REGISTER_ERROR_TOO_MANY_CHANNELS), Ok(2), Ok(1)]
+        [
+            Err(REGISTER_ERROR_INVALID_NAME),
+            Err(REGISTER_ERROR_TOO_MANY_CHANNELS),
+            Ok(2),
+            Ok(1)
+        ]
     );
     assert!(!p.relay.is_closed());
 }
@@ -292,10 +365,16 @@ fn register_refusals_do_not_close_the_session() {
 #[test]
 fn go_away_reaches_the_device_before_the_close() {
     let mut p = Pair::established();
-    p.relay.go_away(GoAwayReason::Shutdown, Duration::from_secs(3), "restarting");
+    p.relay
+        .go_away(GoAwayReason::Shutdown, Duration::from_secs(3), "restarting");
     p.pump();
-    assert!(matches!(p.device_events.last(), Some(DeviceEvent::GoAway { reason: GoAwayReason::Shutdown, reconnect_after, .. }) if *reconnect_after == Duration::from_secs(3)));
-    assert_eq!(p.relay.poll_close().map(|c| c.code), Some(ErrorCode::GoingAway));
+    assert!(
+        matches!(p.device_events.last(), Some(DeviceEvent::GoAway { reason: GoAwayReason::Shutdown, reconnect_after, .. }) if *reconnect_after == Duration::from_secs(3))
+    );
+    assert_eq!(
+        p.relay.poll_close().map(|c| c.code),
+        Some(ErrorCode::GoingAway)
+    );
 }
 
 #[test]
@@ -303,7 +382,10 @@ fn oversize_wake_is_refused_by_the_relay_session() {
     let mut p = Pair::established();
     p.device.register(p.now, vec!["m".into()]);
     p.pump();
-    let err = p.relay.send_wake(wake("e", "m-id", &[0; 4097])).unwrap_err();
+    let err = p
+        .relay
+        .send_wake(wake("e", "m-id", &[0; 4097]))
+        .unwrap_err();
     assert!(err.to_string().contains("4097"));
     assert!(!p.relay.is_closed());
 }

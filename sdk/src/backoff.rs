@@ -57,7 +57,10 @@ mod tests {
             assert!(d <= c, "{d:?} > {c:?}");
         }
         assert_eq!(ceilings, [100, 200, 400, 800, 1000, 1000, 1000, 1000]);
-        assert_eq!(b.next_delay(u64::MAX), Duration::from_millis(u64::MAX % 1001));
+        assert_eq!(
+            b.next_delay(u64::MAX),
+            Duration::from_millis(u64::MAX % 1001)
+        );
         b.reset();
         assert_eq!(b.ceiling(), Duration::from_millis(100));
     }

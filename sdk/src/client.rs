@@ -236,18 +236,28 @@ impl ClientBuilder {
         for path in &self.trust_files {
             let certs = CertificateDer::pem_file_iter(path)
                 .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| ConnectError::Config(format!("cannot read certificates from {}: {e}", path.display())))?;
+                .map_err(|e| {
+                    ConnectError::Config(format!(
+                        "cannot read certificates from {}: {e}",
+                        path.display()
+                    ))
+                })?;
             if certs.is_empty() {
-                return Err(ConnectError::Config(format!("no certificate in {}", path.display())));
+                return Err(ConnectError::Config(format!(
+                    "no certificate in {}",
+                    path.display()
+                )));
             }
             for c in certs {
-                roots
-                    .add(c)
-                    .map_err(|e| ConnectError::Config(format!("bad certificate in {}: {e}", path.display())))?;
+                roots.add(c).map_err(|e| {
+                    ConnectError::Config(format!("bad certificate in {}: {e}", path.display()))
+                })?;
             }
         }
         for c in self.trust_certs {
-            roots.add(c).map_err(|e| ConnectError::Config(format!("bad certificate: {e}")))?;
+            roots
+                .add(c)
+                .map_err(|e| ConnectError::Config(format!("bad certificate: {e}")))?;
         }
         if roots.is_empty() {
             return Err(ConnectError::Config(
@@ -282,7 +292,9 @@ fn host_of(addr: &str) -> String {
         Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) => h,
         _ => addr,
     };
-    host.trim_start_matches('[').trim_end_matches(']').to_owned()
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned()
 }
 
 /// State the driver publishes for the app to read.
@@ -385,16 +397,32 @@ mod tests {
 
     #[tokio::test]
     async fn builder_refuses_missing_token_and_trust() {
-        let e = ClientBuilder::new("localhost:1").connect().await.unwrap_err();
-        assert!(matches!(e, ConnectError::Config(ref m) if m.contains("token")), "{e}");
-        let e = ClientBuilder::new("localhost:1").device_token("t").connect().await.unwrap_err();
-        assert!(matches!(e, ConnectError::Config(ref m) if m.contains("trusted")), "{e}");
+        let e = ClientBuilder::new("localhost:1")
+            .connect()
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, ConnectError::Config(ref m) if m.contains("token")),
+            "{e}"
+        );
+        let e = ClientBuilder::new("localhost:1")
+            .device_token("t")
+            .connect()
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, ConnectError::Config(ref m) if m.contains("trusted")),
+            "{e}"
+        );
         let e = ClientBuilder::new("localhost:1")
             .device_token("t")
             .trust_pem_file("/nonexistent.pem")
             .connect()
             .await
             .unwrap_err();
-        assert!(matches!(e, ConnectError::Config(ref m) if m.contains("nonexistent")), "{e}");
+        assert!(
+            matches!(e, ConnectError::Config(ref m) if m.contains("nonexistent")),
+            "{e}"
+        );
     }
 }

@@ -17,7 +17,9 @@ use wakewire_proto::pb::device::{GoAwayReason, Priority};
 use wakewire_proto::ErrorCode;
 
 use crate::backoff::Backoff;
-use crate::client::{Config, ConnectionInfo, KeepalivePolicy, Shared, Status, WakeCallback, WakeEvent};
+use crate::client::{
+    Config, ConnectionInfo, KeepalivePolicy, Shared, Status, WakeCallback, WakeEvent,
+};
 use crate::error::{ConnectError, RegisterError};
 use crate::tls;
 
@@ -38,7 +40,10 @@ pub(crate) enum Command {
 }
 
 /// Makes the first connection, then runs the driver in the background.
-pub(crate) async fn start(config: Arc<Config>, shared: Arc<Shared>) -> Result<mpsc::UnboundedSender<Command>, ConnectError> {
+pub(crate) async fn start(
+    config: Arc<Config>,
+    shared: Arc<Shared>,
+) -> Result<mpsc::UnboundedSender<Command>, ConnectError> {
     let mut endpoints = Endpoints::default();
     let link = Link::establish(&config, &mut endpoints).await?;
     let (tx, cmd_rx) = mpsc::unbounded_channel();
@@ -73,8 +78,9 @@ impl Endpoints {
             (&mut self.v6, ([0u16; 8], 0).into())
         };
         if slot.is_none() {
-            let ep = quinn::Endpoint::client(bind)
-                .map_err(|e| ConnectError::Unreachable(format!("cannot open a UDP socket on {bind}: {e}")))?;
+            let ep = quinn::Endpoint::client(bind).map_err(|e| {
+                ConnectError::Unreachable(format!("cannot open a UDP socket on {bind}: {e}"))
+            })?;
             *slot = Some(ep);
         }
         slot.as_ref()
@@ -113,22 +119,37 @@ impl Link {
         let connecting = endpoint
             .connect_with(client_config, addr, &config.server_name)
             .map_err(|e| match e {
-                quinn::ConnectError::InvalidServerName(n) => ConnectError::Config(format!("invalid server name {n:?}")),
+                quinn::ConnectError::InvalidServerName(n) => {
+                    ConnectError::Config(format!("invalid server name {n:?}"))
+                }
                 other => ConnectError::Unreachable(other.to_string()),
             })?;
         let deadline = tokio::time::Instant::now() + config.connect_timeout;
         let conn = tokio::time::timeout_at(deadline, connecting)
             .await
-            .map_err(|_| ConnectError::TimedOut(format!("no QUIC handshake with {addr} within {:?}", config.connect_timeout)))?
+            .map_err(|_| {
+                ConnectError::TimedOut(format!(
+                    "no QUIC handshake with {addr} within {:?}",
+                    config.connect_timeout
+                ))
+            })?
             .map_err(ConnectError::from_connection)?;
         let alpn = conn
             .handshake_data()
             .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
             .and_then(|h| h.protocol);
-        let suite = tls::check_protection(probe.negotiated(), alpn.as_deref(), config.min_protection).inspect_err(|_| {
-            conn.close(ErrorCode::NoError.as_u32().into(), b"negotiated protection below the device's minimum");
-        })?;
-        let (send, recv) = conn.open_bi().await.map_err(ConnectError::from_connection)?;
+        let suite =
+            tls::check_protection(probe.negotiated(), alpn.as_deref(), config.min_protection)
+                .inspect_err(|_| {
+                    conn.close(
+                        ErrorCode::NoError.as_u32().into(),
+                        b"negotiated protection below the device's minimum",
+                    );
+                })?;
+        let (send, recv) = conn
+            .open_bi()
+            .await
+            .map_err(ConnectError::from_connection)?;
         let KeepalivePolicy::Fixed(keepalive_interval) = config.keepalive;
         let session = DeviceSession::new(
             Instant::now(),
@@ -162,17 +183,23 @@ impl Link {
         match tokio::time::timeout_at(deadline, link.next_event()).await {
             Err(_) => {
                 link.close(ErrorCode::HelloTimeout, "no Welcome in time");
-                Err(ConnectError::TimedOut("the relay did not answer Hello in time".into()))
+                Err(ConnectError::TimedOut(
+                    "the relay did not answer Hello in time".into(),
+                ))
             }
             Ok(Err(e)) => Err(e),
             Ok(Ok(DeviceEvent::Welcome {
-                session_id, device_id, ..
+                session_id,
+                device_id,
+                ..
             })) => {
                 link.info.session_id = session_id;
                 link.info.device_id = device_id;
                 Ok(link)
             }
-            Ok(Ok(other)) => Err(ConnectError::ProtocolViolation(format!("expected Welcome, got {other:?}"))),
+            Ok(Ok(other)) => Err(ConnectError::ProtocolViolation(format!(
+                "expected Welcome, got {other:?}"
+            ))),
         }
     }
 
@@ -230,7 +257,12 @@ impl Link {
     /// Adds what a GoAway said to the error that followed it.
     fn explain(&self, e: ConnectError) -> ConnectError {
         match (&self.go_away, e) {
-            (Some((reason, after, msg)), ConnectError::RelayGoingAway { .. } | ConnectError::Replaced(_) | ConnectError::ConnectionLost(_)) => {
+            (
+                Some((reason, after, msg)),
+                ConnectError::RelayGoingAway { .. }
+                | ConnectError::Replaced(_)
+                | ConnectError::ConnectionLost(_),
+            ) => {
                 if *reason == GoAwayReason::Replaced {
                     ConnectError::Replaced(msg.clone())
                 } else {
@@ -300,7 +332,10 @@ impl Driver {
             self.set_info(None);
             if !error.is_retryable() {
                 let why = error.to_string();
-                self.emit(&Status::Disconnected { error, retry_in: None });
+                self.emit(&Status::Disconnected {
+                    error,
+                    retry_in: None,
+                });
                 return self.fail_all(&why);
             }
             info!(%error, "disconnected from the relay");
@@ -308,7 +343,10 @@ impl Driver {
             link = loop {
                 attempt += 1;
                 let mut delay = backoff.next_delay(random_u64());
-                if let ConnectError::RelayGoingAway { reconnect_after, .. } = &error {
+                if let ConnectError::RelayGoingAway {
+                    reconnect_after, ..
+                } = &error
+                {
                     delay += *reconnect_after;
                 }
                 self.emit(&Status::Disconnected {
@@ -398,7 +436,11 @@ impl Driver {
 
     fn on_command(&mut self, cmd: Command, link: Option<&mut Link>) {
         match cmd {
-            Command::Register { name, callback, reply } => {
+            Command::Register {
+                name,
+                callback,
+                reply,
+            } => {
                 if self.channels.contains_key(&name) {
                     let _ = reply.send(Err(RegisterError::AlreadyRegistered(name)));
                     return;
@@ -439,8 +481,11 @@ impl Driver {
                 match result {
                     Ok(bindings) => {
                         for b in bindings {
-                            let Some(state) = self.channels.get_mut(&b.name) else { continue };
-                            if let Some(old) = state.id.as_ref().filter(|old| **old != b.channel_id) {
+                            let Some(state) = self.channels.get_mut(&b.name) else {
+                                continue;
+                            };
+                            if let Some(old) = state.id.as_ref().filter(|old| **old != b.channel_id)
+                            {
                                 warn!(channel = %b.name, %old, new = %b.channel_id, "channel id changed");
                                 self.by_id.remove(old);
                             }
@@ -479,7 +524,9 @@ impl Driver {
                     warn!(channel = %w.channel_id, event = %w.event_id, "wake for a channel this client does not have; not acked");
                     return;
                 };
-                let Some(state) = self.channels.get(name) else { return };
+                let Some(state) = self.channels.get(name) else {
+                    return;
+                };
                 let event = WakeEvent {
                     priority: Priority::try_from(w.priority).unwrap_or(Priority::High),
                     event_id: w.event_id,
@@ -539,7 +586,12 @@ fn random_u64() -> u64 {
     let mut b = [0u8; 8];
     if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).is_err() {
         // Jitter only: the clock's low bits will do.
-        return u64::from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0));
+        return u64::from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos())
+                .unwrap_or(0),
+        );
     }
     u64::from_le_bytes(b)
 }

@@ -84,13 +84,20 @@ impl ConnectError {
         match e {
             E::ApplicationClosed(c) => {
                 let reason = String::from_utf8_lossy(&c.reason).into_owned();
-                let code = u32::try_from(c.error_code.into_inner()).ok().and_then(ErrorCode::from_u32);
+                let code = u32::try_from(c.error_code.into_inner())
+                    .ok()
+                    .and_then(ErrorCode::from_u32);
                 Self::from_close_code(code, reason)
             }
             E::TimedOut => ConnectError::TimedOut("no response from the relay".into()),
             E::TransportError(t) => Self::from_transport(t.code, t.reason),
-            E::ConnectionClosed(c) => Self::from_transport(c.error_code, String::from_utf8_lossy(&c.reason).into_owned()),
-            E::Reset => ConnectError::ConnectionLost("relay reset the connection (it may have restarted)".into()),
+            E::ConnectionClosed(c) => Self::from_transport(
+                c.error_code,
+                String::from_utf8_lossy(&c.reason).into_owned(),
+            ),
+            E::Reset => ConnectError::ConnectionLost(
+                "relay reset the connection (it may have restarted)".into(),
+            ),
             E::LocallyClosed => ConnectError::Closed,
             E::VersionMismatch => ConnectError::ProtocolViolation("no common QUIC version".into()),
             E::CidsExhausted => ConnectError::ConnectionLost("connection ids exhausted".into()),
@@ -108,8 +115,12 @@ impl ConnectError {
                 reconnect_after: Duration::ZERO,
                 message: reason,
             },
-            Some(ErrorCode::HelloTimeout | ErrorCode::KeepaliveTimeout) => ConnectError::TimedOut(reason),
-            Some(ErrorCode::NoError | ErrorCode::Internal) | None => ConnectError::ConnectionLost(reason),
+            Some(ErrorCode::HelloTimeout | ErrorCode::KeepaliveTimeout) => {
+                ConnectError::TimedOut(reason)
+            }
+            Some(ErrorCode::NoError | ErrorCode::Internal) | None => {
+                ConnectError::ConnectionLost(reason)
+            }
         }
     }
 
@@ -130,9 +141,15 @@ impl ConnectError {
             Some(alert) if reason.starts_with("invalid peer certificate") => {
                 ConnectError::TlsCertificateInvalid(format!("{reason} (TLS alert {alert})"))
             }
-            Some(alert @ (42..=46 | 48)) => ConnectError::TlsCertificateInvalid(format!("{reason} (TLS alert {alert})")),
-            Some(alert @ 0..=0xff) => ConnectError::TlsHandshake(format!("{reason} (TLS alert {alert})")),
-            _ => ConnectError::ProtocolViolation(format!("QUIC transport error 0x{raw:x}: {reason}")),
+            Some(alert @ (42..=46 | 48)) => {
+                ConnectError::TlsCertificateInvalid(format!("{reason} (TLS alert {alert})"))
+            }
+            Some(alert @ 0..=0xff) => {
+                ConnectError::TlsHandshake(format!("{reason} (TLS alert {alert})"))
+            }
+            _ => {
+                ConnectError::ProtocolViolation(format!("QUIC transport error 0x{raw:x}: {reason}"))
+            }
         }
     }
 }
@@ -170,12 +187,21 @@ mod tests {
             ConnectError::Unauthorized(_)
         ));
         assert!(!ConnectError::Unauthorized(String::new()).is_retryable());
-        assert!(ConnectError::from_close_code(Some(ErrorCode::GoingAway), "x".into()).is_retryable());
+        assert!(
+            ConnectError::from_close_code(Some(ErrorCode::GoingAway), "x".into()).is_retryable()
+        );
         assert!(ConnectError::from_close_code(None, "x".into()).is_retryable());
-        let unknown_ca = ConnectError::from_transport(quinn::TransportErrorCode::crypto(48), "invalid peer certificate".into());
-        assert!(matches!(unknown_ca, ConnectError::TlsCertificateInvalid(_)), "{unknown_ca}");
+        let unknown_ca = ConnectError::from_transport(
+            quinn::TransportErrorCode::crypto(48),
+            "invalid peer certificate".into(),
+        );
+        assert!(
+            matches!(unknown_ca, ConnectError::TlsCertificateInvalid(_)),
+            "{unknown_ca}"
+        );
         assert!(!unknown_ca.is_retryable());
-        let no_alpn = ConnectError::from_transport(quinn::TransportErrorCode::crypto(120), "no alpn".into());
+        let no_alpn =
+            ConnectError::from_transport(quinn::TransportErrorCode::crypto(120), "no alpn".into());
         assert!(matches!(no_alpn, ConnectError::TlsHandshake(_)));
     }
 }

@@ -34,7 +34,9 @@ mod error;
 mod tls;
 
 pub use backoff::Backoff;
-pub use client::{ChannelBuilder, Client, ClientBuilder, ConnectionInfo, KeepalivePolicy, Status, WakeEvent};
+pub use client::{
+    ChannelBuilder, Client, ClientBuilder, ConnectionInfo, KeepalivePolicy, Status, WakeEvent,
+};
 pub use error::{ConnectError, RegisterError};
 pub use tls::{CipherSuite, Protection};
 pub use wakewire_proto::pb::device::Priority;

@@ -94,7 +94,8 @@ pub(crate) fn provider() -> Arc<CryptoProvider> {
     // QUIC needs TLS13_AES_128_GCM_SHA256 to be available (Initial packets)
     // even when the minimum is AES-256: the negotiated suite is checked
     // against the minimum after the handshake instead.
-    let suites: Vec<SupportedCipherSuite> = vec![cs::TLS13_AES_256_GCM_SHA384, cs::TLS13_AES_128_GCM_SHA256];
+    let suites: Vec<SupportedCipherSuite> =
+        vec![cs::TLS13_AES_256_GCM_SHA384, cs::TLS13_AES_128_GCM_SHA256];
     Arc::new(CryptoProvider {
         cipher_suites: suites,
         ..base
@@ -102,7 +103,9 @@ pub(crate) fn provider() -> Arc<CryptoProvider> {
 }
 
 /// QUIC client config for one connection attempt, and its suite probe.
-pub(crate) fn client_config(roots: &RootCertStore) -> Result<(quinn::ClientConfig, Arc<SuiteProbe>), ConnectError> {
+pub(crate) fn client_config(
+    roots: &RootCertStore,
+) -> Result<(quinn::ClientConfig, Arc<SuiteProbe>), ConnectError> {
     let mut tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| ConnectError::Config(e.to_string()))?
@@ -111,7 +114,8 @@ pub(crate) fn client_config(roots: &RootCertStore) -> Result<(quinn::ClientConfi
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let probe = Arc::new(SuiteProbe::default());
     tls.key_log = probe.clone();
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| ConnectError::Config(e.to_string()))?;
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| ConnectError::Config(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
     let mut transport = quinn::TransportConfig::default();
     // The app-level keepalive (Ping/Pong) keeps the path alive; the idle
@@ -140,9 +144,14 @@ pub(crate) fn check_protection(
             alpn.map(String::from_utf8_lossy)
         )));
     }
-    let suite = negotiated.ok_or_else(|| ConnectError::ProtectionTooLow("the negotiated cipher suite could not be determined".into()))?;
+    let suite = negotiated.ok_or_else(|| {
+        ConnectError::ProtectionTooLow("the negotiated cipher suite could not be determined".into())
+    })?;
     if suite.protection() < min {
-        return Err(ConnectError::ProtectionTooLow(format!("{} negotiated, {min:?} required", suite.name())));
+        return Err(ConnectError::ProtectionTooLow(format!(
+            "{} negotiated, {min:?} required",
+            suite.name()
+        )));
     }
     Ok(suite)
 }
@@ -153,15 +162,33 @@ mod tests {
 
     #[test]
     fn protection_check_refuses_below_minimum_and_unknowns() {
-        let ok = check_protection(Some(CipherSuite::Aes128GcmSha256), Some(ALPN), Protection::Tls13);
+        let ok = check_protection(
+            Some(CipherSuite::Aes128GcmSha256),
+            Some(ALPN),
+            Protection::Tls13,
+        );
         assert_eq!(ok.unwrap(), CipherSuite::Aes128GcmSha256);
         assert!(matches!(
-            check_protection(Some(CipherSuite::Aes128GcmSha256), Some(ALPN), Protection::Tls13Aes256),
+            check_protection(
+                Some(CipherSuite::Aes128GcmSha256),
+                Some(ALPN),
+                Protection::Tls13Aes256
+            ),
             Err(ConnectError::ProtectionTooLow(_))
         ));
-        assert!(check_protection(Some(CipherSuite::Aes256GcmSha384), Some(ALPN), Protection::Tls13Aes256).is_ok());
+        assert!(check_protection(
+            Some(CipherSuite::Aes256GcmSha384),
+            Some(ALPN),
+            Protection::Tls13Aes256
+        )
+        .is_ok());
         assert!(check_protection(None, Some(ALPN), Protection::Tls13).is_err());
-        assert!(check_protection(Some(CipherSuite::Aes256GcmSha384), Some(b"h3"), Protection::Tls13).is_err());
+        assert!(check_protection(
+            Some(CipherSuite::Aes256GcmSha384),
+            Some(b"h3"),
+            Protection::Tls13
+        )
+        .is_err());
         let probe = SuiteProbe::default();
         assert_eq!(probe.negotiated(), None);
         probe.log("CLIENT_HANDSHAKE_TRAFFIC_SECRET", &[], &[0; 48]);

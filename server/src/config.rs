@@ -111,10 +111,11 @@ impl Settings {
     ) -> Result<Self, ConfigError> {
         let mut table = match file {
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
-                    path: path.to_owned(),
-                    source,
-                })?;
+                let text =
+                    std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+                        path: path.to_owned(),
+                        source,
+                    })?;
                 toml::from_str::<toml::Table>(&text).map_err(|e| ConfigError::Parse {
                     origin: format!("config file {}", path.display()),
                     message: e.to_string(),
@@ -122,7 +123,9 @@ impl Settings {
             }
             None => toml::Table::new(),
         };
-        let origin = file.map_or("defaults".to_owned(), |p| format!("config file {}", p.display()));
+        let origin = file.map_or("defaults".to_owned(), |p| {
+            format!("config file {}", p.display())
+        });
         // Check the file alone first so its errors name the file.
         toml::Value::Table(table.clone())
             .try_into::<Settings>()
@@ -131,7 +134,9 @@ impl Settings {
                 message: e.to_string(),
             })?;
         for (key, value) in env {
-            let Some(name) = key.strip_prefix(ENV_PREFIX) else { continue };
+            let Some(name) = key.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
             let name = name.to_ascii_lowercase();
             let value = match value.parse::<i64>() {
                 Ok(n) => toml::Value::Integer(n),
@@ -158,7 +163,10 @@ impl Settings {
             (Some(cert), Some(key)) => {
                 for (setting, p) in [("tls_cert", cert), ("tls_key", key)] {
                     if !p.is_file() {
-                        return Err(invalid(setting, &format!("{} is not a readable file", p.display())));
+                        return Err(invalid(
+                            setting,
+                            &format!("{} is not a readable file", p.display()),
+                        ));
                     }
                 }
                 TlsSource::Files {
@@ -166,16 +174,27 @@ impl Settings {
                     key: key.clone(),
                 }
             }
-            _ => return Err(invalid("tls_cert", "tls_cert and tls_key must be set together")),
+            _ => {
+                return Err(invalid(
+                    "tls_cert",
+                    "tls_cert and tls_key must be set together",
+                ))
+            }
         };
         let metrics_listen = match self.metrics_listen.trim() {
             "" | "off" => None,
             s => Some(s.parse::<SocketAddr>().map_err(|e| {
-                invalid("metrics_listen", &format!("{s:?} is not an address like 127.0.0.1:9464 ({e})"))
+                invalid(
+                    "metrics_listen",
+                    &format!("{s:?} is not an address like 127.0.0.1:9464 ({e})"),
+                )
             })?),
         };
         if self.max_channels_per_device == 0 || self.max_channels_per_device > 10_000 {
-            return Err(invalid("max_channels_per_device", "must be between 1 and 10000"));
+            return Err(invalid(
+                "max_channels_per_device",
+                "must be between 1 and 10000",
+            ));
         }
         if self.hello_timeout_secs == 0 {
             return Err(invalid("hello_timeout_secs", "must be at least 1"));
@@ -254,13 +273,16 @@ impl RelayConfig {
     /// dev TLS in `data_dir`, no metrics endpoint.
     pub fn local(data_dir: impl Into<PathBuf>) -> Self {
         let mut s = Settings {
-            quic_listen: "127.0.0.1:0".parse().unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0))),
+            quic_listen: "127.0.0.1:0"
+                .parse()
+                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0))),
             grpc_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             metrics_listen: String::new(),
             ..Settings::default()
         };
         s.data_dir = data_dir.into();
-        s.validate().unwrap_or_else(|e| unreachable!("local defaults are valid: {e}"))
+        s.validate()
+            .unwrap_or_else(|e| unreachable!("local defaults are valid: {e}"))
     }
 }
 
@@ -269,7 +291,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -310,7 +335,10 @@ mod tests {
         let file = dir.path().join("relay.toml");
         std::fs::write(&file, "colour = \"blue\"\n").unwrap();
         let err = Settings::load(Some(&file), env(&[])).unwrap_err();
-        assert!(err.to_string().contains("relay.toml") && err.to_string().contains("colour"), "{err}");
+        assert!(
+            err.to_string().contains("relay.toml") && err.to_string().contains("colour"),
+            "{err}"
+        );
         assert!(matches!(
             Settings::load(Some(&dir.path().join("missing.toml")), env(&[])),
             Err(ConfigError::ReadFile { .. })
@@ -320,21 +348,59 @@ mod tests {
     #[test]
     fn validation_names_the_setting() {
         let cases: Vec<(Settings, &str)> = vec![
-            (Settings { tls_cert: Some("/nope.pem".into()), ..Settings::default() }, "tls_cert"),
             (
-                Settings { tls_cert: Some("/nope".into()), tls_key: Some("/nope".into()), ..Settings::default() },
+                Settings {
+                    tls_cert: Some("/nope.pem".into()),
+                    ..Settings::default()
+                },
                 "tls_cert",
             ),
-            (Settings { metrics_listen: "here".into(), ..Settings::default() }, "metrics_listen"),
-            (Settings { idle_timeout_secs: 1, ..Settings::default() }, "idle_timeout_secs"),
-            (Settings { max_channels_per_device: 0, ..Settings::default() }, "max_channels_per_device"),
-            (Settings { default_ttl_secs: 10, max_ttl_secs: 5, ..Settings::default() }, "default_ttl_secs"),
+            (
+                Settings {
+                    tls_cert: Some("/nope".into()),
+                    tls_key: Some("/nope".into()),
+                    ..Settings::default()
+                },
+                "tls_cert",
+            ),
+            (
+                Settings {
+                    metrics_listen: "here".into(),
+                    ..Settings::default()
+                },
+                "metrics_listen",
+            ),
+            (
+                Settings {
+                    idle_timeout_secs: 1,
+                    ..Settings::default()
+                },
+                "idle_timeout_secs",
+            ),
+            (
+                Settings {
+                    max_channels_per_device: 0,
+                    ..Settings::default()
+                },
+                "max_channels_per_device",
+            ),
+            (
+                Settings {
+                    default_ttl_secs: 10,
+                    max_ttl_secs: 5,
+                    ..Settings::default()
+                },
+                "default_ttl_secs",
+            ),
         ];
         for (s, setting) in cases {
             let err = s.validate().unwrap_err();
             assert!(err.to_string().contains(setting), "{err} / {setting}");
         }
-        let off = Settings { metrics_listen: "off".into(), ..Settings::default() };
+        let off = Settings {
+            metrics_listen: "off".into(),
+            ..Settings::default()
+        };
         assert_eq!(off.validate().unwrap().metrics_listen, None);
     }
 }

@@ -8,9 +8,9 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+use std::time::Duration;
 use thiserror::Error;
 use wakewire_proto::ids::ChannelIds;
-use std::time::Duration;
 
 use wakewire_proto::token::{Claims, Signer, TokenKind, Verifier};
 
@@ -70,7 +70,13 @@ impl Keys {
 
     /// Mints a publisher token for the given channel ids and device ids
     /// (`"*"` = all devices).
-    pub fn publisher_token(&self, channels: &[String], devices: &[String], valid_for: Duration, now_unix: u64) -> String {
+    pub fn publisher_token(
+        &self,
+        channels: &[String],
+        devices: &[String],
+        valid_for: Duration,
+        now_unix: u64,
+    ) -> String {
         self.signer.mint(&Claims {
             typ: TokenKind::Publisher,
             sub: None,
@@ -95,7 +101,9 @@ impl DataDir {
             path: path.to_owned(),
             source,
         })?;
-        Ok(Self { path: path.to_owned() })
+        Ok(Self {
+            path: path.to_owned(),
+        })
     }
 
     /// Directory path.
@@ -139,11 +147,16 @@ impl DataDir {
         let cert = self.path.join(DEV_CERT_FILE);
         let key = self.path.join(DEV_KEY_FILE);
         if !cert.exists() || !key.exists() {
-            let names = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()];
-            let ck = rcgen::generate_simple_self_signed(names).map_err(|e| DataDirError::Corrupt {
-                path: cert.clone(),
-                message: format!("cannot generate a certificate: {e}"),
-            })?;
+            let names = vec![
+                "localhost".to_owned(),
+                "127.0.0.1".to_owned(),
+                "::1".to_owned(),
+            ];
+            let ck =
+                rcgen::generate_simple_self_signed(names).map_err(|e| DataDirError::Corrupt {
+                    path: cert.clone(),
+                    message: format!("cannot generate a certificate: {e}"),
+                })?;
             write_private(&key, ck.key_pair.serialize_pem().as_bytes())?;
             write_private(&cert, ck.cert.pem().as_bytes())?;
         }
@@ -212,13 +225,19 @@ mod tests {
         let token = k1.signer.mint(&claims);
         let k2 = d.keys().unwrap();
         assert!(k2.verifier.verify(&token, TokenKind::Device, 1).is_ok());
-        assert_eq!(k1.channel_ids.derive("d", "m"), k2.channel_ids.derive("d", "m"));
+        assert_eq!(
+            k1.channel_ids.derive("d", "m"),
+            k2.channel_ids.derive("d", "m")
+        );
         let (c1, _) = d.dev_certificate().unwrap();
         let pem1 = fs::read(&c1).unwrap();
         let (c2, _) = d.dev_certificate().unwrap();
         assert_eq!(pem1, fs::read(c2).unwrap());
         let mode = fs::metadata(dir.path().join("nested").join(SIGNING_KEY_FILE)).unwrap();
-        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777, 0o600);
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+            0o600
+        );
     }
 
     #[test]

@@ -58,7 +58,11 @@ struct Driver {
 }
 
 impl Driver {
-    fn new(conn: quinn::Connection, shared: Arc<Shared>, conn_id: u64) -> (Self, mpsc::Receiver<Box<ConnCommand>>) {
+    fn new(
+        conn: quinn::Connection,
+        shared: Arc<Shared>,
+        conn_id: u64,
+    ) -> (Self, mpsc::Receiver<Box<ConnCommand>>) {
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
         (
             Self {
@@ -97,20 +101,21 @@ impl Driver {
 impl Driver {
     async fn run_inner(&mut self, rx: &mut mpsc::Receiver<Box<ConnCommand>>) {
         let config = &self.shared.config.session;
-        let (mut send, mut recv) = match tokio::time::timeout(config.hello_timeout, self.conn.accept_bi()).await {
-            Ok(Ok(streams)) => streams,
-            Ok(Err(e)) => {
-                debug!(error = %e, "connection ended before the control stream opened");
-                return;
-            }
-            Err(_) => {
-                self.close(&Close {
-                    code: ErrorCode::HelloTimeout,
-                    reason: "no control stream within the hello timeout".into(),
-                });
-                return;
-            }
-        };
+        let (mut send, mut recv) =
+            match tokio::time::timeout(config.hello_timeout, self.conn.accept_bi()).await {
+                Ok(Ok(streams)) => streams,
+                Ok(Err(e)) => {
+                    debug!(error = %e, "connection ended before the control stream opened");
+                    return;
+                }
+                Err(_) => {
+                    self.close(&Close {
+                        code: ErrorCode::HelloTimeout,
+                        reason: "no control stream within the hello timeout".into(),
+                    });
+                    return;
+                }
+            };
         let mut session = RelaySession::new(Instant::now(), unix_ms(), config.clone());
         session.set_observed_addr(self.conn.remote_address());
         let mut out = Bytes::new();
@@ -169,7 +174,8 @@ impl Driver {
         } else {
             info!(code = %close.code, reason = %close.reason, "closing connection");
         }
-        self.conn.close(close.code.as_u32().into(), close.reason.as_bytes());
+        self.conn
+            .close(close.code.as_u32().into(), close.reason.as_bytes());
     }
 
     fn on_event(&mut self, session: &mut RelaySession, ev: RelayEvent) {
@@ -183,7 +189,9 @@ impl Driver {
                     .map_err(|e| e.to_string())
                     .and_then(|claims| {
                         let dev = claims.sub.unwrap_or_default();
-                        validate_device_id(&dev).map(|_| dev).map_err(|e| e.to_string())
+                        validate_device_id(&dev)
+                            .map(|_| dev)
+                            .map_err(|e| e.to_string())
                     });
                 match verified {
                     Ok(device_id) => {
@@ -191,7 +199,11 @@ impl Driver {
                         let device: Arc<str> = device_id.as_str().into();
                         let session_id = format!("{:x}-{:x}", unix_ms(), self.conn_id);
                         session.accept(Instant::now(), device_id, session_id);
-                        if let Some(old) = self.shared.registry.attach(device.clone(), self.conn_id, self.tx.clone()) {
+                        if let Some(old) = self.shared.registry.attach(
+                            device.clone(),
+                            self.conn_id,
+                            self.tx.clone(),
+                        ) {
                             let _ = old.try_send(Box::new(ConnCommand::GoAway {
                                 reason: GoAwayReason::Replaced,
                                 reconnect_after: Duration::ZERO,
@@ -203,12 +215,17 @@ impl Driver {
                     }
                     Err(reason) => {
                         counter!(m::AUTH_FAILURES).increment(1);
-                        session.reject(ErrorCode::Unauthorized, format!("device credential refused: {reason}"));
+                        session.reject(
+                            ErrorCode::Unauthorized,
+                            format!("device credential refused: {reason}"),
+                        );
                     }
                 }
             }
             RelayEvent::Register { request_id, names } => {
-                let Some(device) = self.device_id.clone() else { return };
+                let Some(device) = self.device_id.clone() else {
+                    return;
+                };
                 let bindings = names
                     .into_iter()
                     .map(|name| {

@@ -13,7 +13,11 @@ use wakewire_server::data_dir::{DataDir, DEV_CERT_FILE};
 use wakewire_server::Settings;
 
 #[derive(Parser)]
-#[command(name = "wakewire-relay", version, about = "wakewire push relay: wake sleeping devices over QUIC")]
+#[command(
+    name = "wakewire-relay",
+    version,
+    about = "wakewire push relay: wake sleeping devices over QUIC"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -79,13 +83,27 @@ struct ServeArgs {
 }
 
 impl ServeArgs {
-    fn settings(&self, env: impl IntoIterator<Item = (String, String)>) -> anyhow::Result<Settings> {
+    fn settings(
+        &self,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> anyhow::Result<Settings> {
         let mut s = Settings::load(self.config.as_deref(), env)?;
         macro_rules! set {
             ($($f:ident),*) => {$( if let Some(v) = &self.$f { s.$f = v.clone(); } )*};
         }
-        set!(quic_listen, grpc_listen, metrics_listen, data_dir, max_channels_per_device, hello_timeout_secs,
-             idle_timeout_secs, ack_wait_ms, max_ttl_secs, default_ttl_secs, log);
+        set!(
+            quic_listen,
+            grpc_listen,
+            metrics_listen,
+            data_dir,
+            max_channels_per_device,
+            hello_timeout_secs,
+            idle_timeout_secs,
+            ack_wait_ms,
+            max_ttl_secs,
+            default_ttl_secs,
+            log
+        );
         if self.tls_cert.is_some() {
             s.tls_cert = self.tls_cert.clone();
             s.tls_key = self.tls_key.clone();
@@ -131,7 +149,7 @@ enum TokenCmd {
 #[derive(Args)]
 struct ListenArgs {
     /// Relay device endpoint, host:port.
-    #[arg(long, default_value = "localhost:4433")]
+    #[arg(long, default_value = "127.0.0.1:4433")]
     relay: String,
     /// Channel name to register (repeatable).
     #[arg(long = "channel", default_value = "demo")]
@@ -173,7 +191,7 @@ struct PublishArgs {
     /// Payload (UTF-8 text, at most 4096 bytes).
     payload: String,
     /// Publisher gRPC endpoint.
-    #[arg(long, default_value = "http://localhost:50051")]
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
     grpc: String,
     /// Publisher token; when absent one is minted for this channel from the local data directory.
     #[arg(long, env = "WAKEWIRE_PUBLISHER_TOKEN")]
@@ -193,25 +211,39 @@ struct PublishArgs {
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s.trim().split_at(s.trim().find(|c: char| !c.is_ascii_digit()).unwrap_or(s.trim().len()));
-    let n: u64 = num.parse().map_err(|_| format!("{s:?}: expected a number with a unit, like 30s, 5m, 12h or 365d"))?;
+    let (num, unit) = s.trim().split_at(
+        s.trim()
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(s.trim().len()),
+    );
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a number with a unit, like 30s, 5m, 12h or 365d"))?;
     let secs = match unit {
         "ms" => return Ok(Duration::from_millis(n)),
         "" | "s" => n,
         "m" => n * 60,
         "h" => n * 3600,
         "d" => n * 86_400,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m, h or d)")),
+        _ => {
+            return Err(format!(
+                "{s:?}: unknown unit {unit:?} (use ms, s, m, h or d)"
+            ))
+        }
     };
     Ok(Duration::from_secs(secs))
 }
 
 fn unix_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn init_logs(filter: &str) -> anyhow::Result<()> {
-    let filter = EnvFilter::try_new(filter).with_context(|| format!("invalid log filter {filter:?}"))?;
+    let filter =
+        EnvFilter::try_new(filter).with_context(|| format!("invalid log filter {filter:?}"))?;
     use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -289,7 +321,10 @@ fn mint(cmd: TokenCmd) -> anyhow::Result<String> {
 }
 
 fn keys(data_dir: &std::path::Path) -> anyhow::Result<wakewire_server::data_dir::Keys> {
-    if !data_dir.join(wakewire_server::data_dir::SIGNING_KEY_FILE).exists() {
+    if !data_dir
+        .join(wakewire_server::data_dir::SIGNING_KEY_FILE)
+        .exists()
+    {
         bail!(
             "no signing key in {}: start the relay once (wakewire-relay serve) or pass --data-dir",
             data_dir.display()
@@ -302,7 +337,11 @@ async fn listen(args: ListenArgs) -> anyhow::Result<()> {
     init_logs(&std::env::var("WAKEWIRE_LOG").unwrap_or_else(|_| "warn".into()))?;
     let token = match args.token {
         Some(t) => t,
-        None => keys(&args.data_dir)?.device_token(&args.device_id, Duration::from_secs(86_400), unix_secs()),
+        None => keys(&args.data_dir)?.device_token(
+            &args.device_id,
+            Duration::from_secs(86_400),
+            unix_secs(),
+        ),
     };
     let ca = args.ca.unwrap_or_else(|| args.data_dir.join(DEV_CERT_FILE));
     let mut builder = wakewire_sdk::ClientBuilder::new(&args.relay)
@@ -375,8 +414,12 @@ async fn publish(args: PublishArgs) -> anyhow::Result<()> {
         ttl_s: args.ttl,
         collapse_key: args.collapse_key,
     });
-    req.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().context("token is not ASCII")?);
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}")
+            .parse()
+            .context("token is not ASCII")?,
+    );
     match client.publish(req).await {
         Ok(r) => {
             let r = r.into_inner();
@@ -395,7 +438,10 @@ mod tests {
     fn durations_parse_with_units() {
         assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
         assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
-        assert_eq!(parse_duration("365d"), Ok(Duration::from_secs(365 * 86_400)));
+        assert_eq!(
+            parse_duration("365d"),
+            Ok(Duration::from_secs(365 * 86_400))
+        );
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("5y").is_err());
@@ -404,9 +450,14 @@ mod tests {
     #[test]
     fn flags_override_env_which_overrides_defaults() {
         let args = Cli::parse_from(["wakewire-relay", "serve", "--ack-wait-ms", "7"]);
-        let Cmd::Serve(serve) = args.cmd else { panic!() };
+        let Cmd::Serve(serve) = args.cmd else {
+            panic!()
+        };
         let s = serve
-            .settings([("WAKEWIRE_ACK_WAIT_MS".to_string(), "3".to_string()), ("WAKEWIRE_LOG".into(), "debug".into())])
+            .settings([
+                ("WAKEWIRE_ACK_WAIT_MS".to_string(), "3".to_string()),
+                ("WAKEWIRE_LOG".into(), "debug".into()),
+            ])
             .unwrap();
         assert_eq!(s.ack_wait_ms, 7);
         assert_eq!(s.log, "debug");

@@ -12,8 +12,8 @@ use tracing::{debug, info_span, Instrument};
 use wakewire_proto::ids::{event_id, is_channel_id};
 use wakewire_proto::pb::device::{Priority as WirePriority, Wake};
 use wakewire_proto::pb::publish::{
-    publisher_server::Publisher, DeliveryStatus, Priority, PublishBatchRequest, PublishBatchResponse,
-    PublishBatchResult, PublishRequest, PublishResponse,
+    publisher_server::Publisher, DeliveryStatus, Priority, PublishBatchRequest,
+    PublishBatchResponse, PublishBatchResult, PublishRequest, PublishResponse,
 };
 use wakewire_proto::token::{Claims, TokenError, TokenKind};
 use wakewire_proto::MAX_PAYLOAD_SIZE;
@@ -51,7 +51,9 @@ impl PublishError {
     /// statuses.
     pub fn code(&self) -> Code {
         match self {
-            PublishError::MissingCredential | PublishError::BadCredential(_) => Code::Unauthenticated,
+            PublishError::MissingCredential | PublishError::BadCredential(_) => {
+                Code::Unauthenticated
+            }
             PublishError::InvalidArgument(_) => Code::InvalidArgument,
             PublishError::ChannelNotFound(_) => Code::NotFound,
             PublishError::PermissionDenied(_) => Code::PermissionDenied,
@@ -97,10 +99,18 @@ impl PublisherService {
             .or_else(|| value.strip_prefix("bearer "))
             .ok_or(PublishError::MissingCredential)?
             .trim();
-        Ok(self.shared.keys.verifier.verify(token, TokenKind::Publisher, unix_secs())?)
+        Ok(self
+            .shared
+            .keys
+            .verifier
+            .verify(token, TokenKind::Publisher, unix_secs())?)
     }
 
-    async fn publish_one(&self, claims: &Claims, req: PublishRequest) -> Result<PublishResponse, PublishError> {
+    async fn publish_one(
+        &self,
+        claims: &Claims,
+        req: PublishRequest,
+    ) -> Result<PublishResponse, PublishError> {
         let started = Instant::now();
         let result = self.publish_checked(claims, req).await;
         let status = match &result {
@@ -112,7 +122,11 @@ impl PublisherService {
         result
     }
 
-    async fn publish_checked(&self, claims: &Claims, req: PublishRequest) -> Result<PublishResponse, PublishError> {
+    async fn publish_checked(
+        &self,
+        claims: &Claims,
+        req: PublishRequest,
+    ) -> Result<PublishResponse, PublishError> {
         if !is_channel_id(&req.channel_id) {
             return Err(PublishError::InvalidArgument(format!(
                 "channel_id {:?} is not a channel id (22 base64url characters)",
@@ -137,7 +151,10 @@ impl PublisherService {
             Ok(Priority::Normal) => WirePriority::Normal,
             Ok(Priority::High | Priority::Unspecified) => WirePriority::High,
             Err(_) => {
-                return Err(PublishError::InvalidArgument(format!("unknown priority {}", req.priority)));
+                return Err(PublishError::InvalidArgument(format!(
+                    "unknown priority {}",
+                    req.priority
+                )));
             }
         };
         let channel = self
@@ -163,7 +180,11 @@ impl PublisherService {
                     created_at_ms: now_ms,
                     ttl_s,
                 };
-                if conn.send(Box::new(ConnCommand::Deliver { wake, reply })).await.is_err() {
+                if conn
+                    .send(Box::new(ConnCommand::Deliver { wake, reply }))
+                    .await
+                    .is_err()
+                {
                     Delivery::NotConnected
                 } else {
                     match tokio::time::timeout(config.ack_wait, answer).await {
@@ -189,7 +210,10 @@ impl PublisherService {
 
 #[tonic::async_trait]
 impl Publisher for PublisherService {
-    async fn publish(&self, request: Request<PublishRequest>) -> Result<Response<PublishResponse>, Status> {
+    async fn publish(
+        &self,
+        request: Request<PublishRequest>,
+    ) -> Result<Response<PublishResponse>, Status> {
         let span = info_span!("publish", channel = %truncate(&request.get_ref().channel_id), event = tracing::field::Empty);
         async {
             let claims = self.authenticate(request.metadata())?;
@@ -205,7 +229,10 @@ impl Publisher for PublisherService {
         &self,
         request: Request<PublishBatchRequest>,
     ) -> Result<Response<PublishBatchResponse>, Status> {
-        let claims = Arc::new(self.authenticate(request.metadata()).map_err(Status::from)?);
+        let claims = Arc::new(
+            self.authenticate(request.metadata())
+                .map_err(Status::from)?,
+        );
         let events = request.into_inner().events;
         if events.len() > MAX_BATCH {
             return Err(PublishError::InvalidArgument(format!(
@@ -223,7 +250,8 @@ impl Publisher for PublisherService {
         }
         let mut results = vec![PublishBatchResult::default(); tasks.len()];
         while let Some(joined) = tasks.join_next().await {
-            let (i, r) = joined.map_err(|e| Status::internal(format!("publish task failed: {e}")))?;
+            let (i, r) =
+                joined.map_err(|e| Status::internal(format!("publish task failed: {e}")))?;
             results[i] = match r {
                 Ok(resp) => PublishBatchResult {
                     response: Some(resp),

@@ -98,7 +98,12 @@ impl Registry {
 
     /// Makes `conn_id` the device's connection; returns the previous
     /// connection's queue, which should be told to go away.
-    pub(crate) fn attach(&self, device_id: Arc<str>, conn_id: u64, tx: ConnSender) -> Option<ConnSender> {
+    pub(crate) fn attach(
+        &self,
+        device_id: Arc<str>,
+        conn_id: u64,
+        tx: ConnSender,
+    ) -> Option<ConnSender> {
         self.devices
             .insert(device_id, DeviceConn { conn_id, tx })
             .filter(|old| old.conn_id != conn_id)
@@ -107,7 +112,8 @@ impl Registry {
 
     /// Removes the device's connection if it is still `conn_id`.
     pub(crate) fn detach(&self, device_id: &str, conn_id: u64) {
-        self.devices.remove_if(device_id, |_, c| c.conn_id == conn_id);
+        self.devices
+            .remove_if(device_id, |_, c| c.conn_id == conn_id);
     }
 
     /// The queue of the device's connection, if connected.
@@ -131,10 +137,13 @@ mod tests {
         let dev: Arc<str> = "d".into();
         let (tx1, _rx1) = mpsc::channel(1);
         let (tx2, _rx2) = mpsc::channel(1);
-        assert!(r.attach(dev.clone(), 1, tx1).is_some() == false);
+        assert!(r.attach(dev.clone(), 1, tx1).is_none());
         assert!(r.attach(dev.clone(), 2, tx2).is_some());
         r.detach("d", 1);
-        assert!(r.connection("d").is_some(), "stale detach must not remove the new connection");
+        assert!(
+            r.connection("d").is_some(),
+            "stale detach must not remove the new connection"
+        );
         r.detach("d", 2);
         assert!(r.connection("d").is_none());
 

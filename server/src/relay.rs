@@ -96,11 +96,14 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, StartError> {
     };
     let (certs, key) = tls::load_pem(&cert_path, &key_path)?;
     let server_config = tls::server_config(certs, key, config.session.idle_timeout)?;
-    let endpoint = quinn::Endpoint::server(server_config, config.quic_listen).map_err(|source| StartError::Bind {
-        what: "QUIC (UDP)",
-        addr: config.quic_listen,
-        source,
-    })?;
+    let endpoint =
+        quinn::Endpoint::server(server_config, config.quic_listen).map_err(|source| {
+            StartError::Bind {
+                what: "QUIC (UDP)",
+                addr: config.quic_listen,
+                source,
+            }
+        })?;
     let quic_addr = endpoint.local_addr().map_err(|source| StartError::Bind {
         what: "QUIC (UDP)",
         addr: config.quic_listen,
@@ -164,9 +167,12 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, StartError> {
                 .add_service(health_service)
                 .add_service(reflection)
                 .add_service(publisher)
-                .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
-                    let _ = stop_rx.wait_for(|s| *s).await;
-                })
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    async move {
+                        let _ = stop_rx.wait_for(|s| *s).await;
+                    },
+                )
                 .await;
             if let Err(e) = result {
                 warn!(error = %e, "gRPC server stopped with an error");
@@ -239,7 +245,10 @@ impl RelayHandle {
         })
         .await;
         if drained.is_err() {
-            warn!(left = self.shared.registry.connected_devices(), "devices still connected at shutdown");
+            warn!(
+                left = self.shared.registry.connected_devices(),
+                "devices still connected at shutdown"
+            );
         }
         self.endpoint
             .close(ErrorCode::GoingAway.as_u32().into(), b"relay shutting down");
@@ -253,7 +262,8 @@ impl RelayHandle {
     /// Stops at once without telling devices (as a crash would, minus the
     /// process exit): for tests of reconnection.
     pub async fn abort(self) {
-        self.endpoint.close(ErrorCode::Internal.as_u32().into(), b"relay aborted");
+        self.endpoint
+            .close(ErrorCode::Internal.as_u32().into(), b"relay aborted");
         let _ = self.stop.send(true);
         self.accept_task.abort();
         let _ = self.grpc_task.await;

@@ -60,7 +60,8 @@ pub fn load_pem(
     if certs.is_empty() {
         return Err(load("certificate", cert, "no CERTIFICATE block".into()));
     }
-    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| load("private key", key, e.to_string()))?;
+    let key_der =
+        PrivateKeyDer::from_pem_file(key).map_err(|e| load("private key", key, e.to_string()))?;
     Ok((certs, key_der))
 }
 

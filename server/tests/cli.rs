@@ -22,7 +22,10 @@ fn relay_cmd(args: &[&str]) -> Command {
 }
 
 /// Reads lines until one contains `needle` (bounded in time).
-async fn line_with<R: tokio::io::AsyncRead + Unpin>(lines: &mut Lines<BufReader<R>>, needle: &str) -> anyhow::Result<String> {
+async fn line_with<R: tokio::io::AsyncRead + Unpin>(
+    lines: &mut Lines<BufReader<R>>,
+    needle: &str,
+) -> anyhow::Result<String> {
     tokio::time::timeout(Duration::from_secs(60), async {
         while let Some(line) = lines.next_line().await? {
             if line.contains(needle) {
@@ -36,7 +39,10 @@ async fn line_with<R: tokio::io::AsyncRead + Unpin>(lines: &mut Lines<BufReader<
 }
 
 fn field<'a>(line: &'a str, key: &str) -> anyhow::Result<&'a str> {
-    let start = line.find(key).ok_or_else(|| anyhow::anyhow!("no {key} in {line:?}"))? + key.len();
+    let start = line
+        .find(key)
+        .ok_or_else(|| anyhow::anyhow!("no {key} in {line:?}"))?
+        + key.len();
     Ok(line[start..].split_whitespace().next().unwrap_or(""))
 }
 
@@ -79,41 +85,93 @@ async fn three_commands_show_a_wake_arriving() -> anyhow::Result<()> {
     assert!(std::path::Path::new(data).join("dev-cert.pem").exists());
 
     let mut listener = relay_cmd(&[
-        "listen", "--relay", &relay.quic, "--server-name", "localhost", "--data-dir", data, "--channel", "mail", "--count", "1",
+        "listen",
+        "--relay",
+        &relay.quic,
+        "--server-name",
+        "localhost",
+        "--data-dir",
+        data,
+        "--channel",
+        "mail",
+        "--count",
+        "1",
     ])
     .spawn()?;
-    let mut out: Lines<BufReader<ChildStdout>> = BufReader::new(listener.stdout.take().expect("piped")).lines();
+    let mut out: Lines<BufReader<ChildStdout>> =
+        BufReader::new(listener.stdout.take().expect("piped")).lines();
     let registered = line_with(&mut out, "registered channel=mail").await?;
     let channel_id = field(&registered, "id=")?.to_owned();
 
     let grpc = format!("http://{}", relay.grpc);
-    let published = relay_cmd(&["publish", "--grpc", &grpc, "--data-dir", data, "--channel", &channel_id, "hello device"])
-        .output()
-        .await?;
+    let published = relay_cmd(&[
+        "publish",
+        "--grpc",
+        &grpc,
+        "--data-dir",
+        data,
+        "--channel",
+        &channel_id,
+        "hello device",
+    ])
+    .output()
+    .await?;
     let stdout = String::from_utf8_lossy(&published.stdout);
-    assert!(published.status.success(), "{stdout} {}", String::from_utf8_lossy(&published.stderr));
-    assert!(stdout.contains("status=DELIVERY_STATUS_DELIVERED"), "{stdout}");
+    assert!(
+        published.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&published.stderr)
+    );
+    assert!(
+        stdout.contains("status=DELIVERY_STATUS_DELIVERED"),
+        "{stdout}"
+    );
 
     let wake = line_with(&mut out, "wake event=").await?;
-    assert!(wake.contains("channel=mail") && wake.ends_with("payload=hello device"), "{wake}");
+    assert!(
+        wake.contains("channel=mail") && wake.ends_with("payload=hello device"),
+        "{wake}"
+    );
     let status = tokio::time::timeout(Duration::from_secs(30), listener.wait()).await??;
     assert!(status.success());
 
     // A token for a device, minted offline, is accepted by the CLI's parser.
-    let token = relay_cmd(&["token", "device", "--device-id", "phone-7", "--data-dir", data]).output().await?;
+    let token = relay_cmd(&[
+        "token",
+        "device",
+        "--device-id",
+        "phone-7",
+        "--data-dir",
+        data,
+    ])
+    .output()
+    .await?;
     assert!(token.status.success());
     assert!(String::from_utf8_lossy(&token.stdout).starts_with("ww1."));
 
     // Publishing to an unknown channel fails with the gRPC code, exit 1.
-    let refused = relay_cmd(&["publish", "--grpc", &grpc, "--data-dir", data, "--channel", "AAAAAAAAAAAAAAAAAAAAAA", "x"])
-        .output()
-        .await?;
+    let refused = relay_cmd(&[
+        "publish",
+        "--grpc",
+        &grpc,
+        "--data-dir",
+        data,
+        "--channel",
+        "AAAAAAAAAAAAAAAAAAAAAA",
+        "x",
+    ])
+    .output()
+    .await?;
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("NotFound"));
 
     // SIGTERM: graceful shutdown, exit 0.
     let pid = relay.child.id().expect("running").to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().await?.success());
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await?
+        .success());
     let status = tokio::time::timeout(Duration::from_secs(30), relay.child.wait()).await??;
     assert!(status.success(), "{status}");
     Ok(())
@@ -123,13 +181,45 @@ async fn three_commands_show_a_wake_arriving() -> anyhow::Result<()> {
 async fn bad_configuration_exits_with_a_clear_message() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let data = dir.path().to_str().expect("utf-8");
-    let cases: Vec<(Vec<&str>, Vec<(&str, &str)>, &str)> = vec![
-        (vec!["serve", "--data-dir", data, "--idle-timeout-secs", "1"], vec![], "idle_timeout_secs"),
-        (vec!["serve", "--data-dir", data], vec![("WAKEWIRE_QUIC_LISTN", "x")], "quic_listn"),
-        (vec!["serve", "--data-dir", data, "--metrics-listen", "nowhere"], vec![], "metrics_listen"),
-        (vec!["serve", "--data-dir", data, "--config", "/nonexistent.toml"], vec![], "/nonexistent.toml"),
-        (vec!["token", "device", "--device-id", "d", "--data-dir", "/nonexistent"], vec![], "no signing key"),
-        (vec!["token", "publisher", "--data-dir", data], vec![], "needs a scope"),
+    type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            vec!["serve", "--data-dir", data, "--idle-timeout-secs", "1"],
+            vec![],
+            "idle_timeout_secs",
+        ),
+        (
+            vec!["serve", "--data-dir", data],
+            vec![("WAKEWIRE_QUIC_LISTN", "x")],
+            "quic_listn",
+        ),
+        (
+            vec!["serve", "--data-dir", data, "--metrics-listen", "nowhere"],
+            vec![],
+            "metrics_listen",
+        ),
+        (
+            vec!["serve", "--data-dir", data, "--config", "/nonexistent.toml"],
+            vec![],
+            "/nonexistent.toml",
+        ),
+        (
+            vec![
+                "token",
+                "device",
+                "--device-id",
+                "d",
+                "--data-dir",
+                "/nonexistent",
+            ],
+            vec![],
+            "no signing key",
+        ),
+        (
+            vec!["token", "publisher", "--data-dir", data],
+            vec![],
+            "needs a scope",
+        ),
     ];
     for (args, env, needle) in cases {
         let mut cmd = relay_cmd(&args);

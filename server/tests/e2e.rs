@@ -7,7 +7,9 @@ use tonic::Code;
 use wakewire_proto::pb::publish::{DeliveryStatus, PublishBatchRequest, PublishRequest};
 use wakewire_proto::ErrorCode;
 use wakewire_sdk::{CipherSuite, ConnectError, Status};
-use wakewire_test_support::{authed, raw_connection, recv, status_sink, wait_status, wake_sink, TestRelay};
+use wakewire_test_support::{
+    authed, raw_connection, recv, status_sink, wait_status, wake_sink, TestRelay,
+};
 
 fn publish(channel_id: &str, payload: &[u8]) -> PublishRequest {
     PublishRequest {
@@ -37,12 +39,25 @@ async fn publish_reaches_the_right_callback_of_two_channels() -> anyhow::Result<
 
     let token = relay.publisher_token(&[], &["phone-1"]);
     let mut publisher = relay.publisher().await?;
-    let r = publisher.publish(authed(publish(&chat_id, b"new message"), &token)).await?.into_inner();
+    let r = publisher
+        .publish(authed(publish(&chat_id, b"new message"), &token))
+        .await?
+        .into_inner();
     assert_eq!(r.status(), DeliveryStatus::Delivered);
     let w = recv(&mut chat).await?;
-    assert_eq!((w.payload.as_slice(), w.event_id.as_str(), w.channel.as_str()), (&b"new message"[..], r.event_id.as_str(), "chat"));
+    assert_eq!(
+        (
+            w.payload.as_slice(),
+            w.event_id.as_str(),
+            w.channel.as_str()
+        ),
+        (&b"new message"[..], r.event_id.as_str(), "chat")
+    );
 
-    let r = publisher.publish(authed(publish(&mail_id, b"you've got mail"), &token)).await?.into_inner();
+    let r = publisher
+        .publish(authed(publish(&mail_id, b"you've got mail"), &token))
+        .await?
+        .into_inner();
     assert_eq!(r.status(), DeliveryStatus::Delivered);
     assert_eq!(recv(&mut mail).await?.payload, b"you've got mail");
     assert!(chat.try_recv().is_err(), "chat got a mail event");
@@ -52,20 +67,37 @@ async fn publish_reaches_the_right_callback_of_two_channels() -> anyhow::Result<
 
     // Batch: one good, one refused, results in order.
     let batch = PublishBatchRequest {
-        events: vec![publish(&mail_id, b"1"), publish("not-a-channel", b"2"), publish(&chat_id, b"3")],
+        events: vec![
+            publish(&mail_id, b"1"),
+            publish("not-a-channel", b"2"),
+            publish(&chat_id, b"3"),
+        ],
     };
-    let results = publisher.publish_batch(authed(batch, &token)).await?.into_inner().results;
+    let results = publisher
+        .publish_batch(authed(batch, &token))
+        .await?
+        .into_inner()
+        .results;
     assert_eq!(results.len(), 3);
-    assert_eq!(results[0].response.as_ref().map(|r| r.status()), Some(DeliveryStatus::Delivered));
+    assert_eq!(
+        results[0].response.as_ref().map(|r| r.status()),
+        Some(DeliveryStatus::Delivered)
+    );
     assert_eq!(results[1].error_code, Code::InvalidArgument as i32);
-    assert_eq!(results[2].response.as_ref().map(|r| r.status()), Some(DeliveryStatus::Delivered));
+    assert_eq!(
+        results[2].response.as_ref().map(|r| r.status()),
+        Some(DeliveryStatus::Delivered)
+    );
     assert_eq!(recv(&mut mail).await?.payload, b"1");
     assert_eq!(recv(&mut chat).await?.payload, b"3");
 
     // Unregister: the channel is gone for publishers.
     client.unregister(&mail_id).await?;
     let err = loop {
-        match publisher.publish(authed(publish(&mail_id, b"x"), &token)).await {
+        match publisher
+            .publish(authed(publish(&mail_id, b"x"), &token))
+            .await
+        {
             Err(e) => break e,
             Ok(_) => tokio::task::yield_now().await,
         }
@@ -79,19 +111,37 @@ async fn publish_reaches_the_right_callback_of_two_channels() -> anyhow::Result<
 async fn reconnect_after_relay_restart_keeps_channel_ids() -> anyhow::Result<()> {
     let mut relay = TestRelay::start().await?;
     let (status_cb, mut statuses) = status_sink();
-    let client = relay.client("laptop").on_status(status_cb).connect().await?;
+    let client = relay
+        .client("laptop")
+        .on_status(status_cb)
+        .connect()
+        .await?;
     let (cb, mut wakes) = wake_sink();
     let id = client.channel("sync").on_wake(cb).register().await?;
 
     relay.restart().await?;
     let lost = wait_status(&mut statuses, |s| matches!(s, Status::Disconnected { .. })).await?;
-    assert!(matches!(lost, Status::Disconnected { retry_in: Some(_), .. }), "{lost:?}");
+    assert!(
+        matches!(
+            lost,
+            Status::Disconnected {
+                retry_in: Some(_),
+                ..
+            }
+        ),
+        "{lost:?}"
+    );
     let reset = wait_status(&mut statuses, |s| matches!(s, Status::Reset { .. })).await?;
     assert!(matches!(&reset, Status::Reset { channels } if channels == &["sync".to_string()]));
 
     // The old channel id still reaches the same callback.
     let token = relay.publisher_token(&[&id], &[]);
-    let r = relay.publisher().await?.publish(authed(publish(&id, b"after restart"), &token)).await?.into_inner();
+    let r = relay
+        .publisher()
+        .await?
+        .publish(authed(publish(&id, b"after restart"), &token))
+        .await?
+        .into_inner();
     assert_eq!(r.status(), DeliveryStatus::Delivered);
     assert_eq!(recv(&mut wakes).await?.payload, b"after restart");
     assert!(client.info().is_some());
@@ -113,8 +163,16 @@ async fn reconnect_after_relay_restart_keeps_channel_ids() -> anyhow::Result<()>
 #[tokio::test]
 async fn bad_device_credentials_are_refused_clearly() -> anyhow::Result<()> {
     let relay = TestRelay::start().await?;
-    for token in ["garbage".to_string(), TestRelay::start().await?.device_token("d")] {
-        let err = relay.client("d").device_token(token).connect().await.unwrap_err();
+    for token in [
+        "garbage".to_string(),
+        TestRelay::start().await?.device_token("d"),
+    ] {
+        let err = relay
+            .client("d")
+            .device_token(token)
+            .connect()
+            .await
+            .unwrap_err();
         assert!(matches!(err, ConnectError::Unauthorized(_)), "{err}");
         assert!(!err.is_retryable());
     }
@@ -125,7 +183,10 @@ async fn bad_device_credentials_are_refused_clearly() -> anyhow::Result<()> {
         .connect()
         .await
         .unwrap_err();
-    assert!(matches!(err, ConnectError::Unauthorized(ref m) if m.contains("publisher")), "{err}");
+    assert!(
+        matches!(err, ConnectError::Unauthorized(ref m) if m.contains("publisher")),
+        "{err}"
+    );
     Ok(())
 }
 
@@ -147,7 +208,10 @@ async fn untrusted_certificate_and_bad_addresses_are_typed_errors() -> anyhow::R
         .connect()
         .await
         .unwrap_err();
-    assert!(matches!(err, ConnectError::TlsCertificateInvalid(_)), "{err}");
+    assert!(
+        matches!(err, ConnectError::TlsCertificateInvalid(_)),
+        "{err}"
+    );
     assert!(!err.is_retryable());
 
     let err = wakewire_sdk::ClientBuilder::new(relay.quic_addr().to_string())
@@ -157,7 +221,10 @@ async fn untrusted_certificate_and_bad_addresses_are_typed_errors() -> anyhow::R
         .connect()
         .await
         .unwrap_err();
-    assert!(matches!(err, ConnectError::TlsCertificateInvalid(_)), "{err}");
+    assert!(
+        matches!(err, ConnectError::TlsCertificateInvalid(_)),
+        "{err}"
+    );
 
     let err = wakewire_sdk::ClientBuilder::new("no-port-here")
         .trust_pem_file(relay.relay().dev_cert_path().unwrap())
@@ -180,32 +247,59 @@ async fn publish_errors_map_to_grpc_codes() -> anyhow::Result<()> {
     let mut p = relay.publisher().await?;
     let scoped = relay.publisher_token(&[&id], &[]);
 
-    let e = p.publish(authed(publish(&other_id, b"x"), &scoped)).await.unwrap_err();
+    let e = p
+        .publish(authed(publish(&other_id, b"x"), &scoped))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
-    let e = p.publish(authed(publish(&id, &[0; 4097]), &scoped)).await.unwrap_err();
+    let e = p
+        .publish(authed(publish(&id, &[0; 4097]), &scoped))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("4097"), "{}", e.message());
-    let e = p.publish(tonic::Request::new(publish(&id, b"x"))).await.unwrap_err();
+    let e = p
+        .publish(tonic::Request::new(publish(&id, b"x")))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
-    let e = p.publish(authed(publish(&id, b"x"), "ww1.bogus.token")).await.unwrap_err();
+    let e = p
+        .publish(authed(publish(&id, b"x"), "ww1.bogus.token"))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
-    let e = p.publish(authed(publish(&id, b"x"), &relay.device_token("tablet"))).await.unwrap_err();
+    let e = p
+        .publish(authed(publish(&id, b"x"), &relay.device_token("tablet")))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
     assert!(e.message().contains("device"), "{}", e.message());
-    let e = p.publish(authed(publish("AAAAAAAAAAAAAAAAAAAAAA", b"x"), &scoped)).await.unwrap_err();
+    let e = p
+        .publish(authed(publish("AAAAAAAAAAAAAAAAAAAAAA", b"x"), &scoped))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
     let mut req = publish(&id, b"x");
     req.ttl_s = Some(u32::MAX);
-    assert_eq!(p.publish(authed(req, &scoped)).await.unwrap_err().code(), Code::InvalidArgument);
+    assert_eq!(
+        p.publish(authed(req, &scoped)).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
     let mut req = publish(&id, b"x");
     req.priority = 99;
-    assert_eq!(p.publish(authed(req, &scoped)).await.unwrap_err().code(), Code::InvalidArgument);
+    assert_eq!(
+        p.publish(authed(req, &scoped)).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
 
     // The device goes away: its channel still exists, the event is reported
     // as not delivered rather than silently dropped.
     client.close().await;
     let status = loop {
-        let r = p.publish(authed(publish(&id, b"x"), &scoped)).await?.into_inner();
+        let r = p
+            .publish(authed(publish(&id, b"x"), &scoped))
+            .await?
+            .into_inner();
         if r.status() != DeliveryStatus::Delivered {
             break r.status();
         }
@@ -223,12 +317,19 @@ async fn garbage_on_the_control_stream_closes_only_that_connection() -> anyhow::
 
     let (_ep, conn) = raw_connection(&relay).await?;
     let (mut send, _recv) = conn.open_bi().await?;
-    send.write_all(&[0x07, 0xde, 0xad, 0xbe, 0xef, 0xde, 0xad, 0xbe]).await?;
+    send.write_all(&[0x07, 0xde, 0xad, 0xbe, 0xef, 0xde, 0xad, 0xbe])
+        .await?;
     let closed = tokio::time::timeout(Duration::from_secs(10), conn.closed()).await?;
     match closed {
         quinn::ConnectionError::ApplicationClosed(c) => {
-            assert_eq!(c.error_code.into_inner(), u64::from(ErrorCode::ProtocolViolation.as_u32()));
-            assert!(String::from_utf8_lossy(&c.reason).contains("bad frame"), "{c}");
+            assert_eq!(
+                c.error_code.into_inner(),
+                u64::from(ErrorCode::ProtocolViolation.as_u32())
+            );
+            assert!(
+                String::from_utf8_lossy(&c.reason).contains("bad frame"),
+                "{c}"
+            );
         }
         other => panic!("unexpected close: {other}"),
     }
@@ -245,7 +346,12 @@ async fn garbage_on_the_control_stream_closes_only_that_connection() -> anyhow::
 
     // The well-behaved device is still connected and reachable.
     let token = relay.publisher_token(&[&id], &[]);
-    let r = relay.publisher().await?.publish(authed(publish(&id, b"still here"), &token)).await?.into_inner();
+    let r = relay
+        .publisher()
+        .await?
+        .publish(authed(publish(&id, b"still here"), &token))
+        .await?
+        .into_inner();
     assert_eq!(r.status(), DeliveryStatus::Delivered);
     assert_eq!(recv(&mut wakes).await?.payload, b"still here");
     Ok(())
@@ -259,7 +365,16 @@ async fn a_second_connection_of_the_same_device_replaces_the_first() -> anyhow::
     let _id = first.channel("c").register().await?;
     let second = relay.client("dup").connect().await?;
     let s = wait_status(&mut statuses, |s| matches!(s, Status::Disconnected { .. })).await?;
-    assert!(matches!(&s, Status::Disconnected { error: ConnectError::Replaced(_), retry_in: None }), "{s:?}");
+    assert!(
+        matches!(
+            &s,
+            Status::Disconnected {
+                error: ConnectError::Replaced(_),
+                retry_in: None
+            }
+        ),
+        "{s:?}"
+    );
     assert!(second.info().is_some());
     Ok(())
 }

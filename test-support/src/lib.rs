@@ -15,7 +15,10 @@ use wakewire_server::{RelayConfig, RelayHandle};
 
 /// Seconds since the Unix epoch.
 pub fn unix_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// A relay running in this process, with its data directory.
@@ -59,20 +62,28 @@ impl TestRelay {
 
     /// Mints a device token valid for an hour.
     pub fn device_token(&self, device_id: &str) -> String {
-        self.relay().keys().device_token(device_id, Duration::from_secs(3600), unix_secs())
+        self.relay()
+            .keys()
+            .device_token(device_id, Duration::from_secs(3600), unix_secs())
     }
 
     /// Mints a publisher token for channel ids and device ids.
     pub fn publisher_token(&self, channels: &[&str], devices: &[&str]) -> String {
         let c: Vec<String> = channels.iter().map(|s| s.to_string()).collect();
         let d: Vec<String> = devices.iter().map(|s| s.to_string()).collect();
-        self.relay().keys().publisher_token(&c, &d, Duration::from_secs(3600), unix_secs())
+        self.relay()
+            .keys()
+            .publisher_token(&c, &d, Duration::from_secs(3600), unix_secs())
     }
 
     /// An SDK builder for `device_id` that trusts this relay, with fast
     /// reconnects for tests.
     pub fn client(&self, device_id: &str) -> ClientBuilder {
-        let cert = self.relay().dev_cert_path().expect("dev mode").to_path_buf();
+        let cert = self
+            .relay()
+            .dev_cert_path()
+            .expect("dev mode")
+            .to_path_buf();
         ClientBuilder::new(self.quic_addr().to_string())
             .server_name("localhost")
             .trust_pem_file(cert)
@@ -124,7 +135,9 @@ impl TestRelay {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        Err(last.map(anyhow::Error::from).unwrap_or_else(|| anyhow::anyhow!("restart failed")))
+        Err(last
+            .map(anyhow::Error::from)
+            .unwrap_or_else(|| anyhow::anyhow!("restart failed")))
     }
 
     /// Remembers the current ports so `restart` after `abort` reuses them.
@@ -145,19 +158,28 @@ pub fn authed<T>(msg: T, token: &str) -> tonic::Request<T> {
 }
 
 /// A wake callback that forwards events into a channel.
-pub fn wake_sink() -> (impl Fn(&WakeEvent) + Send + Sync + 'static, mpsc::UnboundedReceiver<WakeEvent>) {
+pub fn wake_sink() -> (
+    impl Fn(&WakeEvent) + Send + Sync + 'static,
+    mpsc::UnboundedReceiver<WakeEvent>,
+) {
     let (tx, rx) = mpsc::unbounded_channel();
     (move |w: &WakeEvent| drop(tx.send(w.clone())), rx)
 }
 
 /// A status callback that forwards statuses into a channel.
-pub fn status_sink() -> (impl Fn(&Status) + Send + Sync + 'static, mpsc::UnboundedReceiver<Status>) {
+pub fn status_sink() -> (
+    impl Fn(&Status) + Send + Sync + 'static,
+    mpsc::UnboundedReceiver<Status>,
+) {
     let (tx, rx) = mpsc::unbounded_channel();
     (move |s: &Status| drop(tx.send(s.clone())), rx)
 }
 
 /// Waits (bounded) for the first status matching `pred`.
-pub async fn wait_status(rx: &mut mpsc::UnboundedReceiver<Status>, pred: impl Fn(&Status) -> bool) -> anyhow::Result<Status> {
+pub async fn wait_status(
+    rx: &mut mpsc::UnboundedReceiver<Status>,
+    pred: impl Fn(&Status) -> bool,
+) -> anyhow::Result<Status> {
     tokio::time::timeout(Duration::from_secs(20), async {
         while let Some(s) = rx.recv().await {
             if pred(&s) {
@@ -180,12 +202,16 @@ pub async fn recv<T>(rx: &mut mpsc::UnboundedReceiver<T>) -> anyhow::Result<T> {
 
 /// A raw QUIC connection to the relay (ALPN wakewire/1, trusting its dev
 /// certificate), for sending bytes the SDK would never send.
-pub async fn raw_connection(relay: &TestRelay) -> anyhow::Result<(quinn::Endpoint, quinn::Connection)> {
+pub async fn raw_connection(
+    relay: &TestRelay,
+) -> anyhow::Result<(quinn::Endpoint, quinn::Connection)> {
     use rustls::pki_types::pem::PemObject;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let _ = rustls::crypto::CryptoProvider::install_default((*provider).clone());
     let mut roots = rustls::RootCertStore::empty();
-    for c in rustls::pki_types::CertificateDer::pem_file_iter(relay.relay().dev_cert_path().expect("dev mode"))? {
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(
+        relay.relay().dev_cert_path().expect("dev mode"),
+    )? {
         roots.add(c?)?;
     }
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
@@ -193,8 +219,12 @@ pub async fn raw_connection(relay: &TestRelay) -> anyhow::Result<(quinn::Endpoin
         .with_root_certificates(roots)
         .with_no_client_auth();
     tls.alpn_protocols = vec![wakewire_proto::ALPN.to_vec()];
-    let cfg = quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(tls)?));
+    let cfg = quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls)?,
+    ));
     let ep = quinn::Endpoint::client(([127, 0, 0, 1], 0).into())?;
-    let conn = ep.connect_with(cfg, relay.quic_addr(), "localhost")?.await?;
+    let conn = ep
+        .connect_with(cfg, relay.quic_addr(), "localhost")?
+        .await?;
     Ok((ep, conn))
 }
