@@ -1,6 +1,8 @@
 //! The two sans-IO sessions wired to each other in memory, on a simulated
 //! clock: no sockets, no runtime, no sleeping.
 
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
+
 use std::time::{Duration, Instant};
 
 use wakewire_proto::codec::encode_to_bytes;
