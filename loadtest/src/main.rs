@@ -1,7 +1,277 @@
-//! `wakewire-loadtest`: fleet simulator and benchmark harness (see
-//! `docs/benchmarks.md`). Placeholder until the load-test issue lands.
+//! `wakewire-loadtest`: simulates fleets of devices against a relay it
+//! starts as a child process, and runs the same scenarios against a
+//! raw-quinn floor server with the same TLS and transport settings, so each
+//! figure has a floor measured in the same run. Loopback only; every phase
+//! is bounded in count and time.
+//!
+//! ```text
+//! wakewire-loadtest compare --devices 10000 --push-rate 10000 --out loadtest-out
+//! ```
+//! writes `report.json`, `report.md` (the table for docs/benchmarks.md) and
+//! SVG plots into the output directory.
 
-fn main() {
-    eprintln!("wakewire-loadtest: not implemented yet; see the load-test issue");
-    std::process::exit(2);
+mod fleet;
+mod floor;
+mod plot;
+mod procstat;
+mod publisher;
+mod report;
+mod runner;
+mod stats;
+mod target;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::report::{Params, Report};
+use crate::runner::{Live, Opts, StormMode};
+
+#[derive(Parser)]
+#[command(
+    name = "wakewire-loadtest",
+    version,
+    about = "Fleet simulator and benchmarks: wakewire relay vs raw QUIC floor"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Which {
+    Both,
+    Relay,
+    Floor,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the scenarios against the floor and/or the relay and report.
+    Compare {
+        /// Which targets to run.
+        #[arg(long, value_enum, default_value = "both")]
+        target: Which,
+        /// Simulated devices (one connection each).
+        #[arg(long, default_value_t = 1000)]
+        devices: usize,
+        /// Channels per device (relay).
+        #[arg(long, default_value_t = 1)]
+        channels: usize,
+        /// Client UDP endpoints shared by the devices.
+        #[arg(long, default_value_t = 8)]
+        endpoints: usize,
+        /// Connection attempts in flight.
+        #[arg(long, default_value_t = 256)]
+        concurrency: usize,
+        /// Idle phase, seconds.
+        #[arg(long, default_value_t = 10.0)]
+        idle_secs: f64,
+        /// Offered push rate per second (0 = skip).
+        #[arg(long, default_value_t = 1000)]
+        push_rate: u64,
+        /// Push phase, seconds.
+        #[arg(long, default_value_t = 10.0)]
+        push_secs: f64,
+        /// In-flight wakes for the saturation phase (0 = skip).
+        #[arg(long, default_value_t = 1000)]
+        saturate_outstanding: usize,
+        /// Saturation phase, seconds.
+        #[arg(long, default_value_t = 10.0)]
+        saturate_secs: f64,
+        /// Device keepalive interval, seconds.
+        #[arg(long, default_value_t = 25.0)]
+        keepalive_secs: f64,
+        /// Reconnect storm after the other phases (relay only).
+        #[arg(long, value_enum, default_value = "none")]
+        storm: StormMode,
+        /// Longest wait for every device to come back, seconds.
+        #[arg(long, default_value_t = 180.0)]
+        storm_limit_secs: f64,
+        /// gRPC connections of the publisher.
+        #[arg(long, default_value_t = 4)]
+        publishers: usize,
+        /// Events per PublishBatch in the saturation phase (1 = Publish).
+        #[arg(long, default_value_t = 50)]
+        batch: usize,
+        /// Path of wakewire-relay (default: next to this binary).
+        #[arg(long)]
+        relay_bin: Option<PathBuf>,
+        /// Output directory (report.json, report.md, plots).
+        #[arg(long, default_value = "loadtest-out")]
+        out: PathBuf,
+    },
+    /// The raw-quinn floor server (started by `compare`; commands on stdin).
+    #[command(hide = true)]
+    FloorServer {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        cert: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+    },
+}
+
+/// A UDP socket with large buffers (loopback bursts overflow the defaults).
+pub(crate) fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    let _ = s.set_recv_buffer_size(8 << 20);
+    let _ = s.set_send_buffer_size(8 << 20);
+    s.bind(&addr.into())?;
+    Ok(s.into())
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+            })
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:").map(|v| v.trim().to_owned()))
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{cores} cores ({cpu}), {mem} RAM, Linux {}", kernel.trim())
+}
+
+fn now_utc() -> String {
+    std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("WAKEWIRE_LOG")
+                .unwrap_or_else(|_| "error".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().cmd {
+        Cmd::FloorServer { listen, cert, key } => floor::serve(listen, &cert, &key).await,
+        Cmd::Compare {
+            target,
+            devices,
+            channels,
+            endpoints,
+            concurrency,
+            idle_secs,
+            push_rate,
+            push_secs,
+            saturate_outstanding,
+            saturate_secs,
+            keepalive_secs,
+            storm,
+            storm_limit_secs,
+            publishers,
+            batch,
+            relay_bin,
+            out,
+        } => {
+            let relay_bin = match relay_bin {
+                Some(p) => p,
+                None => target::sibling_binary("wakewire-relay")?,
+            };
+            std::fs::create_dir_all(&out)?;
+            let work = tempfile_dir(&out)?;
+            let opts = Opts {
+                devices,
+                channels: channels.max(1),
+                endpoints,
+                concurrency,
+                idle: Duration::from_secs_f64(idle_secs),
+                push_rate,
+                push: Duration::from_secs_f64(push_secs),
+                saturate_outstanding,
+                saturate: Duration::from_secs_f64(saturate_secs),
+                keepalive: Duration::from_secs_f64(keepalive_secs),
+                storm,
+                storm_limit: Duration::from_secs_f64(storm_limit_secs),
+                publishers,
+                batch,
+                relay_bin,
+                work_dir: work.clone(),
+            };
+            let live = Arc::new(Live::default());
+            let progress = runner::spawn_progress(live.clone());
+            let floor = if target != Which::Relay {
+                Some(
+                    runner::run_floor(&opts, live.clone())
+                        .await
+                        .context("floor run")?,
+                )
+            } else {
+                None
+            };
+            let relay = if target != Which::Floor {
+                Some(
+                    runner::run_relay(&opts, live.clone())
+                        .await
+                        .context("relay run")?,
+                )
+            } else {
+                None
+            };
+            progress.abort();
+            let _ = std::fs::remove_dir_all(&work);
+            let report = Report {
+                date: now_utc(),
+                machine: machine(),
+                command: std::env::args()
+                    .map(|a| if a.contains(' ') { format!("{a:?}") } else { a })
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                params: Params {
+                    devices,
+                    channels: opts.channels,
+                    endpoints,
+                    concurrency,
+                    idle_s: idle_secs,
+                    push_rate,
+                    push_s: push_secs,
+                    saturate_outstanding,
+                    saturate_s: saturate_secs,
+                    keepalive_s: keepalive_secs,
+                },
+                floor,
+                relay,
+            };
+            std::fs::write(out.join("report.json"), serde_json::to_vec_pretty(&report)?)?;
+            let md = report.markdown();
+            std::fs::write(out.join("report.md"), &md)?;
+            let plots = report.plots(&out)?;
+            println!(
+                "\n{md}\nwrote {}/report.json, report.md, {}",
+                out.display(),
+                plots.join(", ")
+            );
+            Ok(())
+        }
+    }
+}
+
+fn tempfile_dir(out: &std::path::Path) -> anyhow::Result<PathBuf> {
+    let dir = out.join(format!("work-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
 }

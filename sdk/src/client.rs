@@ -121,6 +121,7 @@ pub(crate) struct Config {
     pub(crate) connect_timeout: Duration,
     pub(crate) backoff: (Duration, Duration),
     pub(crate) on_status: Option<StatusCallback>,
+    pub(crate) endpoint: Option<quinn::Endpoint>,
 }
 
 /// Builds a [`Client`].
@@ -136,6 +137,7 @@ pub struct ClientBuilder {
     connect_timeout: Duration,
     backoff: (Duration, Duration),
     on_status: Option<StatusCallback>,
+    endpoint: Option<quinn::Endpoint>,
 }
 
 impl std::fmt::Debug for ClientBuilder {
@@ -162,7 +164,16 @@ impl ClientBuilder {
             connect_timeout: Duration::from_secs(10),
             backoff: (Duration::from_millis(250), Duration::from_secs(60)),
             on_status: None,
+            endpoint: None,
         }
+    }
+
+    /// Uses this QUIC endpoint (UDP socket) instead of opening one. Many
+    /// clients can share one endpoint: quinn multiplexes connections per
+    /// socket (the load tester simulates fleets this way).
+    pub fn endpoint(mut self, endpoint: quinn::Endpoint) -> Self {
+        self.endpoint = Some(endpoint);
+        self
     }
 
     /// TLS server name to verify (default: the host part of the address).
@@ -279,6 +290,7 @@ impl ClientBuilder {
             connect_timeout: self.connect_timeout,
             backoff: self.backoff,
             on_status: self.on_status,
+            endpoint: self.endpoint,
         });
         let shared = Arc::new(Shared::default());
         let cmd = driver::start(config, shared.clone()).await?;

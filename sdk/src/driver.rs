@@ -44,7 +44,10 @@ pub(crate) async fn start(
     config: Arc<Config>,
     shared: Arc<Shared>,
 ) -> Result<mpsc::UnboundedSender<Command>, ConnectError> {
-    let mut endpoints = Endpoints::default();
+    let mut endpoints = Endpoints {
+        shared: config.endpoint.clone(),
+        ..Endpoints::default()
+    };
     let link = Link::establish(&config, &mut endpoints).await?;
     let (tx, cmd_rx) = mpsc::unbounded_channel();
     let mut driver = Driver {
@@ -66,12 +69,16 @@ pub(crate) async fn start(
 /// One client UDP socket per address family, reused across reconnects.
 #[derive(Default)]
 struct Endpoints {
+    shared: Option<quinn::Endpoint>,
     v4: Option<quinn::Endpoint>,
     v6: Option<quinn::Endpoint>,
 }
 
 impl Endpoints {
     fn for_addr(&mut self, addr: SocketAddr) -> Result<&quinn::Endpoint, ConnectError> {
+        if let Some(ep) = &self.shared {
+            return Ok(ep);
+        }
         let (slot, bind): (_, SocketAddr) = if addr.is_ipv4() {
             (&mut self.v4, ([0, 0, 0, 0], 0).into())
         } else {

@@ -127,7 +127,8 @@ pub(crate) fn client_config(
         .max_concurrent_uni_streams(0u8.into())
         .stream_receive_window(65_536u32.into())
         .receive_window(131_072u32.into())
-        .datagram_receive_buffer_size(None);
+        .datagram_receive_buffer_size(None)
+        .mtu_discovery_config(None);
     config.transport_config(Arc::new(transport));
     Ok((config, probe))
 }

@@ -48,6 +48,17 @@ pub struct Settings {
     pub max_ttl_secs: u32,
     /// TTL of events published without one, in seconds.
     pub default_ttl_secs: u32,
+    /// Most device connections at once; more are refused (the device backs
+    /// off and retries).
+    pub max_connections: usize,
+    /// Most QUIC handshakes in progress at once; more are refused, which
+    /// keeps a reconnect storm from exhausting the relay.
+    pub max_pending_handshakes: usize,
+    /// On shutdown, devices are told to come back spread over
+    /// `connected / shutdown_reconnect_rate` seconds.
+    pub shutdown_reconnect_rate: u32,
+    /// Requested UDP socket buffer size (bytes) for receive and send.
+    pub udp_buffer_bytes: usize,
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info,wakewire_server=debug`.
     pub log: String,
 }
@@ -67,6 +78,10 @@ impl Default for Settings {
             ack_wait_ms: 5_000,
             max_ttl_secs: 28 * 24 * 3600,
             default_ttl_secs: 28 * 24 * 3600,
+            max_connections: 1_000_000,
+            max_pending_handshakes: 1024,
+            shutdown_reconnect_rate: 1000,
+            udp_buffer_bytes: 8 * 1024 * 1024,
             log: "info".into(),
         }
     }
@@ -208,6 +223,15 @@ impl Settings {
         if self.default_ttl_secs > self.max_ttl_secs {
             return Err(invalid("default_ttl_secs", "must not exceed max_ttl_secs"));
         }
+        if self.max_connections == 0 || self.max_pending_handshakes == 0 {
+            return Err(invalid(
+                "max_connections",
+                "max_connections and max_pending_handshakes must be at least 1",
+            ));
+        }
+        if self.shutdown_reconnect_rate == 0 {
+            return Err(invalid("shutdown_reconnect_rate", "must be at least 1"));
+        }
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("data_dir", "must not be empty"));
         }
@@ -227,6 +251,10 @@ impl Settings {
             ack_wait: Duration::from_millis(self.ack_wait_ms),
             max_ttl_secs: self.max_ttl_secs,
             default_ttl_secs: self.default_ttl_secs,
+            max_connections: self.max_connections,
+            max_pending_handshakes: self.max_pending_handshakes,
+            shutdown_reconnect_rate: self.shutdown_reconnect_rate,
+            udp_buffer_bytes: self.udp_buffer_bytes,
         })
     }
 }
@@ -266,6 +294,14 @@ pub struct RelayConfig {
     pub max_ttl_secs: u32,
     /// TTL when none is given.
     pub default_ttl_secs: u32,
+    /// Connection limit.
+    pub max_connections: usize,
+    /// Concurrent handshake limit.
+    pub max_pending_handshakes: usize,
+    /// Reconnect spreading rate on shutdown (devices per second).
+    pub shutdown_reconnect_rate: u32,
+    /// UDP socket buffer request.
+    pub udp_buffer_bytes: usize,
 }
 
 impl RelayConfig {

@@ -53,6 +53,11 @@ pub struct Keys {
     pub verifier: Verifier,
     /// Derives channel ids.
     pub channel_ids: ChannelIds,
+    /// Key for QUIC stateless reset tokens. Derived from the channel secret,
+    /// so it survives restarts: after a crash, a device's next packet draws
+    /// a reset it recognises and it reconnects at once instead of waiting
+    /// for its keepalive to time out.
+    pub reset_key: ring::hmac::Key,
 }
 
 impl Keys {
@@ -134,10 +139,13 @@ impl DataDir {
                 message: format!("secret is {} bytes, needs 32", secret.len()),
             });
         }
+        let derive = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret);
+        let reset = ring::hmac::sign(&derive, b"wakewire quic stateless reset v1");
         Ok(Keys {
             verifier: signer.verifier(),
             signer,
             channel_ids: ChannelIds::new(&secret),
+            reset_key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset.as_ref()),
         })
     }
 

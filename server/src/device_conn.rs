@@ -3,6 +3,7 @@
 //! session asks (authenticate, register channels, complete publishes).
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -31,7 +32,9 @@ const CLOSE_FLUSH: Duration = Duration::from_secs(2);
 /// Accepts one incoming connection and serves it until it ends.
 pub(crate) async fn serve(incoming: quinn::Incoming, shared: Arc<Shared>) {
     let remote = incoming.remote_address();
-    let conn = match incoming.await {
+    let handshake = incoming.await;
+    shared.handshaking.fetch_sub(1, Ordering::Relaxed);
+    let conn = match handshake {
         Ok(c) => c,
         Err(e) => {
             counter!(m::HANDSHAKE_FAILURES).increment(1);
@@ -40,11 +43,13 @@ pub(crate) async fn serve(incoming: quinn::Incoming, shared: Arc<Shared>) {
         }
     };
     counter!(m::HANDSHAKES).increment(1);
+    shared.connections.fetch_add(1, Ordering::Relaxed);
     let conn_id = shared.next_conn_id();
     let span = info_span!("device_conn", conn = conn_id, %remote, device = tracing::field::Empty);
     gauge!(m::CONNECTIONS).increment(1.0);
-    let (driver, rx) = Driver::new(conn, shared, conn_id);
+    let (driver, rx) = Driver::new(conn, shared.clone(), conn_id);
     driver.run(rx).instrument(span).await;
+    shared.connections.fetch_sub(1, Ordering::Relaxed);
     gauge!(m::CONNECTIONS).decrement(1.0);
 }
 

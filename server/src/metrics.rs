@@ -22,3 +22,5 @@ pub const WAKES_SENT: &str = "wakewire_relay_wakes_sent_total";
 pub const ACKS: &str = "wakewire_relay_acks_total";
 /// Counter: keepalive pings answered.
 pub const KEEPALIVES: &str = "wakewire_relay_keepalives_total";
+/// Counter: connection attempts refused by admission control.
+pub const REFUSED: &str = "wakewire_relay_refused_total";

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -29,11 +29,21 @@ pub(crate) struct Shared {
     pub(crate) keys: Keys,
     pub(crate) registry: Registry,
     conn_ids: AtomicU64,
+    /// Handshakes in progress (admission control).
+    pub(crate) handshaking: AtomicUsize,
+    /// Established connections.
+    pub(crate) connections: AtomicUsize,
 }
 
 impl Shared {
     pub(crate) fn next_conn_id(&self) -> u64 {
         self.conn_ids.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Whether a new connection may start its handshake now.
+    fn admit(&self) -> bool {
+        self.handshaking.load(Ordering::Relaxed) < self.config.max_pending_handshakes
+            && self.connections.load(Ordering::Relaxed) < self.config.max_connections
     }
 }
 
@@ -96,14 +106,23 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, StartError> {
     };
     let (certs, key) = tls::load_pem(&cert_path, &key_path)?;
     let server_config = tls::server_config(certs, key, config.session.idle_timeout)?;
-    let endpoint =
-        quinn::Endpoint::server(server_config, config.quic_listen).map_err(|source| {
-            StartError::Bind {
-                what: "QUIC (UDP)",
-                addr: config.quic_listen,
-                source,
-            }
-        })?;
+    let bind_err = |source| StartError::Bind {
+        what: "QUIC (UDP)",
+        addr: config.quic_listen,
+        source,
+    };
+    let socket = udp_socket(config.quic_listen, config.udp_buffer_bytes).map_err(bind_err)?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| bind_err(std::io::Error::other("no async runtime for quinn")))?;
+    let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(keys.reset_key.clone()));
+    // Answer every packet of a connection we no longer know with a stateless
+    // reset (quinn's default allows one per 20 ms): after a crash, devices
+    // whose keepalives arrive together must all learn at once that they
+    // should reconnect. A reset is always smaller than the packet that
+    // caused it, so this cannot amplify traffic.
+    endpoint_config.min_reset_interval(Duration::ZERO);
+    let endpoint = quinn::Endpoint::new(endpoint_config, Some(server_config), socket, runtime)
+        .map_err(bind_err)?;
     let quic_addr = endpoint.local_addr().map_err(|source| StartError::Bind {
         what: "QUIC (UDP)",
         addr: config.quic_listen,
@@ -137,6 +156,8 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, StartError> {
         keys,
         registry: Registry::default(),
         conn_ids: AtomicU64::new(1),
+        handshaking: AtomicUsize::new(0),
+        connections: AtomicUsize::new(0),
     });
     let (stop, stop_rx) = watch::channel(false);
 
@@ -145,6 +166,13 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, StartError> {
         let shared = shared.clone();
         tokio::spawn(async move {
             while let Some(incoming) = endpoint.accept().await {
+                if !shared.admit() {
+                    // Cheap refusal: the device backs off (with jitter) and retries.
+                    metrics::counter!(crate::metrics::REFUSED).increment(1);
+                    incoming.refuse();
+                    continue;
+                }
+                shared.handshaking.fetch_add(1, Ordering::Relaxed);
                 tokio::spawn(crate::device_conn::serve(incoming, shared.clone()));
             }
         })
@@ -226,15 +254,25 @@ impl RelayHandle {
         self.shared.registry.connected_devices()
     }
 
-    /// Stops the relay: asks every device to go away (reconnecting after
-    /// `reconnect_after`), waits up to 2 s for them to leave, then closes
-    /// the endpoint and the gRPC server.
+    /// Stops the relay: asks every device to go away, waits up to 2 s for
+    /// them to leave, then closes the endpoint and the gRPC server. Devices
+    /// are told to come back after `reconnect_after` plus a share of a window
+    /// of `connected / shutdown_reconnect_rate` seconds, so a restart is not
+    /// followed by every device at once.
     pub async fn shutdown(self, reconnect_after: Duration) {
         self.endpoint.set_server_config(None);
-        for conn in self.shared.registry.all_connections() {
+        let conns = self.shared.registry.all_connections();
+        let window_ms = (conns.len() as u64).saturating_mul(1000)
+            / u64::from(self.shared.config.shutdown_reconnect_rate);
+        for (i, conn) in conns.iter().enumerate() {
+            let spread = if conns.len() > 1 {
+                window_ms * i as u64 / (conns.len() as u64 - 1)
+            } else {
+                0
+            };
             let _ = conn.try_send(Box::new(ConnCommand::GoAway {
                 reason: GoAwayReason::Shutdown,
-                reconnect_after,
+                reconnect_after: reconnect_after + Duration::from_millis(spread),
                 message: "relay shutting down",
             }));
         }
@@ -269,6 +307,24 @@ impl RelayHandle {
         let _ = self.grpc_task.await;
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
     }
+}
+
+/// A UDP socket with the requested buffer sizes (the kernel may cap them
+/// at net.core.rmem_max / wmem_max; as root we ask to exceed that).
+fn udp_socket(addr: SocketAddr, buffer: usize) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false).ok();
+    }
+    if socket.set_recv_buffer_size(buffer).is_err() {
+        tracing::debug!(buffer, "could not set the UDP receive buffer");
+    }
+    if socket.set_send_buffer_size(buffer).is_err() {
+        tracing::debug!(buffer, "could not set the UDP send buffer");
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
 }
 
 /// Wall clock, Unix milliseconds.

@@ -80,7 +80,10 @@ pub fn transport_config(idle_timeout: Duration) -> Result<quinn::TransportConfig
         .receive_window(65_536u32.into())
         .send_window(65_536)
         .datagram_receive_buffer_size(None)
-        .datagram_send_buffer_size(0);
+        .datagram_send_buffer_size(0)
+        // Control frames are small: path MTU discovery would cost probes
+        // per connection and memory for no gain.
+        .mtu_discovery_config(None);
     Ok(t)
 }
 

@@ -1,0 +1,221 @@
+//! The publisher side: gRPC publishes at a fixed offered rate (open loop:
+//! each publish has an intended send time, latency is measured from it, so
+//! a slow relay cannot hide behind fewer requests), or as fast as a fixed
+//! number of concurrent publishers allow (optionally with `PublishBatch`).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::Semaphore;
+use tonic::transport::Channel;
+use wakewire_proto::pb::publish::{
+    publisher_client::PublisherClient, DeliveryStatus, PublishBatchRequest, PublishRequest,
+    PublishResponse,
+};
+
+/// Results of a publish phase.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PublishStats {
+    /// Publishes issued.
+    pub issued: u64,
+    /// Answers by status (or gRPC error code).
+    pub statuses: BTreeMap<String, u64>,
+    /// Publishes that could not start because the outstanding cap was hit.
+    pub skipped: u64,
+    /// Phase duration, s.
+    pub elapsed_s: f64,
+    /// Answered publishes per second.
+    pub per_s: f64,
+}
+
+/// Publishes to a set of channels over a few gRPC connections.
+#[derive(Clone)]
+pub struct Publisher {
+    clients: Vec<PublisherClient<Channel>>,
+    token: Arc<str>,
+    ids: Arc<[String]>,
+    epoch: Instant,
+    statuses: Arc<Mutex<BTreeMap<String, u64>>>,
+}
+
+impl Publisher {
+    /// Opens `connections` gRPC connections to `grpc`.
+    pub async fn connect(
+        grpc: std::net::SocketAddr,
+        connections: usize,
+        token: &str,
+        ids: Vec<String>,
+        epoch: Instant,
+    ) -> anyhow::Result<Self> {
+        let mut clients = Vec::new();
+        for _ in 0..connections.max(1) {
+            let ch = Channel::from_shared(format!("http://{grpc}"))?
+                .connect()
+                .await?;
+            clients.push(PublisherClient::new(ch));
+        }
+        Ok(Self {
+            clients,
+            token: token.into(),
+            ids: ids.into(),
+            epoch,
+            statuses: Arc::default(),
+        })
+    }
+
+    fn request(&self, i: usize, intended: Instant) -> PublishRequest {
+        let mut payload = vec![0u8; 64];
+        let nanos = u64::try_from(intended.saturating_duration_since(self.epoch).as_nanos())
+            .unwrap_or(u64::MAX);
+        payload[..8].copy_from_slice(&nanos.to_le_bytes());
+        PublishRequest {
+            channel_id: self.ids[i % self.ids.len()].clone(),
+            payload,
+            ..Default::default()
+        }
+    }
+
+    fn authed<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        if let Ok(v) = format!("Bearer {}", self.token).parse() {
+            req.metadata_mut().insert("authorization", v);
+        }
+        req
+    }
+
+    fn count(&self, key: String, n: u64) {
+        if let Ok(mut m) = self.statuses.lock() {
+            *m.entry(key).or_default() += n;
+        }
+    }
+
+    fn count_response(&self, r: &PublishResponse) {
+        self.count(
+            match r.status() {
+                DeliveryStatus::Delivered => "delivered".to_owned(),
+                other => other.as_str_name().to_lowercase(),
+            },
+            1,
+        );
+    }
+
+    async fn publish_one(&self, i: usize, intended: Instant) {
+        let mut client = self.clients[i % self.clients.len()].clone();
+        match client.publish(self.authed(self.request(i, intended))).await {
+            Ok(r) => self.count_response(&r.into_inner()),
+            Err(s) => self.count(format!("error {:?}", s.code()), 1),
+        }
+    }
+
+    async fn publish_batch(&self, first: usize, n: usize) -> u64 {
+        let mut client = self.clients[first % self.clients.len()].clone();
+        let now = Instant::now();
+        let events = (first..first + n).map(|i| self.request(i, now)).collect();
+        match client
+            .publish_batch(self.authed(PublishBatchRequest { events }))
+            .await
+        {
+            Ok(r) => {
+                let results = r.into_inner().results;
+                for res in &results {
+                    match &res.response {
+                        Some(resp) => self.count_response(resp),
+                        None => self.count(format!("error {}", res.error_code), 1),
+                    }
+                }
+                results.len() as u64
+            }
+            Err(s) => {
+                self.count(format!("error {:?}", s.code()), n as u64);
+                n as u64
+            }
+        }
+    }
+
+    fn finish(&self, issued: u64, skipped: u64, start: Instant) -> PublishStats {
+        let elapsed = start.elapsed().as_secs_f64();
+        let statuses = self
+            .statuses
+            .lock()
+            .map(|mut m| std::mem::take(&mut *m))
+            .unwrap_or_default();
+        let answered: u64 = statuses.values().sum();
+        PublishStats {
+            issued,
+            statuses,
+            skipped,
+            elapsed_s: elapsed,
+            per_s: answered as f64 / elapsed.max(1e-9),
+        }
+    }
+
+    /// Publishes at `rate`/s for `duration`, round-robin over the channels.
+    pub async fn open_loop(
+        &self,
+        rate: u64,
+        duration: Duration,
+        max_outstanding: usize,
+        issued: &AtomicU64,
+    ) -> PublishStats {
+        let sem = Arc::new(Semaphore::new(max_outstanding));
+        let total = (rate as f64 * duration.as_secs_f64()) as u64;
+        let start = Instant::now();
+        let mut skipped = 0;
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..total {
+            let intended = start + Duration::from_secs_f64(i as f64 / rate.max(1) as f64);
+            tokio::time::sleep_until(intended.into()).await;
+            let Ok(permit) = sem.clone().try_acquire_owned() else {
+                skipped += 1;
+                continue;
+            };
+            let this = self.clone();
+            tasks.spawn(async move {
+                this.publish_one(i as usize, intended).await;
+                drop(permit);
+            });
+            issued.fetch_add(1, Ordering::Relaxed);
+            while tasks.try_join_next().is_some() {}
+        }
+        while tasks.join_next().await.is_some() {}
+        self.finish(total - skipped, skipped, start)
+    }
+
+    /// `workers` publishers in a loop for `duration`, each sending batches
+    /// of `batch` events (1 = plain Publish).
+    pub async fn saturate(
+        &self,
+        workers: usize,
+        batch: usize,
+        duration: Duration,
+        issued: &AtomicU64,
+    ) -> PublishStats {
+        let start = Instant::now();
+        let next = Arc::new(AtomicU64::new(0));
+        let total = Arc::new(AtomicU64::new(0));
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..workers.max(1) {
+            let (this, next, total) = (self.clone(), next.clone(), total.clone());
+            let batch = batch.max(1);
+            tasks.spawn(async move {
+                while start.elapsed() < duration {
+                    let first = next.fetch_add(batch as u64, Ordering::Relaxed) as usize;
+                    let n = if batch == 1 {
+                        this.publish_one(first, Instant::now()).await;
+                        1
+                    } else {
+                        this.publish_batch(first, batch).await
+                    };
+                    total.fetch_add(n, Ordering::Relaxed);
+                }
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+        let n = total.load(Ordering::Relaxed);
+        issued.fetch_add(n, Ordering::Relaxed);
+        self.finish(n, 0, start)
+    }
+}
