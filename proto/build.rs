@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "proto/wakewire/device/v1/device.proto",
         "proto/wakewire/publish/v1/publisher.proto",
+        "proto/wakewire/store/v1/store.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

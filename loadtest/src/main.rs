@@ -98,6 +98,19 @@ enum Cmd {
         /// Events per PublishBatch in the saturation phase (1 = Publish).
         #[arg(long, default_value_t = 50)]
         batch: usize,
+        /// Test a relay that is already running at this device address
+        /// (needs --relay-grpc and --relay-data-dir; no storm).
+        #[arg(long, requires_all = ["relay_grpc", "relay_data_dir"])]
+        relay_quic: Option<SocketAddr>,
+        /// gRPC address of the running relay.
+        #[arg(long)]
+        relay_grpc: Option<SocketAddr>,
+        /// Data directory of the running relay (tokens, dev certificate).
+        #[arg(long)]
+        relay_data_dir: Option<PathBuf>,
+        /// Pid of the running relay, to sample its RSS and CPU.
+        #[arg(long, default_value_t = 0)]
+        relay_pid: u32,
         /// Path of wakewire-relay (default: next to this binary).
         #[arg(long)]
         relay_bin: Option<PathBuf>,
@@ -185,12 +198,26 @@ async fn main() -> anyhow::Result<()> {
             storm_limit_secs,
             publishers,
             batch,
+            relay_quic,
+            relay_grpc,
+            relay_data_dir,
+            relay_pid,
             relay_bin,
             out,
         } => {
-            let relay_bin = match relay_bin {
-                Some(p) => p,
-                None => target::sibling_binary("wakewire-relay")?,
+            let external = match (relay_quic, relay_grpc, relay_data_dir) {
+                (Some(quic), Some(grpc), Some(data_dir)) => Some(runner::External {
+                    quic,
+                    grpc,
+                    data_dir,
+                    pid: relay_pid,
+                }),
+                _ => None,
+            };
+            let relay_bin = match (&external, relay_bin) {
+                (_, Some(p)) => p,
+                (Some(_), None) => PathBuf::new(),
+                (None, None) => target::sibling_binary("wakewire-relay")?,
             };
             std::fs::create_dir_all(&out)?;
             let work = tempfile_dir(&out)?;
@@ -211,6 +238,7 @@ async fn main() -> anyhow::Result<()> {
                 batch,
                 relay_bin,
                 work_dir: work.clone(),
+                external,
             };
             let live = Arc::new(Live::default());
             let progress = runner::spawn_progress(live.clone());

@@ -96,6 +96,18 @@ pub struct StormStats {
     pub timeline: Vec<(f64, u64)>,
 }
 
+/// Server (target process) CPU time per operation, from /proc: independent
+/// of how much CPU the load generator takes on the same machine.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CpuStats {
+    /// Per established connection during the connect phase, microseconds.
+    pub per_handshake_us: f64,
+    /// Per wake during the push phase, microseconds.
+    pub per_wake_push_us: f64,
+    /// Per wake during the saturation phase, microseconds.
+    pub per_wake_saturate_us: f64,
+}
+
 /// Everything measured against one target.
 #[derive(Debug, Clone, Serialize)]
 pub struct TargetReport {
@@ -111,6 +123,8 @@ pub struct TargetReport {
     pub saturate: Option<SaturateStats>,
     /// Storm phase (relay only).
     pub storm: Option<StormStats>,
+    /// Target CPU per operation.
+    pub cpu: CpuStats,
     /// Target process samples.
     pub samples: Vec<Sample>,
 }
@@ -213,6 +227,15 @@ impl Report {
         );
         row(
             &mut md,
+            "server CPU per handshake, us",
+            f.map(|t| t.cpu.per_handshake_us),
+            r.map(|t| t.cpu.per_handshake_us),
+            0,
+            "",
+            None,
+        );
+        row(
+            &mut md,
             "handshake p50 ms",
             fc.map(|c| c.handshake.p50_ms),
             rc.map(|c| c.handshake.p50_ms),
@@ -237,7 +260,8 @@ impl Report {
             r.map(per_dev),
             1,
             "<= 24 KiB",
-            r.map(|t| per_dev(t) <= 24.0),
+            r.filter(|t| t.idle.rss_per_device_bytes.is_finite() && t.idle.rss_before_mib > 0.0)
+                .map(|t| per_dev(t) <= 24.0),
         );
         row(
             &mut md,
@@ -260,6 +284,15 @@ impl Report {
                 fp.map(|p| p.publish.per_s),
                 rp.map(|p| p.publish.per_s),
                 0,
+                "",
+                None,
+            );
+            row(
+                &mut md,
+                "server CPU per wake at that rate, us",
+                f.map(|t| t.cpu.per_wake_push_us),
+                r.map(|t| t.cpu.per_wake_push_us),
+                1,
                 "",
                 None,
             );
@@ -332,6 +365,15 @@ impl Report {
                     _ => None,
                 },
             );
+            row(
+                &mut md,
+                "server CPU per wake at saturation, us",
+                f.map(|t| t.cpu.per_wake_saturate_us),
+                r.map(|t| t.cpu.per_wake_saturate_us),
+                1,
+                "",
+                None,
+            );
         }
         if let Some(s) = r.and_then(|t| t.storm.as_ref()) {
             row(
@@ -351,7 +393,7 @@ impl Report {
                 s.max_rss_mib
             ));
         }
-        if let Some(r) = r {
+        if let Some(r) = r.filter(|t| t.idle.rss_before_mib > 0.0) {
             let per = r.idle.rss_per_device_bytes.max(1.0);
             let base = r.idle.rss_before_mib * 1024.0 * 1024.0;
             let proj: Vec<String> = [16u64, 32, 64]

@@ -14,7 +14,7 @@ use wakewire_server::data_dir::DataDir;
 use crate::fleet::{self, FleetConfig, FleetState};
 use crate::procstat::{self, Sampler};
 use crate::publisher::Publisher;
-use crate::report::{IdleStats, PushStats, SaturateStats, StormStats, TargetReport};
+use crate::report::{CpuStats, IdleStats, PushStats, SaturateStats, StormStats, TargetReport};
 use crate::stats::Percentiles;
 use crate::target::{FloorProc, RelayProc};
 
@@ -48,6 +48,21 @@ pub struct Opts {
     pub batch: usize,
     pub relay_bin: PathBuf,
     pub work_dir: PathBuf,
+    /// A relay already running (not started by the harness).
+    pub external: Option<External>,
+}
+
+/// A running relay to test instead of a child process.
+#[derive(Debug, Clone)]
+pub struct External {
+    /// Device endpoint.
+    pub quic: std::net::SocketAddr,
+    /// gRPC endpoint.
+    pub grpc: std::net::SocketAddr,
+    /// Its data directory (for tokens and the dev certificate).
+    pub data_dir: PathBuf,
+    /// Its pid, to sample RSS/CPU (0 = do not sample).
+    pub pid: u32,
 }
 
 /// Live counters for the progress line and the sampler.
@@ -140,6 +155,19 @@ fn spawn_sampler(
     })
 }
 
+/// CPU time of `pid` (zero if unknown).
+fn cpu_of(pid: u32) -> Duration {
+    procstat::read(pid).map_or(Duration::ZERO, |r| r.cpu)
+}
+
+/// Microseconds of CPU per operation.
+fn per_op_us(cpu: Duration, ops: u64) -> f64 {
+    if ops == 0 {
+        return f64::NAN;
+    }
+    cpu.as_secs_f64() * 1e6 / ops as f64
+}
+
 fn unix_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -187,21 +215,30 @@ async fn idle_phase(
 /// The relay scenario.
 pub async fn run_relay(opts: &Opts, live: Arc<Live>) -> anyhow::Result<TargetReport> {
     let epoch = Instant::now();
-    let data_dir = opts.work_dir.join("relay-data");
-    let any = "127.0.0.1:0".parse()?;
-    let mut relay = RelayProc::start(&opts.relay_bin, &data_dir, any, any).await?;
+    let (data_dir, mut relay, quic, grpc, pid) = match &opts.external {
+        Some(e) => (e.data_dir.clone(), None, e.quic, e.grpc, e.pid),
+        None => {
+            let data_dir = opts.work_dir.join("relay-data");
+            let any = "127.0.0.1:0".parse()?;
+            let r = RelayProc::start(&opts.relay_bin, &data_dir, any, any, &[]).await?;
+            let (q, g, p) = (r.quic, r.grpc, r.pid());
+            (data_dir, Some(r), q, g, p)
+        }
+    };
     let keys = DataDir::open(&data_dir)?.keys()?;
-    live.pid.store(relay.pid(), Ordering::Relaxed);
+    live.pid.store(pid, Ordering::Relaxed);
     live.connected.store(0, Ordering::Relaxed);
     let samples = Arc::new(Mutex::new(vec![]));
     let sampler = spawn_sampler(live.clone(), samples.clone(), epoch);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let rss_before = procstat::read(relay.pid()).map_or(0, |r| r.rss);
+    let rss_before = procstat::read(pid).map_or(0, |r| r.rss);
 
     live.phase("relay: connect", opts.devices);
+    let mut cpu = CpuStats::default();
+    let cpu0 = cpu_of(pid);
     let endpoints = fleet::endpoints(opts.endpoints)?;
     let config = Arc::new(FleetConfig {
-        relay: relay.quic,
+        relay: quic,
         ca: data_dir.join(wakewire_server::data_dir::DEV_CERT_FILE),
         channels: opts.channels,
         keepalive: opts.keepalive,
@@ -227,6 +264,7 @@ pub async fn run_relay(opts: &Opts, live: Arc<Live>) -> anyhow::Result<TargetRep
         watcher.abort();
         stats
     };
+    cpu.per_handshake_us = per_op_us(cpu_of(pid).saturating_sub(cpu0), connect.connected as u64);
     live.connected
         .store(state.connected.load(Ordering::Relaxed), Ordering::Relaxed);
     let watcher = mirror(state.clone(), live.clone());
@@ -235,7 +273,7 @@ pub async fn run_relay(opts: &Opts, live: Arc<Live>) -> anyhow::Result<TargetRep
         connect.connected, connect.attempted, connect.elapsed_s, connect.rate_per_s, connect.errors
     );
 
-    let idle = idle_phase(opts, &live, relay.pid(), rss_before, connect.connected).await;
+    let idle = idle_phase(opts, &live, pid, rss_before, connect.connected).await;
 
     let keys = DataDir::open(&data_dir)?.keys()?;
     let token = keys.publisher_token(
@@ -252,7 +290,7 @@ pub async fn run_relay(opts: &Opts, live: Arc<Live>) -> anyhow::Result<TargetRep
     let mut push = None;
     let mut saturate = None;
     if !ids.is_empty() {
-        let publisher = Publisher::connect(relay.grpc, opts.publishers, &token, ids, epoch).await?;
+        let publisher = Publisher::connect(grpc, opts.publishers, &token, ids, epoch).await?;
         if opts.push_rate > 0 && !opts.push.is_zero() {
             live.phase(
                 &format!("relay: push {}/s", opts.push_rate),
@@ -260,10 +298,12 @@ pub async fn run_relay(opts: &Opts, live: Arc<Live>) -> anyhow::Result<TargetRep
             );
             state.latency.reset();
             let received0 = state.received.load(Ordering::Relaxed);
+            let c0 = cpu_of(pid);
             let p = publisher
                 .open_loop(opts.push_rate, opts.push, 50_000, &live.issued)
                 .await;
             let delivered = p.statuses.get("delivered").copied().unwrap_or(0);
+            cpu.per_wake_push_us = per_op_us(cpu_of(pid).saturating_sub(c0), delivered);
             wait_until(Duration::from_secs(5), || {
                 state.received.load(Ordering::Relaxed) - received0 >= delivered
             })
@@ -286,9 +326,14 @@ pub async fn run_relay(opts: &Opts, live: Arc<Live>) -> anyhow::Result<TargetRep
             );
             state.latency.reset();
             let workers = opts.saturate_outstanding.div_ceil(opts.batch.max(1));
+            let c0 = cpu_of(pid);
             let p = publisher
                 .saturate(workers, opts.batch, opts.saturate, &live.issued)
                 .await;
+            cpu.per_wake_saturate_us = per_op_us(
+                cpu_of(pid).saturating_sub(c0),
+                p.statuses.get("delivered").copied().unwrap_or(0),
+            );
             saturate = Some(SaturateStats {
                 outstanding: opts.saturate_outstanding,
                 per_s: p.statuses.get("delivered").copied().unwrap_or(0) as f64
@@ -298,42 +343,45 @@ pub async fn run_relay(opts: &Opts, live: Arc<Live>) -> anyhow::Result<TargetRep
         }
     }
 
-    let storm = if opts.storm != StormMode::None {
-        live.phase("relay: reconnect storm", connect.connected);
-        let before = state.connected.load(Ordering::Relaxed);
-        let resets0 = state.resets.load(Ordering::Relaxed);
-        match opts.storm {
-            StormMode::Kill => relay.kill().await?,
-            _ => relay.terminate().await?,
-        }
-        relay = relay.restart().await.context("relay restart")?;
-        live.pid.store(relay.pid(), Ordering::Relaxed);
-        let t0 = Instant::now();
-        let mut timeline = vec![];
-        let mut max_rss = 0u64;
-        let mut recovery = None;
-        while t0.elapsed() < opts.storm_limit {
-            let back = state.resets.load(Ordering::Relaxed) - resets0;
-            live.done.store(back, Ordering::Relaxed);
-            timeline.push((t0.elapsed().as_secs_f64(), back as u64));
-            max_rss = max_rss.max(procstat::read(relay.pid()).map_or(0, |r| r.rss));
-            if back >= before {
-                recovery = Some(t0.elapsed().as_secs_f64());
-                break;
+    let storm =
+        if let (StormMode::Kill | StormMode::Term, Some(mut proc)) = (opts.storm, relay.take()) {
+            live.phase("relay: reconnect storm", connect.connected);
+            let before = state.connected.load(Ordering::Relaxed);
+            let resets0 = state.resets.load(Ordering::Relaxed);
+            match opts.storm {
+                StormMode::Kill => proc.kill().await?,
+                _ => proc.terminate().await?,
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        Some(StormStats {
-            mode: format!("{:?}", opts.storm).to_lowercase(),
-            devices: before,
-            recovered: (state.resets.load(Ordering::Relaxed) - resets0).min(before),
-            recovery_s: recovery,
-            max_rss_mib: max_rss as f64 / 1048576.0,
-            timeline,
-        })
-    } else {
-        None
-    };
+            let restarted = proc.restart().await.context("relay restart")?;
+            let new_pid = restarted.pid();
+            relay = Some(restarted);
+            live.pid.store(new_pid, Ordering::Relaxed);
+            let t0 = Instant::now();
+            let mut timeline = vec![];
+            let mut max_rss = 0u64;
+            let mut recovery = None;
+            while t0.elapsed() < opts.storm_limit {
+                let back = state.resets.load(Ordering::Relaxed) - resets0;
+                live.done.store(back, Ordering::Relaxed);
+                timeline.push((t0.elapsed().as_secs_f64(), back as u64));
+                max_rss = max_rss.max(procstat::read(new_pid).map_or(0, |r| r.rss));
+                if back >= before {
+                    recovery = Some(t0.elapsed().as_secs_f64());
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Some(StormStats {
+                mode: format!("{:?}", opts.storm).to_lowercase(),
+                devices: before,
+                recovered: (state.resets.load(Ordering::Relaxed) - resets0).min(before),
+                recovery_s: recovery,
+                max_rss_mib: max_rss as f64 / 1048576.0,
+                timeline,
+            })
+        } else {
+            None
+        };
 
     watcher.abort();
     sampler.abort();
@@ -343,7 +391,9 @@ pub async fn run_relay(opts: &Opts, live: Arc<Live>) -> anyhow::Result<TargetRep
         .map(|mut v| std::mem::take(&mut *v))
         .unwrap_or_default();
     drop(clients);
-    relay.kill().await.ok();
+    if let Some(mut r) = relay {
+        r.kill().await.ok();
+    }
     let samples = samples.lock().map(|v| v.clone()).unwrap_or_default();
     Ok(TargetReport {
         target: "relay".into(),
@@ -352,6 +402,7 @@ pub async fn run_relay(opts: &Opts, live: Arc<Live>) -> anyhow::Result<TargetRep
         push,
         saturate,
         storm,
+        cpu,
         samples,
     })
 }
@@ -370,6 +421,8 @@ pub async fn run_floor(opts: &Opts, live: Arc<Live>) -> anyhow::Result<TargetRep
     let rss_before = procstat::read(floor.pid()).map_or(0, |r| r.rss);
 
     live.phase("floor: connect", opts.devices);
+    let mut cpu = CpuStats::default();
+    let cpu0 = cpu_of(floor.pid());
     let endpoints = fleet::endpoints(opts.endpoints)?;
     let config = crate::floor::client_config(&cert, opts.keepalive)?;
     let connected = Arc::new(AtomicUsize::new(0));
@@ -399,6 +452,10 @@ pub async fn run_floor(opts: &Opts, live: Arc<Live>) -> anyhow::Result<TargetRep
         watcher.abort();
         stats
     };
+    cpu.per_handshake_us = per_op_us(
+        cpu_of(floor.pid()).saturating_sub(cpu0),
+        connect.connected as u64,
+    );
     live.connected
         .store(connected.load(Ordering::Relaxed), Ordering::Relaxed);
     eprintln!(
@@ -410,6 +467,7 @@ pub async fn run_floor(opts: &Opts, live: Arc<Live>) -> anyhow::Result<TargetRep
     let mut push = None;
     if opts.push_rate > 0 && !opts.push.is_zero() {
         live.phase(&format!("floor: push {}/s", opts.push_rate), 0);
+        let c0 = cpu_of(floor.pid());
         let v = floor
             .command(
                 &format!("push {} {}", opts.push_rate, opts.push.as_secs_f64()),
@@ -420,6 +478,7 @@ pub async fn run_floor(opts: &Opts, live: Arc<Live>) -> anyhow::Result<TargetRep
         let per_second: Vec<(u64, Percentiles)> =
             serde_json::from_value(v["per_second"].clone()).unwrap_or_default();
         let acked = v["acked"].as_u64().unwrap_or(0);
+        cpu.per_wake_push_us = per_op_us(cpu_of(floor.pid()).saturating_sub(c0), acked);
         let elapsed = v["elapsed_s"].as_f64().unwrap_or(1.0);
         push = Some(PushStats {
             offered_rate: opts.push_rate,
@@ -444,6 +503,7 @@ pub async fn run_floor(opts: &Opts, live: Arc<Live>) -> anyhow::Result<TargetRep
             ),
             0,
         );
+        let c0 = cpu_of(floor.pid());
         let v = floor
             .command(
                 &format!(
@@ -454,6 +514,10 @@ pub async fn run_floor(opts: &Opts, live: Arc<Live>) -> anyhow::Result<TargetRep
                 opts.saturate + Duration::from_secs(30),
             )
             .await?;
+        cpu.per_wake_saturate_us = per_op_us(
+            cpu_of(floor.pid()).saturating_sub(c0),
+            v["acked"].as_u64().unwrap_or(0),
+        );
         saturate = Some(SaturateStats {
             outstanding: opts.saturate_outstanding,
             per_s: v["per_s"].as_f64().unwrap_or(0.0),
@@ -470,6 +534,7 @@ pub async fn run_floor(opts: &Opts, live: Arc<Live>) -> anyhow::Result<TargetRep
         push,
         saturate,
         storm: None,
+        cpu,
         samples,
     })
 }

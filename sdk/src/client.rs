@@ -122,6 +122,8 @@ pub(crate) struct Config {
     pub(crate) backoff: (Duration, Duration),
     pub(crate) on_status: Option<StatusCallback>,
     pub(crate) endpoint: Option<quinn::Endpoint>,
+    pub(crate) dedup_file: Option<PathBuf>,
+    pub(crate) dedup_window: usize,
 }
 
 /// Builds a [`Client`].
@@ -138,6 +140,8 @@ pub struct ClientBuilder {
     backoff: (Duration, Duration),
     on_status: Option<StatusCallback>,
     endpoint: Option<quinn::Endpoint>,
+    dedup_file: Option<PathBuf>,
+    dedup_window: usize,
 }
 
 impl std::fmt::Debug for ClientBuilder {
@@ -165,7 +169,24 @@ impl ClientBuilder {
             backoff: (Duration::from_millis(250), Duration::from_secs(60)),
             on_status: None,
             endpoint: None,
+            dedup_file: None,
+            dedup_window: crate::dedup::DEFAULT_WINDOW,
         }
+    }
+
+    /// Remembers the ids of handled events in this file (synced before each
+    /// ack), so an event delivered again after the app restarts does not
+    /// fire its callback twice. Without it the window lives in memory and
+    /// covers reconnects only.
+    pub fn dedup_store(mut self, path: impl Into<PathBuf>) -> Self {
+        self.dedup_file = Some(path.into());
+        self
+    }
+
+    /// How many handled event ids are remembered (default 4096).
+    pub fn dedup_window(mut self, ids: usize) -> Self {
+        self.dedup_window = ids;
+        self
     }
 
     /// Uses this QUIC endpoint (UDP socket) instead of opening one. Many
@@ -291,6 +312,8 @@ impl ClientBuilder {
             backoff: self.backoff,
             on_status: self.on_status,
             endpoint: self.endpoint,
+            dedup_file: self.dedup_file,
+            dedup_window: self.dedup_window,
         });
         let shared = Arc::new(Shared::default());
         let cmd = driver::start(config, shared.clone()).await?;

@@ -20,6 +20,7 @@ use crate::backoff::Backoff;
 use crate::client::{
     Config, ConnectionInfo, KeepalivePolicy, Shared, Status, WakeCallback, WakeEvent,
 };
+use crate::dedup::Seen;
 use crate::error::{ConnectError, RegisterError};
 use crate::tls;
 
@@ -49,8 +50,11 @@ pub(crate) async fn start(
         ..Endpoints::default()
     };
     let link = Link::establish(&config, &mut endpoints).await?;
+    let seen = Seen::open(config.dedup_file.clone(), config.dedup_window)
+        .map_err(|e| ConnectError::Config(format!("cannot open the dedup store: {e}")))?;
     let (tx, cmd_rx) = mpsc::unbounded_channel();
     let mut driver = Driver {
+        seen,
         config,
         shared,
         endpoints,
@@ -316,6 +320,8 @@ struct ChannelState {
 }
 
 struct Driver {
+    /// Event ids already handed to the app.
+    seen: Seen,
     config: Arc<Config>,
     shared: Arc<Shared>,
     endpoints: Endpoints,
@@ -527,6 +533,11 @@ impl Driver {
                 }
             }
             DeviceEvent::Wake(w) => {
+                if self.seen.contains(&w.event_id) {
+                    debug!(event = %w.event_id, "duplicate wake: already handled, acking again");
+                    link.session.ack(Instant::now(), w.event_id);
+                    return;
+                }
                 let Some(name) = self.by_id.get(&w.channel_id) else {
                     warn!(channel = %w.channel_id, event = %w.event_id, "wake for a channel this client does not have; not acked");
                     return;
@@ -545,6 +556,9 @@ impl Driver {
                 };
                 let cb = state.callback.clone();
                 if catch_unwind(AssertUnwindSafe(|| cb(&event))).is_ok() {
+                    if let Err(e) = self.seen.insert(&event.event_id) {
+                        warn!(error = %e, "cannot persist the handled event id");
+                    }
                     link.session.ack(Instant::now(), event.event_id);
                 } else {
                     warn!(event = %event.event_id, "wake callback panicked; event not acked");

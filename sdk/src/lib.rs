@@ -29,6 +29,7 @@
 
 mod backoff;
 mod client;
+mod dedup;
 mod driver;
 mod error;
 mod tls;

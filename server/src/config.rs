@@ -59,6 +59,21 @@ pub struct Settings {
     pub shutdown_reconnect_rate: u32,
     /// Requested UDP socket buffer size (bytes) for receive and send.
     pub udp_buffer_bytes: usize,
+    /// Most queued (undelivered) events per channel; when full, the oldest
+    /// event without a collapse key is dropped.
+    pub queue_limit: usize,
+    /// Longest a normal-priority event is held to share a radio wake with
+    /// other traffic, in milliseconds.
+    pub normal_max_delay_ms: u64,
+    /// How long delivered, expired and dropped events stay queryable with
+    /// GetEvent, in seconds.
+    pub status_retention_secs: u64,
+    /// A channel whose device has not registered it for this many days is
+    /// gone (publishing to it is NOT_FOUND).
+    pub channel_expiry_days: u64,
+    /// Commit concurrent publishes together (one fsync per batch). Turn off
+    /// only to measure the difference.
+    pub store_group_commit: bool,
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info,wakewire_server=debug`.
     pub log: String,
 }
@@ -82,6 +97,11 @@ impl Default for Settings {
             max_pending_handshakes: 1024,
             shutdown_reconnect_rate: 1000,
             udp_buffer_bytes: 8 * 1024 * 1024,
+            queue_limit: 100,
+            normal_max_delay_ms: 60_000,
+            status_retention_secs: 86_400,
+            channel_expiry_days: 30,
+            store_group_commit: true,
             log: "info".into(),
         }
     }
@@ -153,9 +173,11 @@ impl Settings {
                 continue;
             };
             let name = name.to_ascii_lowercase();
-            let value = match value.parse::<i64>() {
-                Ok(n) => toml::Value::Integer(n),
-                Err(_) => toml::Value::String(value),
+            let value = match (value.parse::<i64>(), value.as_str()) {
+                (Ok(n), _) => toml::Value::Integer(n),
+                (_, "true") => toml::Value::Boolean(true),
+                (_, "false") => toml::Value::Boolean(false),
+                _ => toml::Value::String(value),
             };
             table.insert(name, value);
         }
@@ -229,6 +251,18 @@ impl Settings {
                 "max_connections and max_pending_handshakes must be at least 1",
             ));
         }
+        if !(1..=100_000).contains(&self.queue_limit) {
+            return Err(invalid("queue_limit", "must be between 1 and 100000"));
+        }
+        if self.normal_max_delay_ms > 3_600_000 {
+            return Err(invalid(
+                "normal_max_delay_ms",
+                "must be at most 3600000 (1 h)",
+            ));
+        }
+        if self.channel_expiry_days == 0 {
+            return Err(invalid("channel_expiry_days", "must be at least 1"));
+        }
         if self.shutdown_reconnect_rate == 0 {
             return Err(invalid("shutdown_reconnect_rate", "must be at least 1"));
         }
@@ -255,6 +289,13 @@ impl Settings {
             max_pending_handshakes: self.max_pending_handshakes,
             shutdown_reconnect_rate: self.shutdown_reconnect_rate,
             udp_buffer_bytes: self.udp_buffer_bytes,
+            store: crate::store::StoreConfig {
+                queue_limit: self.queue_limit,
+                status_retention: Duration::from_secs(self.status_retention_secs),
+                group_commit: self.store_group_commit,
+            },
+            normal_max_delay: Duration::from_millis(self.normal_max_delay_ms),
+            channel_expiry: Duration::from_secs(self.channel_expiry_days.saturating_mul(86_400)),
         })
     }
 }
@@ -302,6 +343,12 @@ pub struct RelayConfig {
     pub shutdown_reconnect_rate: u32,
     /// UDP socket buffer request.
     pub udp_buffer_bytes: usize,
+    /// Store settings.
+    pub store: crate::store::StoreConfig,
+    /// Longest hold of a normal-priority event.
+    pub normal_max_delay: Duration,
+    /// Channel expiry after its last registration.
+    pub channel_expiry: Duration,
 }
 
 impl RelayConfig {
@@ -351,6 +398,7 @@ mod tests {
             env(&[
                 ("WAKEWIRE_QUIC_LISTEN", "127.0.0.1:2"),
                 ("WAKEWIRE_MAX_CHANNELS_PER_DEVICE", "7"),
+                ("WAKEWIRE_STORE_GROUP_COMMIT", "false"),
                 ("HOME", "/root"),
             ]),
         )
@@ -358,6 +406,7 @@ mod tests {
         assert_eq!(s.ack_wait_ms, 100);
         assert_eq!(s.quic_listen.port(), 2);
         assert_eq!(s.max_channels_per_device, 7);
+        assert!(!s.store_group_commit);
     }
 
     #[test]
@@ -419,6 +468,34 @@ mod tests {
                     ..Settings::default()
                 },
                 "max_channels_per_device",
+            ),
+            (
+                Settings {
+                    queue_limit: 0,
+                    ..Settings::default()
+                },
+                "queue_limit",
+            ),
+            (
+                Settings {
+                    channel_expiry_days: 0,
+                    ..Settings::default()
+                },
+                "channel_expiry_days",
+            ),
+            (
+                Settings {
+                    normal_max_delay_ms: u64::MAX,
+                    ..Settings::default()
+                },
+                "normal_max_delay_ms",
+            ),
+            (
+                Settings {
+                    max_pending_handshakes: 0,
+                    ..Settings::default()
+                },
+                "max_connections",
             ),
             (
                 Settings {

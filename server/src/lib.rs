@@ -10,6 +10,8 @@
 //! - [`data_dir`]: signing key, channel id secret, dev certificate.
 //! - [`tls`]: the one crypto provider, rustls and QUIC transport settings.
 //! - [`registry`]: channel and connection tables (dashmap).
+//! - [`store`]: the embedded durable store (redb) with group commit: channels,
+//!   event queues, TTL, collapse keys, delivery states.
 //! - `device_conn`: the thin driver around the sans-IO
 //!   [`wakewire_proto::relay_session::RelaySession`], one task per device.
 //! - [`publish`]: the gRPC publisher service and its error-to-status map.
@@ -22,6 +24,7 @@ pub mod metrics;
 pub mod publish;
 pub mod registry;
 pub mod relay;
+pub mod store;
 pub mod tls;
 
 pub use config::{RelayConfig, Settings};

@@ -77,6 +77,33 @@ struct ServeArgs {
     /// TTL of events published without one, seconds [env: WAKEWIRE_DEFAULT_TTL_SECS] [default: 2419200]
     #[arg(long)]
     default_ttl_secs: Option<u32>,
+    /// Most device connections at once [env: WAKEWIRE_MAX_CONNECTIONS] [default: 1000000]
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Most handshakes in progress; more are refused and retried by devices [env: WAKEWIRE_MAX_PENDING_HANDSHAKES] [default: 1024]
+    #[arg(long)]
+    max_pending_handshakes: Option<usize>,
+    /// Devices per second to spread reconnects over after a shutdown [env: WAKEWIRE_SHUTDOWN_RECONNECT_RATE] [default: 1000]
+    #[arg(long)]
+    shutdown_reconnect_rate: Option<u32>,
+    /// UDP socket buffer size to request, bytes [env: WAKEWIRE_UDP_BUFFER_BYTES] [default: 8388608]
+    #[arg(long)]
+    udp_buffer_bytes: Option<usize>,
+    /// Most queued events per channel [env: WAKEWIRE_QUEUE_LIMIT] [default: 100]
+    #[arg(long)]
+    queue_limit: Option<usize>,
+    /// Longest hold of a normal-priority event, ms [env: WAKEWIRE_NORMAL_MAX_DELAY_MS] [default: 60000]
+    #[arg(long)]
+    normal_max_delay_ms: Option<u64>,
+    /// How long finished events stay queryable, s [env: WAKEWIRE_STATUS_RETENTION_SECS] [default: 86400]
+    #[arg(long)]
+    status_retention_secs: Option<u64>,
+    /// Days after which a channel its device no longer registers is gone [env: WAKEWIRE_CHANNEL_EXPIRY_DAYS] [default: 30]
+    #[arg(long)]
+    channel_expiry_days: Option<u64>,
+    /// Group commit of concurrent publishes: true or false [env: WAKEWIRE_STORE_GROUP_COMMIT] [default: true]
+    #[arg(long)]
+    store_group_commit: Option<bool>,
     /// Log filter, e.g. "info" or "info,wakewire_server=debug" [env: WAKEWIRE_LOG] [default: info]
     #[arg(long)]
     log: Option<String>,
@@ -92,6 +119,15 @@ impl ServeArgs {
             ($($f:ident),*) => {$( if let Some(v) = &self.$f { s.$f = v.clone(); } )*};
         }
         set!(
+            max_connections,
+            max_pending_handshakes,
+            shutdown_reconnect_rate,
+            udp_buffer_bytes,
+            queue_limit,
+            normal_max_delay_ms,
+            status_retention_secs,
+            channel_expiry_days,
+            store_group_commit,
             quic_listen,
             grpc_listen,
             metrics_listen,

@@ -24,3 +24,9 @@ pub const ACKS: &str = "wakewire_relay_acks_total";
 pub const KEEPALIVES: &str = "wakewire_relay_keepalives_total";
 /// Counter: connection attempts refused by admission control.
 pub const REFUSED: &str = "wakewire_relay_refused_total";
+/// Counter: events expired by their TTL.
+pub const EXPIRED: &str = "wakewire_relay_expired_total";
+/// Counter: events dropped, label `reason` (queue_full, collapsed, channel_gone).
+pub const DROPPED: &str = "wakewire_relay_dropped_total";
+/// Counter: events stored for later delivery.
+pub const QUEUED: &str = "wakewire_relay_queued_total";

@@ -2,25 +2,35 @@
 //! to gRPC statuses.
 
 use std::sync::Arc;
+
+use dashmap::DashMap;
 use std::time::Instant;
 
 use metrics::{counter, histogram};
+use std::pin::Pin;
 use thiserror::Error;
 use tokio::sync::oneshot;
 use tonic::{metadata::MetadataMap, Code, Request, Response, Status};
 use tracing::{debug, info_span, Instrument};
 use wakewire_proto::ids::{event_id, is_channel_id};
 use wakewire_proto::pb::device::{Priority as WirePriority, Wake};
+
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::{Stream, StreamExt};
 use wakewire_proto::pb::publish::{
-    publisher_server::Publisher, DeliveryStatus, Priority, PublishBatchRequest,
-    PublishBatchResponse, PublishBatchResult, PublishRequest, PublishResponse,
+    publisher_server::Publisher, DeliveryStatus, EventStatus, GetEventRequest, Priority,
+    PublishBatchRequest, PublishBatchResponse, PublishBatchResult, PublishRequest, PublishResponse,
+    WatchDeliveriesRequest,
 };
+use wakewire_proto::pb::store::StoredEvent;
 use wakewire_proto::token::{Claims, TokenError, TokenKind};
 use wakewire_proto::MAX_PAYLOAD_SIZE;
 
 use crate::metrics as m;
 use crate::registry::{ConnCommand, Delivery};
 use crate::relay::{unix_ms, unix_secs, Shared};
+use crate::store::StoreError;
 
 /// Most events in one `PublishBatch`.
 pub const MAX_BATCH: usize = 1000;
@@ -38,9 +48,23 @@ pub enum PublishError {
     /// The request itself is invalid.
     #[error("{0}")]
     InvalidArgument(String),
-    /// No channel with this id exists (never registered, or unregistered).
-    #[error("channel {0} not found: it was never registered, was unregistered, or its device has not connected since the relay started")]
+    /// No channel with this id was ever registered here.
+    #[error("channel {0} not found: no device registered it on this relay")]
     ChannelNotFound(String),
+    /// The channel existed and is gone (like HTTP 410): stop publishing to it.
+    #[error("channel {channel} is gone ({reason}): remove it from your records")]
+    ChannelGone {
+        /// Channel id.
+        channel: String,
+        /// Why (unregistered, expired).
+        reason: String,
+    },
+    /// No event with this id (never accepted, or past its retention).
+    #[error("event {0} not found (unknown, or finished longer ago than the status retention)")]
+    EventNotFound(String),
+    /// The store failed; the event was not accepted. Retrying may help.
+    #[error("{0}; the event was not accepted, retry later")]
+    Store(#[from] StoreError),
     /// The token's scope does not include the channel.
     #[error("publisher credential does not allow publishing to channel {0}")]
     PermissionDenied(String),
@@ -55,7 +79,10 @@ impl PublishError {
                 Code::Unauthenticated
             }
             PublishError::InvalidArgument(_) => Code::InvalidArgument,
-            PublishError::ChannelNotFound(_) => Code::NotFound,
+            PublishError::ChannelNotFound(_)
+            | PublishError::ChannelGone { .. }
+            | PublishError::EventNotFound(_) => Code::NotFound,
+            PublishError::Store(_) => Code::Unavailable,
             PublishError::PermissionDenied(_) => Code::PermissionDenied,
         }
     }
@@ -67,6 +94,7 @@ impl PublishError {
             Code::InvalidArgument => "invalid_argument",
             Code::NotFound => "not_found",
             Code::PermissionDenied => "permission_denied",
+            Code::Unavailable => "unavailable",
             _ => "other",
         }
     }
@@ -78,18 +106,29 @@ impl From<PublishError> for Status {
     }
 }
 
+/// Most publisher tokens whose verification is remembered.
+const TOKEN_CACHE: usize = 4096;
+
 /// Implements `wakewire.publish.v1.Publisher`.
 #[derive(Debug, Clone)]
 pub struct PublisherService {
     shared: Arc<Shared>,
+    /// Publisher tokens already verified: a backend sends the same token
+    /// with every request, and an Ed25519 verification costs more than the
+    /// rest of a publish. The signature binds the claims to the exact token
+    /// text, so a hit needs only the expiry checked again.
+    verified: Arc<DashMap<String, Arc<Claims>>>,
 }
 
 impl PublisherService {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
-        Self { shared }
+        Self {
+            shared,
+            verified: Arc::default(),
+        }
     }
 
-    fn authenticate(&self, md: &MetadataMap) -> Result<Claims, PublishError> {
+    fn authenticate(&self, md: &MetadataMap) -> Result<Arc<Claims>, PublishError> {
         let value = md
             .get("authorization")
             .and_then(|v| v.to_str().ok())
@@ -99,11 +138,22 @@ impl PublisherService {
             .or_else(|| value.strip_prefix("bearer "))
             .ok_or(PublishError::MissingCredential)?
             .trim();
-        Ok(self
-            .shared
-            .keys
-            .verifier
-            .verify(token, TokenKind::Publisher, unix_secs())?)
+        let now = unix_secs();
+        if let Some(claims) = self.verified.get(token) {
+            if claims.exp > now {
+                return Ok(claims.clone());
+            }
+        }
+        let claims = Arc::new(self.shared.keys.verifier.verify(
+            token,
+            TokenKind::Publisher,
+            now,
+        )?);
+        if self.verified.len() >= TOKEN_CACHE {
+            self.verified.clear();
+        }
+        self.verified.insert(token.to_owned(), claims.clone());
+        Ok(claims)
     }
 
     async fn publish_one(
@@ -157,59 +207,183 @@ impl PublisherService {
                 )));
             }
         };
-        let channel = self
-            .shared
-            .registry
-            .channel(&req.channel_id)
-            .ok_or_else(|| PublishError::ChannelNotFound(req.channel_id.clone()))?;
+        let Some(channel) = self.shared.registry.channel(&req.channel_id) else {
+            return Err(match self.shared.registry.gone_reason(&req.channel_id) {
+                Some(reason) => PublishError::ChannelGone {
+                    channel: req.channel_id,
+                    reason,
+                },
+                None => PublishError::ChannelNotFound(req.channel_id),
+            });
+        };
         if !claims.allows(&req.channel_id, &channel.device_id) {
             return Err(PublishError::PermissionDenied(req.channel_id));
         }
         let now_ms = unix_ms();
         let id = event_id(now_ms, random10());
         tracing::Span::current().record("event", id.as_str());
-        let status = match self.shared.registry.connection(&channel.device_id) {
-            None => Delivery::NotConnected,
-            Some(conn) => {
-                let (reply, answer) = oneshot::channel();
-                let wake = Wake {
-                    event_id: id.clone(),
-                    channel_id: req.channel_id,
-                    payload: req.payload,
-                    priority: priority as i32,
-                    created_at_ms: now_ms,
-                    ttl_s,
-                };
-                if conn
-                    .send(Box::new(ConnCommand::Deliver { wake, reply }))
-                    .await
-                    .is_err()
-                {
-                    Delivery::NotConnected
-                } else {
-                    match tokio::time::timeout(config.ack_wait, answer).await {
-                        Ok(Ok(d)) => d,
-                        // The connection ended before handling the command.
-                        Ok(Err(_)) => Delivery::NotConnected,
-                        Err(_) => Delivery::SentUnacked,
-                    }
-                }
+        let wake = Wake {
+            event_id: id.clone(),
+            channel_id: req.channel_id,
+            payload: req.payload,
+            priority: priority as i32,
+            created_at_ms: now_ms,
+            ttl_s,
+        };
+        let connection = self.shared.registry.connection(&channel.device_id);
+        let status = if ttl_s == 0 {
+            // Deliver now or drop (like APNs expiration 0): never stored.
+            match connection {
+                None => DeliveryStatus::NotConnected,
+                Some(conn) => match self.send_and_wait(&conn, wake).await {
+                    Some(Delivery::Delivered) => DeliveryStatus::Delivered,
+                    Some(Delivery::SentUnacked) | None => DeliveryStatus::SentUnacked,
+                    Some(Delivery::NotConnected) => DeliveryStatus::NotConnected,
+                },
+            }
+        } else {
+            let stored = StoredEvent {
+                event_id: id.clone(),
+                channel_id: wake.channel_id.clone(),
+                payload: wake.payload.clone(),
+                priority: wake.priority,
+                created_at_ms: now_ms,
+                ttl_s,
+                collapse_key: req.collapse_key,
+                ..Default::default()
+            };
+            let outcome = self.shared.store.enqueue(stored).await?;
+            counter!(m::QUEUED).increment(1);
+            for ev in &outcome.finished {
+                counter!(m::DROPPED, "reason" => dropped_label(&ev.reason)).increment(1);
+            }
+            match connection {
+                None => DeliveryStatus::Queued,
+                Some(conn) => match self.send_and_wait(&conn, wake).await {
+                    Some(Delivery::Delivered) => DeliveryStatus::Delivered,
+                    _ => DeliveryStatus::Queued,
+                },
             }
         };
         debug!(?status, "published");
         Ok(PublishResponse {
             event_id: id,
-            status: match status {
-                Delivery::Delivered => DeliveryStatus::Delivered,
-                Delivery::SentUnacked => DeliveryStatus::SentUnacked,
-                Delivery::NotConnected => DeliveryStatus::NotConnected,
-            } as i32,
+            status: status as i32,
         })
+    }
+
+    /// Hands a wake to the device's connection and waits (up to `ack_wait`)
+    /// for its ack. `None`: no answer in time, or the connection ended.
+    async fn send_and_wait(
+        &self,
+        conn: &crate::registry::ConnSender,
+        wake: Wake,
+    ) -> Option<Delivery> {
+        let (reply, answer) = oneshot::channel();
+        conn.send(Box::new(ConnCommand::Deliver {
+            wake,
+            reply: Some(reply),
+        }))
+        .await
+        .ok()?;
+        tokio::time::timeout(self.shared.config.ack_wait, answer)
+            .await
+            .ok()?
+            .ok()
+    }
+
+    fn event_status(&self, claims: &Claims, event_id: &str) -> Result<EventStatus, PublishError> {
+        if event_id.len() != wakewire_proto::ids::EVENT_ID_LEN
+            || !event_id.bytes().all(|b| b.is_ascii_hexdigit())
+        {
+            return Err(PublishError::InvalidArgument(format!(
+                "event_id {:?} is not an event id (32 hex characters)",
+                truncate(event_id)
+            )));
+        }
+        let ev = self
+            .shared
+            .store
+            .event(event_id)?
+            .ok_or_else(|| PublishError::EventNotFound(event_id.to_owned()))?;
+        if !self.may_see(claims, &ev) {
+            return Err(PublishError::PermissionDenied(ev.channel_id));
+        }
+        Ok(status_of(ev))
+    }
+
+    fn may_see(&self, claims: &Claims, ev: &StoredEvent) -> bool {
+        let device = match self.shared.registry.channel(&ev.channel_id) {
+            Some(c) => c.device_id.to_string(),
+            // A gone channel: its device is still on record in the store.
+            None => self
+                .shared
+                .store
+                .channel(&ev.channel_id)
+                .ok()
+                .flatten()
+                .map(|c| c.device_id)
+                .unwrap_or_default(),
+        };
+        claims.allows(&ev.channel_id, &device)
     }
 }
 
+/// The API view of a stored event.
+fn status_of(ev: StoredEvent) -> EventStatus {
+    EventStatus {
+        event_id: ev.event_id,
+        channel_id: ev.channel_id,
+        state: ev.state,
+        created_at_ms: ev.created_at_ms,
+        updated_at_ms: ev.updated_at_ms,
+        reason: ev.reason,
+        replaced_by: ev.replaced_by,
+    }
+}
+
+fn dropped_label(reason: &str) -> &'static str {
+    match reason {
+        "queue_full" => "queue_full",
+        "collapsed" => "collapsed",
+        "channel_gone" => "channel_gone",
+        _ => "other",
+    }
+}
+
+/// Receipts stream of WatchDeliveries (the item type is fixed by tonic).
+pub type ReceiptStream = Pin<Box<dyn Stream<Item = Result<EventStatus, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl Publisher for PublisherService {
+    type WatchDeliveriesStream = ReceiptStream;
+
+    async fn get_event(
+        &self,
+        request: Request<GetEventRequest>,
+    ) -> Result<Response<EventStatus>, Status> {
+        let claims = self.authenticate(request.metadata())?;
+        Ok(Response::new(
+            self.event_status(&claims, &request.get_ref().event_id)?,
+        ))
+    }
+
+    #[allow(clippy::result_large_err)] // tonic's stream item is Result<_, Status>
+    async fn watch_deliveries(
+        &self,
+        request: Request<WatchDeliveriesRequest>,
+    ) -> Result<Response<Self::WatchDeliveriesStream>, Status> {
+        let claims = self.authenticate(request.metadata())?;
+        let this = self.clone();
+        let stream = BroadcastStream::new(self.shared.store.receipts()).filter_map(move |r| match r {
+            Ok(ev) => this.may_see(&claims, &ev).then(|| Ok(status_of(ev))),
+            Err(BroadcastStreamRecvError::Lagged(n)) => Some(Err(Status::data_loss(format!(
+                "{n} receipts were skipped because this watcher fell behind; use GetEvent for the events you track"
+            )))),
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
     async fn publish(
         &self,
         request: Request<PublishRequest>,
@@ -229,10 +403,9 @@ impl Publisher for PublisherService {
         &self,
         request: Request<PublishBatchRequest>,
     ) -> Result<Response<PublishBatchResponse>, Status> {
-        let claims = Arc::new(
-            self.authenticate(request.metadata())
-                .map_err(Status::from)?,
-        );
+        let claims = self
+            .authenticate(request.metadata())
+            .map_err(Status::from)?;
         let events = request.into_inner().events;
         if events.len() > MAX_BATCH {
             return Err(PublishError::InvalidArgument(format!(
@@ -277,6 +450,7 @@ fn delivery_label(s: DeliveryStatus) -> &'static str {
         DeliveryStatus::Delivered => "delivered",
         DeliveryStatus::SentUnacked => "sent_unacked",
         DeliveryStatus::NotConnected => "not_connected",
+        DeliveryStatus::Queued => "queued",
         DeliveryStatus::Unspecified => "unspecified",
     }
 }

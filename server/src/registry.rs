@@ -16,6 +16,8 @@ pub struct ChannelEntry {
     pub device_id: Arc<str>,
     /// Name the device registered it under.
     pub name: Arc<str>,
+    /// Last time its device registered it, Unix ms (as persisted).
+    pub registered_ms: u64,
 }
 
 /// What became of one wake handed to a connection.
@@ -32,10 +34,11 @@ pub enum Delivery {
 /// Work for a connection task.
 #[derive(Debug)]
 pub(crate) enum ConnCommand {
-    /// Send a wake; report what became of it.
+    /// Send a wake (unless already in flight on this connection); report
+    /// what became of it if someone waits.
     Deliver {
         wake: Wake,
-        reply: oneshot::Sender<Delivery>,
+        reply: Option<oneshot::Sender<Delivery>>,
     },
     /// Ask the device to leave.
     GoAway {
@@ -59,26 +62,53 @@ struct DeviceConn {
 #[derive(Debug, Default)]
 pub struct Registry {
     channels: DashMap<String, ChannelEntry>,
+    /// Channels that are gone (unregistered, expired), with the reason.
+    gone: DashMap<String, String>,
     devices: DashMap<Arc<str>, DeviceConn>,
 }
 
 impl Registry {
-    /// Records a channel (idempotent).
-    pub fn register_channel(&self, channel_id: &str, device_id: &Arc<str>, name: &str) {
-        if !self.channels.contains_key(channel_id) {
-            self.channels.insert(
-                channel_id.to_owned(),
-                ChannelEntry {
-                    device_id: device_id.clone(),
-                    name: name.into(),
-                },
-            );
-        }
+    /// Records a channel; returns the previous registration time if it was
+    /// known and not gone.
+    pub fn register_channel(
+        &self,
+        channel_id: &str,
+        device_id: &Arc<str>,
+        name: &str,
+        now_ms: u64,
+    ) -> Option<u64> {
+        self.gone.remove(channel_id);
+        let previous = self.channels.get(channel_id).map(|e| e.registered_ms);
+        self.channels.insert(
+            channel_id.to_owned(),
+            ChannelEntry {
+                device_id: device_id.clone(),
+                name: name.into(),
+                registered_ms: now_ms.max(previous.unwrap_or(0)),
+            },
+        );
+        previous
     }
 
-    /// Forgets a channel.
-    pub fn unregister_channel(&self, channel_id: &str) {
+    /// Marks a channel gone.
+    pub fn channel_gone(&self, channel_id: &str, reason: &str) {
         self.channels.remove(channel_id);
+        self.gone.insert(channel_id.to_owned(), reason.to_owned());
+    }
+
+    /// Why a channel is gone, if it is.
+    pub fn gone_reason(&self, channel_id: &str) -> Option<String> {
+        self.gone.get(channel_id).map(|r| r.value().clone())
+    }
+
+    /// Channels last registered before `before_ms` whose device is not
+    /// connected.
+    pub fn stale_channels(&self, before_ms: u64) -> Vec<String> {
+        self.channels
+            .iter()
+            .filter(|e| e.registered_ms < before_ms && !self.devices.contains_key(&*e.device_id))
+            .map(|e| e.key().clone())
+            .collect()
     }
 
     /// Looks a channel up.
@@ -147,9 +177,15 @@ mod tests {
         r.detach("d", 2);
         assert!(r.connection("d").is_none());
 
-        r.register_channel("c", &dev, "mail");
+        assert_eq!(r.register_channel("c", &dev, "mail", 5), None);
         assert_eq!(&*r.channel("c").unwrap().name, "mail");
-        r.unregister_channel("c");
+        assert_eq!(r.register_channel("c", &dev, "mail", 7), Some(5));
+        assert_eq!(r.stale_channels(8), vec!["c".to_string()]);
+        assert!(r.stale_channels(7).is_empty());
+        r.channel_gone("c", "unregistered");
         assert!(r.channel("c").is_none());
+        assert_eq!(r.gone_reason("c").as_deref(), Some("unregistered"));
+        r.register_channel("c", &dev, "mail", 9);
+        assert!(r.gone_reason("c").is_none());
     }
 }

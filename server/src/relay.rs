@@ -20,6 +20,7 @@ use crate::config::{RelayConfig, TlsSource};
 use crate::data_dir::{DataDir, DataDirError, Keys};
 use crate::publish::PublisherService;
 use crate::registry::{ConnCommand, Registry};
+use crate::store::{Store, StoreError};
 use crate::tls::{self, TlsError};
 
 /// State shared by every task of a relay.
@@ -28,6 +29,7 @@ pub(crate) struct Shared {
     pub(crate) config: RelayConfig,
     pub(crate) keys: Keys,
     pub(crate) registry: Registry,
+    pub(crate) store: Store,
     conn_ids: AtomicU64,
     /// Handshakes in progress (admission control).
     pub(crate) handshaking: AtomicUsize,
@@ -75,6 +77,9 @@ pub enum StartError {
         /// What went wrong.
         message: String,
     },
+    /// The embedded store could not be opened.
+    #[error("{0}")]
+    Store(#[from] StoreError),
     /// The gRPC services could not be built.
     #[error("gRPC setup: {0}")]
     Grpc(String),
@@ -90,6 +95,7 @@ pub struct RelayHandle {
     dev_cert: Option<PathBuf>,
     stop: watch::Sender<bool>,
     accept_task: JoinHandle<()>,
+    sweeper: JoinHandle<()>,
     grpc_task: JoinHandle<()>,
 }
 
@@ -151,10 +157,28 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, StartError> {
         info!(%addr, "Prometheus metrics at http://{addr}/metrics");
     }
 
+    let store = Store::open(data_dir.path(), config.store.clone())?;
+    let registry = Registry::default();
+    let mut known = 0usize;
+    for (id, ch) in store.channels()? {
+        if ch.gone_reason.is_empty() {
+            registry.register_channel(
+                &id,
+                &Arc::from(ch.device_id.as_str()),
+                &ch.name,
+                ch.last_used_ms,
+            );
+            known += 1;
+        } else {
+            registry.channel_gone(&id, &ch.gone_reason);
+        }
+    }
+    info!(channels = known, "store opened");
     let shared = Arc::new(Shared {
         config,
         keys,
-        registry: Registry::default(),
+        registry,
+        store,
         conn_ids: AtomicU64::new(1),
         handshaking: AtomicUsize::new(0),
         connections: AtomicUsize::new(0),
@@ -177,6 +201,8 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, StartError> {
             }
         })
     };
+
+    let sweeper = tokio::spawn(sweep_loop(shared.clone()));
 
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
@@ -224,6 +250,7 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, StartError> {
         dev_cert,
         stop,
         accept_task,
+        sweeper,
         grpc_task,
     })
 }
@@ -293,6 +320,7 @@ impl RelayHandle {
         let _ = self.stop.send(true);
         let _ = self.grpc_task.await;
         self.accept_task.abort();
+        self.sweeper.abort();
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
         info!("relay stopped");
     }
@@ -304,8 +332,53 @@ impl RelayHandle {
             .close(ErrorCode::Internal.as_u32().into(), b"relay aborted");
         let _ = self.stop.send(true);
         self.accept_task.abort();
+        self.sweeper.abort();
         let _ = self.grpc_task.await;
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+
+    /// The relay's store (for tests and tools).
+    pub fn store(&self) -> &Store {
+        &self.shared.store
+    }
+}
+
+/// Once a second: expire events past their TTL, forget finished events
+/// past their retention; once a minute: expire channels whose device has
+/// not registered them for `channel_expiry`.
+async fn sweep_loop(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut n = 0u64;
+    loop {
+        tick.tick().await;
+        n += 1;
+        let now = unix_ms();
+        match shared.store.sweep(now).await {
+            Ok(out) if !out.finished.is_empty() => {
+                metrics::counter!(crate::metrics::EXPIRED).increment(out.finished.len() as u64);
+                tracing::debug!(expired = out.finished.len(), "swept");
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "sweep failed"),
+        }
+        if n % 60 == 1 {
+            let limit = u64::try_from(shared.config.channel_expiry.as_millis()).unwrap_or(u64::MAX);
+            for id in shared.registry.stale_channels(now.saturating_sub(limit)) {
+                let reason = format!(
+                    "expired: its device has not registered it for {} days",
+                    shared.config.channel_expiry.as_secs() / 86_400
+                );
+                match shared
+                    .store
+                    .channel_gone(id.clone(), reason.clone(), now)
+                    .await
+                {
+                    Ok(_) => shared.registry.channel_gone(&id, &reason),
+                    Err(e) => warn!(error = %e, "channel expiry failed"),
+                }
+            }
+        }
     }
 }
 

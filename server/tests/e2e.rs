@@ -292,8 +292,8 @@ async fn publish_errors_map_to_grpc_codes() -> anyhow::Result<()> {
         Code::InvalidArgument
     );
 
-    // The device goes away: its channel still exists, the event is reported
-    // as not delivered rather than silently dropped.
+    // The device goes away: its channel still exists, the event is stored
+    // for later (and with ttl 0, "now or never", reported not connected).
     client.close().await;
     let status = loop {
         let r = p
@@ -304,7 +304,11 @@ async fn publish_errors_map_to_grpc_codes() -> anyhow::Result<()> {
             break r.status();
         }
     };
-    assert_eq!(status, DeliveryStatus::NotConnected);
+    assert_eq!(status, DeliveryStatus::Queued);
+    let mut now_only = publish(&id, b"x");
+    now_only.ttl_s = Some(0);
+    let r = p.publish(authed(now_only, &scoped)).await?.into_inner();
+    assert_eq!(r.status(), DeliveryStatus::NotConnected);
     Ok(())
 }
 

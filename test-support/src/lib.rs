@@ -3,6 +3,9 @@
 //! gRPC clients with tokens, and a raw QUIC connection for sending bytes
 //! the SDK never would.
 
+pub mod process;
+pub mod proxy;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -79,12 +82,17 @@ impl TestRelay {
     /// An SDK builder for `device_id` that trusts this relay, with fast
     /// reconnects for tests.
     pub fn client(&self, device_id: &str) -> ClientBuilder {
+        self.client_at(device_id, self.quic_addr())
+    }
+
+    /// Like [`TestRelay::client`], connecting through `addr` (a proxy).
+    pub fn client_at(&self, device_id: &str, addr: SocketAddr) -> ClientBuilder {
         let cert = self
             .relay()
             .dev_cert_path()
             .expect("dev mode")
             .to_path_buf();
-        ClientBuilder::new(self.quic_addr().to_string())
+        ClientBuilder::new(addr.to_string())
             .server_name("localhost")
             .trust_pem_file(cert)
             .device_token(self.device_token(device_id))
@@ -227,4 +235,55 @@ pub async fn raw_connection(
         .connect_with(cfg, relay.quic_addr(), "localhost")?
         .await?;
     Ok((ep, conn))
+}
+
+/// Connects as a device with the bare protocol (no SDK), registers
+/// `channel` and returns the first wake it receives, without acking it;
+/// the connection is then closed. Models a device that lost its connection
+/// between Wake and Ack.
+pub async fn raw_device_take_one_wake(
+    relay: &TestRelay,
+    device_id: &str,
+    channel: &str,
+) -> anyhow::Result<wakewire_proto::pb::device::Wake> {
+    use std::time::Instant;
+    use wakewire_proto::device_session::{DeviceEvent, DeviceSession, DeviceSessionConfig};
+    let (_ep, conn) = raw_connection(relay).await?;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let mut session = DeviceSession::new(
+        Instant::now(),
+        DeviceSessionConfig::new(relay.device_token(device_id)),
+    );
+    let mut registered = false;
+    let wake = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            while let Some(b) = session.poll_transmit() {
+                send.write_all(&b).await?;
+            }
+            while let Some(ev) = session.poll_event() {
+                match ev {
+                    DeviceEvent::Welcome { .. } if !registered => {
+                        registered = true;
+                        session.register(Instant::now(), vec![channel.to_owned()]);
+                    }
+                    DeviceEvent::Wake(w) => return Ok(w),
+                    _ => {}
+                }
+            }
+            if let Some(c) = session.poll_close() {
+                anyhow::bail!("session closed: {c:?}");
+            }
+            while let Some(b) = session.poll_transmit() {
+                send.write_all(&b).await?;
+            }
+            match recv.read_chunk(usize::MAX, true).await? {
+                Some(chunk) => session.handle_data(Instant::now(), &chunk.bytes),
+                None => anyhow::bail!("relay closed the stream"),
+            }
+        }
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("no wake within 20 s"))??;
+    conn.close(0u32.into(), b"gone before acking");
+    Ok(wake)
 }
