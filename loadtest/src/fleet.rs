@@ -95,9 +95,12 @@ where
     }
 }
 
-fn count(errors: &Mutex<BTreeMap<String, usize>>, key: String) {
+fn count<N: std::ops::AddAssign + From<u8> + Default>(
+    errors: &Mutex<BTreeMap<String, N>>,
+    key: String,
+) {
     if let Ok(mut m) = errors.lock() {
-        *m.entry(key).or_default() += 1;
+        *m.entry(key).or_default() += N::from(1u8);
     }
 }
 
@@ -149,6 +152,8 @@ pub struct FleetState {
     pub channel_ids: Mutex<Vec<String>>,
     /// Clients (kept alive).
     pub clients: Mutex<Vec<Client>>,
+    /// Disconnections and failed reconnects by error kind.
+    pub errors: Mutex<BTreeMap<String, u64>>,
 }
 
 /// Connects device `i` with the real SDK and registers its channels.
@@ -172,8 +177,13 @@ pub async fn connect_device(
             Status::Connected(_) if !up.swap(true, Ordering::Relaxed) => {
                 status_state.connected.fetch_add(1, Ordering::Relaxed);
             }
-            Status::Disconnected { .. } if up.swap(false, Ordering::Relaxed) => {
-                status_state.connected.fetch_sub(1, Ordering::Relaxed);
+            Status::Disconnected { error, .. } => {
+                if up.swap(false, Ordering::Relaxed) {
+                    status_state.connected.fetch_sub(1, Ordering::Relaxed);
+                }
+                let kind = format!("{error:?}");
+                let kind = kind.split(['(', ' ', '{']).next().unwrap_or("").to_owned();
+                count(&status_state.errors, kind);
             }
             Status::Reset { .. } => {
                 status_state.resets.fetch_add(1, Ordering::Relaxed);

@@ -184,6 +184,40 @@ impl Publisher {
         self.finish(total - skipped, skipped, start)
     }
 
+    /// `workers` publishers in a loop for `duration`, one Publish each at a
+    /// time; records each call's latency (request to answer) in `latency`.
+    pub async fn closed_loop(
+        &self,
+        workers: usize,
+        duration: Duration,
+        latency: Arc<crate::stats::Recorder>,
+        issued: &AtomicU64,
+    ) -> PublishStats {
+        let start = Instant::now();
+        let next = Arc::new(AtomicU64::new(0));
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..workers.max(1) {
+            let (this, next, latency) = (self.clone(), next.clone(), latency.clone());
+            tasks.spawn(async move {
+                let mut n = 0u64;
+                while start.elapsed() < duration {
+                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    let t0 = Instant::now();
+                    this.publish_one(i, t0).await;
+                    latency.record(t0.elapsed(), start.elapsed());
+                    n += 1;
+                }
+                n
+            });
+        }
+        let mut total = 0;
+        while let Some(n) = tasks.join_next().await {
+            total += n.unwrap_or(0);
+        }
+        issued.fetch_add(total, Ordering::Relaxed);
+        self.finish(total, 0, start)
+    }
+
     /// `workers` publishers in a loop for `duration`, each sending batches
     /// of `batch` events (1 = plain Publish).
     pub async fn saturate(

@@ -78,6 +78,21 @@ pub struct SaturateStats {
     pub latency: Percentiles,
 }
 
+/// Durable publishing to offline devices: every publish is a store commit.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DurableStats {
+    /// Concurrent publishers.
+    pub workers: usize,
+    /// Extra relay flags of the run (e.g. `--store-group-commit false`).
+    pub relay_args: Vec<String>,
+    /// Answers by status.
+    pub statuses: std::collections::BTreeMap<String, u64>,
+    /// Accepted (QUEUED) publishes per second.
+    pub per_s: f64,
+    /// Publish call latency (request to answer).
+    pub latency: Percentiles,
+}
+
 /// Reconnect storm.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct StormStats {
@@ -94,6 +109,8 @@ pub struct StormStats {
     pub max_rss_mib: f64,
     /// Connected devices over time (s since restart, count).
     pub timeline: Vec<(f64, u64)>,
+    /// Disconnections and failed attempts seen by the devices, by kind.
+    pub device_errors: std::collections::BTreeMap<String, u64>,
 }
 
 /// Server (target process) CPU time per operation, from /proc: independent
@@ -123,6 +140,8 @@ pub struct TargetReport {
     pub saturate: Option<SaturateStats>,
     /// Storm phase (relay only).
     pub storm: Option<StormStats>,
+    /// Durable-publish phase (relay only).
+    pub durable: Option<DurableStats>,
     /// Target CPU per operation.
     pub cpu: CpuStats,
     /// Target process samples.
@@ -391,6 +410,16 @@ impl Report {
                 s.devices,
                 verdict(s.recovered == s.devices),
                 s.max_rss_mib
+            ));
+        }
+        if let Some(d) = r.and_then(|t| t.durable.as_ref()) {
+            md.push_str(&format!(
+                "| durable publishes/s to offline devices ({} publishers{}) | - | {:.0} | - |  |  |\n| durable publish latency p50 / p99 ms | - | {:.2} / {:.2} | - |  |  |\n",
+                d.workers,
+                if d.relay_args.is_empty() { String::new() } else { format!(", relay {}", d.relay_args.join(" ")) },
+                d.per_s,
+                d.latency.p50_ms,
+                d.latency.p99_ms
             ));
         }
         if let Some(r) = r.filter(|t| t.idle.rss_before_mib > 0.0) {

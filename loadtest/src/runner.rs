@@ -14,7 +14,9 @@ use wakewire_server::data_dir::DataDir;
 use crate::fleet::{self, FleetConfig, FleetState};
 use crate::procstat::{self, Sampler};
 use crate::publisher::Publisher;
-use crate::report::{CpuStats, IdleStats, PushStats, SaturateStats, StormStats, TargetReport};
+use crate::report::{
+    CpuStats, DurableStats, IdleStats, PushStats, SaturateStats, StormStats, TargetReport,
+};
 use crate::stats::Percentiles;
 use crate::target::{FloorProc, RelayProc};
 
@@ -50,6 +52,12 @@ pub struct Opts {
     pub work_dir: PathBuf,
     /// A relay already running (not started by the harness).
     pub external: Option<External>,
+    /// Extra flags for the relay child process.
+    pub relay_args: Vec<String>,
+    /// Durable-publish phase length (0 = skip).
+    pub durable: Duration,
+    /// Concurrent publishers in the durable phase.
+    pub durable_workers: usize,
 }
 
 /// A running relay to test instead of a child process.
@@ -220,7 +228,8 @@ pub async fn run_relay(opts: &Opts, live: Arc<Live>) -> anyhow::Result<TargetRep
         None => {
             let data_dir = opts.work_dir.join("relay-data");
             let any = "127.0.0.1:0".parse()?;
-            let r = RelayProc::start(&opts.relay_bin, &data_dir, any, any, &[]).await?;
+            let extra: Vec<&str> = opts.relay_args.iter().map(String::as_str).collect();
+            let r = RelayProc::start(&opts.relay_bin, &data_dir, any, any, &extra).await?;
             let (q, g, p) = (r.quic, r.grpc, r.pid());
             (data_dir, Some(r), q, g, p)
         }
@@ -290,7 +299,8 @@ pub async fn run_relay(opts: &Opts, live: Arc<Live>) -> anyhow::Result<TargetRep
     let mut push = None;
     let mut saturate = None;
     if !ids.is_empty() {
-        let publisher = Publisher::connect(grpc, opts.publishers, &token, ids, epoch).await?;
+        let publisher =
+            Publisher::connect(grpc, opts.publishers, &token, ids.clone(), epoch).await?;
         if opts.push_rate > 0 && !opts.push.is_zero() {
             live.phase(
                 &format!("relay: push {}/s", opts.push_rate),
@@ -363,6 +373,13 @@ pub async fn run_relay(opts: &Opts, live: Arc<Live>) -> anyhow::Result<TargetRep
             while t0.elapsed() < opts.storm_limit {
                 let back = state.resets.load(Ordering::Relaxed) - resets0;
                 live.done.store(back, Ordering::Relaxed);
+                if timeline.len() % 25 == 0 {
+                    let errors = state.errors.lock().map(|m| m.clone()).unwrap_or_default();
+                    eprintln!(
+                        "\nstorm t={:.0}s back={back} device errors so far: {errors:?}",
+                        t0.elapsed().as_secs_f64()
+                    );
+                }
                 timeline.push((t0.elapsed().as_secs_f64(), back as u64));
                 max_rss = max_rss.max(procstat::read(new_pid).map_or(0, |r| r.rss));
                 if back >= before {
@@ -378,22 +395,67 @@ pub async fn run_relay(opts: &Opts, live: Arc<Live>) -> anyhow::Result<TargetRep
                 recovery_s: recovery,
                 max_rss_mib: max_rss as f64 / 1048576.0,
                 timeline,
+                device_errors: state.errors.lock().map(|m| m.clone()).unwrap_or_default(),
             })
         } else {
             None
         };
 
+    let durable = if !opts.durable.is_zero() && !ids.is_empty() {
+        live.phase("relay: durable publish to offline devices", 0);
+        // Take every device offline: each publish is then a store commit.
+        let clients: Vec<_> = state
+            .clients
+            .lock()
+            .map(|mut v| std::mem::take(&mut *v))
+            .unwrap_or_default();
+        for c in &clients {
+            c.close().await;
+        }
+        wait_until(Duration::from_secs(30), || {
+            state.connected.load(Ordering::Relaxed) == 0
+        })
+        .await;
+        let publisher =
+            Publisher::connect(grpc, opts.publishers, &token, ids.clone(), epoch).await?;
+        let latency = Arc::new(crate::stats::Recorder::default());
+        let p = publisher
+            .closed_loop(
+                opts.durable_workers,
+                opts.durable,
+                latency.clone(),
+                &live.issued,
+            )
+            .await;
+        Some(DurableStats {
+            workers: opts.durable_workers,
+            relay_args: opts.relay_args.clone(),
+            per_s: p
+                .statuses
+                .get("delivery_status_queued")
+                .copied()
+                .unwrap_or(0) as f64
+                / p.elapsed_s.max(1e-9),
+            statuses: p.statuses,
+            latency: latency.summary(),
+        })
+    } else {
+        None
+    };
+
     watcher.abort();
     sampler.abort();
+    // Stop the relay first, then let the (possibly 100k) clients wind down
+    // in the background: main exits once the report is written.
+    if let Some(mut r) = relay {
+        r.kill().await.ok();
+    }
     let clients: Vec<_> = state
         .clients
         .lock()
         .map(|mut v| std::mem::take(&mut *v))
         .unwrap_or_default();
-    drop(clients);
-    if let Some(mut r) = relay {
-        r.kill().await.ok();
-    }
+    tokio::spawn(async move { drop(clients) });
     let samples = samples.lock().map(|v| v.clone()).unwrap_or_default();
     Ok(TargetReport {
         target: "relay".into(),
@@ -402,6 +464,7 @@ pub async fn run_relay(opts: &Opts, live: Arc<Live>) -> anyhow::Result<TargetRep
         push,
         saturate,
         storm,
+        durable,
         cpu,
         samples,
     })
@@ -534,6 +597,7 @@ pub async fn run_floor(opts: &Opts, live: Arc<Live>) -> anyhow::Result<TargetRep
         push,
         saturate,
         storm: None,
+        durable: None,
         cpu,
         samples,
     })

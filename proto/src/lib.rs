@@ -23,6 +23,7 @@ mod error_code;
 pub mod ids;
 pub mod names;
 pub mod pb;
+pub mod probe;
 pub mod relay_session;
 mod session_core;
 pub mod token;

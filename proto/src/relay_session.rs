@@ -47,6 +47,8 @@ pub struct RelaySessionConfig {
     pub hello_timeout: Duration,
     /// Connection idle timeout, announced to the device in Welcome.
     pub idle_timeout: Duration,
+    /// UDP port of the probe service announced in Welcome (0 = none).
+    pub probe_port: u16,
 }
 
 impl Default for RelaySessionConfig {
@@ -57,6 +59,7 @@ impl Default for RelaySessionConfig {
             max_channels: 64,
             hello_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(660),
+            probe_port: 0,
         }
     }
 }
@@ -219,6 +222,7 @@ impl RelaySession {
                 max_payload_size: self.config.max_payload_size as u32,
                 max_channels: self.config.max_channels as u32,
                 idle_timeout_ms: millis(self.config.idle_timeout),
+                probe_port: u32::from(self.config.probe_port),
             }),
             server_time_ms: self.clock.unix_ms(now),
             device_id: device_id.clone(),

@@ -113,7 +113,11 @@ pub(crate) type StatusCallback = Arc<dyn Fn(&Status) + Send + Sync>;
 pub(crate) struct Config {
     pub(crate) relay: String,
     pub(crate) server_name: String,
-    pub(crate) roots: RootCertStore,
+    /// QUIC/TLS client config, built once: reconnects reuse it (and its TLS
+    /// session cache, so they resume instead of verifying the certificate
+    /// again). Attempts are sequential, so one suite probe serves them all.
+    pub(crate) tls: quinn::ClientConfig,
+    pub(crate) suite_probe: Arc<crate::tls::SuiteProbe>,
     pub(crate) token: String,
     pub(crate) min_protection: Protection,
     pub(crate) keepalive: KeepalivePolicy,
@@ -166,7 +170,7 @@ impl ClientBuilder {
             keepalive: KeepalivePolicy::default(),
             keepalive_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
-            backoff: (Duration::from_millis(250), Duration::from_secs(60)),
+            backoff: (Duration::from_secs(1), Duration::from_secs(60)),
             on_status: None,
             endpoint: None,
             dedup_file: None,
@@ -300,10 +304,12 @@ impl ClientBuilder {
             Some(n) => n,
             None => host_of(&self.relay),
         };
+        let (tls, suite_probe) = crate::tls::client_config(&roots)?;
         let config = Arc::new(Config {
             relay: self.relay,
             server_name,
-            roots,
+            tls,
+            suite_probe,
             token,
             min_protection: self.min_protection,
             keepalive: self.keepalive,

@@ -24,6 +24,10 @@ use crate::dedup::Seen;
 use crate::error::{ConnectError, RegisterError};
 use crate::tls;
 
+/// Upper bound of the extra spread after the relay refused a connection
+/// (never above the backoff cap).
+const BUSY_RETRY_MAX: Duration = Duration::from_secs(15);
+
 /// Requests from [`crate::Client`] handles.
 pub(crate) enum Command {
     Register {
@@ -126,9 +130,10 @@ impl Link {
     async fn establish(config: &Config, endpoints: &mut Endpoints) -> Result<Link, ConnectError> {
         let addr = resolve(&config.relay).await?;
         let endpoint = endpoints.for_addr(addr)?;
-        let (client_config, probe) = tls::client_config(&config.roots)?;
+        let probe = &config.suite_probe;
+        probe.reset();
         let connecting = endpoint
-            .connect_with(client_config, addr, &config.server_name)
+            .connect_with(config.tls.clone(), addr, &config.server_name)
             .map_err(|e| match e {
                 quinn::ConnectError::InvalidServerName(n) => {
                     ConnectError::Config(format!("invalid server name {n:?}"))
@@ -356,11 +361,19 @@ impl Driver {
             link = loop {
                 attempt += 1;
                 let mut delay = backoff.next_delay(random_u64());
-                if let ConnectError::RelayGoingAway {
-                    reconnect_after, ..
-                } = &error
-                {
-                    delay += *reconnect_after;
+                match &error {
+                    ConnectError::RelayGoingAway {
+                        reconnect_after, ..
+                    } => delay += *reconnect_after,
+                    // A busy relay sheds load: spread the retries wider than
+                    // the backoff alone would, so they do not come back in
+                    // the same instant.
+                    ConnectError::Refused(_) => {
+                        let busy = BUSY_RETRY_MAX.min(self.config.backoff.1);
+                        let spread = u64::try_from(busy.as_millis()).unwrap_or(u64::MAX);
+                        delay = delay.max(Duration::from_millis(random_u64() % (spread + 1)));
+                    }
+                    _ => {}
                 }
                 self.emit(&Status::Disconnected {
                     error: error.clone(),

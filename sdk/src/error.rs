@@ -21,6 +21,11 @@ pub enum ConnectError {
     /// No route to the relay, or the local socket could not be used.
     #[error("relay unreachable: {0}")]
     Unreachable(String),
+    /// The relay refused the connection because it is busy (admission
+    /// control during a reconnect storm) or restarting; the SDK waits longer
+    /// than its usual backoff before trying again.
+    #[error("relay busy, connection refused: {0}")]
+    Refused(String),
     /// The relay did not answer in time (handshake, Welcome or keepalive).
     #[error("timed out: {0}")]
     TimedOut(String),
@@ -72,6 +77,7 @@ impl ConnectError {
             self,
             ConnectError::Dns { .. }
                 | ConnectError::Unreachable(_)
+                | ConnectError::Refused(_)
                 | ConnectError::TimedOut(_)
                 | ConnectError::RelayGoingAway { .. }
                 | ConnectError::ConnectionLost(_)
@@ -132,7 +138,7 @@ impl ConnectError {
         // not about certificates), unknown_ca, access_denied.
         if raw == 0x2 {
             // CONNECTION_REFUSED: the relay is closing, restarting or shedding load.
-            return ConnectError::Unreachable(format!("relay refused the connection: {reason}"));
+            return ConnectError::Refused(reason);
         }
         if raw == 0x1 {
             return ConnectError::ConnectionLost(format!("relay internal error: {reason}"));

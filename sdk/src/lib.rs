@@ -31,8 +31,11 @@ mod backoff;
 mod client;
 mod dedup;
 mod driver;
+pub mod energy;
 mod error;
+pub mod sim;
 mod tls;
+pub mod tuner;
 
 pub use backoff::Backoff;
 pub use client::{

@@ -75,6 +75,13 @@ impl KeyLog for SuiteProbe {
 }
 
 impl SuiteProbe {
+    /// Forgets the previous attempt's secret (before a new attempt).
+    pub(crate) fn reset(&self) {
+        if let Ok(mut l) = self.secret_len.lock() {
+            *l = None;
+        }
+    }
+
     /// The suite, if the handshake has derived its secrets.
     pub(crate) fn negotiated(&self) -> Option<CipherSuite> {
         match *self.secret_len.lock().ok()? {

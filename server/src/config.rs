@@ -28,6 +28,9 @@ pub struct Settings {
     pub grpc_listen: SocketAddr,
     /// TCP address of the Prometheus metrics endpoint; empty = off.
     pub metrics_listen: String,
+    /// UDP address of the binding-lifetime probe service (devices learn
+    /// their NAT timeout with it); empty or "off" = off.
+    pub probe_listen: String,
     /// Directory for keys, the dev certificate and (later) the store.
     pub data_dir: PathBuf,
     /// PEM certificate chain for the device endpoint; unset = dev mode
@@ -84,6 +87,7 @@ impl Default for Settings {
             quic_listen: SocketAddr::from(([0, 0, 0, 0], DEFAULT_QUIC_PORT)),
             grpc_listen: SocketAddr::from(([0, 0, 0, 0], DEFAULT_GRPC_PORT)),
             metrics_listen: "127.0.0.1:9464".into(),
+            probe_listen: "0.0.0.0:4434".into(),
             data_dir: PathBuf::from("wakewire-data"),
             tls_cert: None,
             tls_key: None,
@@ -227,6 +231,15 @@ impl Settings {
                 )
             })?),
         };
+        let probe_listen = match self.probe_listen.trim() {
+            "" | "off" => None,
+            s => Some(s.parse::<SocketAddr>().map_err(|e| {
+                invalid(
+                    "probe_listen",
+                    &format!("{s:?} is not an address like 0.0.0.0:4434 ({e})"),
+                )
+            })?),
+        };
         if self.max_channels_per_device == 0 || self.max_channels_per_device > 10_000 {
             return Err(invalid(
                 "max_channels_per_device",
@@ -273,6 +286,7 @@ impl Settings {
             quic_listen: self.quic_listen,
             grpc_listen: self.grpc_listen,
             metrics_listen,
+            probe_listen,
             data_dir: self.data_dir.clone(),
             tls,
             session: RelaySessionConfig {
@@ -281,6 +295,7 @@ impl Settings {
                 max_channels: self.max_channels_per_device,
                 hello_timeout: Duration::from_secs(self.hello_timeout_secs),
                 idle_timeout: Duration::from_secs(self.idle_timeout_secs),
+                probe_port: 0,
             },
             ack_wait: Duration::from_millis(self.ack_wait_ms),
             max_ttl_secs: self.max_ttl_secs,
@@ -323,6 +338,8 @@ pub struct RelayConfig {
     pub grpc_listen: SocketAddr,
     /// Prometheus endpoint, if any.
     pub metrics_listen: Option<SocketAddr>,
+    /// Probe service, if any.
+    pub probe_listen: Option<SocketAddr>,
     /// Data directory.
     pub data_dir: PathBuf,
     /// Certificate source.
@@ -361,6 +378,7 @@ impl RelayConfig {
                 .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0))),
             grpc_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             metrics_listen: String::new(),
+            probe_listen: "127.0.0.1:0".into(),
             ..Settings::default()
         };
         s.data_dir = data_dir.into();

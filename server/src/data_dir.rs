@@ -58,6 +58,10 @@ pub struct Keys {
     /// a reset it recognises and it reconnects at once instead of waiting
     /// for its keepalive to time out.
     pub reset_key: ring::hmac::Key,
+    /// Key of the connection ids the relay issues. Also derived from the
+    /// secret: a restarted relay must accept the old ids as its own to
+    /// answer them with stateless resets.
+    pub cid_key: u64,
 }
 
 impl Keys {
@@ -141,11 +145,15 @@ impl DataDir {
         }
         let derive = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret);
         let reset = ring::hmac::sign(&derive, b"wakewire quic stateless reset v1");
+        let cid = ring::hmac::sign(&derive, b"wakewire quic connection id v1");
+        let mut cid_key = [0u8; 8];
+        cid_key.copy_from_slice(&cid.as_ref()[..8]);
         Ok(Keys {
             verifier: signer.verifier(),
             signer,
             channel_ids: ChannelIds::new(&secret),
             reset_key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset.as_ref()),
+            cid_key: u64::from_le_bytes(cid_key),
         })
     }
 

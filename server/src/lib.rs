@@ -21,6 +21,7 @@ pub mod config;
 pub mod data_dir;
 mod device_conn;
 pub mod metrics;
+pub mod probe;
 pub mod publish;
 pub mod registry;
 pub mod relay;

@@ -77,6 +77,9 @@ struct ServeArgs {
     /// TTL of events published without one, seconds [env: WAKEWIRE_DEFAULT_TTL_SECS] [default: 2419200]
     #[arg(long)]
     default_ttl_secs: Option<u32>,
+    /// UDP address of the NAT binding-lifetime probe service, or "off" [env: WAKEWIRE_PROBE_LISTEN] [default: 0.0.0.0:4434]
+    #[arg(long)]
+    probe_listen: Option<String>,
     /// Most device connections at once [env: WAKEWIRE_MAX_CONNECTIONS] [default: 1000000]
     #[arg(long)]
     max_connections: Option<usize>,
@@ -119,6 +122,7 @@ impl ServeArgs {
             ($($f:ident),*) => {$( if let Some(v) = &self.$f { s.$f = v.clone(); } )*};
         }
         set!(
+            probe_listen,
             max_connections,
             max_pending_handshakes,
             shutdown_reconnect_rate,

@@ -30,3 +30,5 @@ pub const EXPIRED: &str = "wakewire_relay_expired_total";
 pub const DROPPED: &str = "wakewire_relay_dropped_total";
 /// Counter: events stored for later delivery.
 pub const QUEUED: &str = "wakewire_relay_queued_total";
+/// Counter: binding-lifetime probes, label `result` (accepted, malformed, over_limit).
+pub const PROBES: &str = "wakewire_relay_probes_total";

@@ -96,11 +96,12 @@ pub struct RelayHandle {
     stop: watch::Sender<bool>,
     accept_task: JoinHandle<()>,
     sweeper: JoinHandle<()>,
+    probe: Option<(SocketAddr, JoinHandle<()>)>,
     grpc_task: JoinHandle<()>,
 }
 
 /// Starts a relay on the current tokio runtime.
-pub async fn start(config: RelayConfig) -> Result<RelayHandle, StartError> {
+pub async fn start(mut config: RelayConfig) -> Result<RelayHandle, StartError> {
     let data_dir = DataDir::open(&config.data_dir)?;
     let keys = data_dir.keys()?;
     let (cert_path, key_path, dev_cert) = match &config.tls {
@@ -127,6 +128,12 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, StartError> {
     // should reconnect. A reset is always smaller than the packet that
     // caused it, so this cannot amplify traffic.
     endpoint_config.min_reset_interval(Duration::ZERO);
+    // Connection ids validated with a key that survives restarts: quinn only
+    // answers packets whose id it recognises as its own with a reset.
+    let cid_key = keys.cid_key;
+    endpoint_config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
     let endpoint = quinn::Endpoint::new(endpoint_config, Some(server_config), socket, runtime)
         .map_err(bind_err)?;
     let quic_addr = endpoint.local_addr().map_err(|source| StartError::Bind {
@@ -157,6 +164,26 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, StartError> {
         info!(%addr, "Prometheus metrics at http://{addr}/metrics");
     }
 
+    let probe = match config.probe_listen {
+        Some(addr) => {
+            let socket =
+                tokio::net::UdpSocket::bind(addr)
+                    .await
+                    .map_err(|source| StartError::Bind {
+                        what: "probe (UDP)",
+                        addr,
+                        source,
+                    })?;
+            let bound = socket.local_addr().map_err(|source| StartError::Bind {
+                what: "probe (UDP)",
+                addr,
+                source,
+            })?;
+            config.session.probe_port = bound.port();
+            Some((bound, tokio::spawn(crate::probe::serve(socket))))
+        }
+        None => None,
+    };
     let store = Store::open(data_dir.path(), config.store.clone())?;
     let registry = Registry::default();
     let mut known = 0usize;
@@ -233,7 +260,7 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, StartError> {
             }
         })
     };
-    info!(quic = %quic_addr, grpc = %grpc_addr, data_dir = %shared.config.data_dir.display(), "relay started");
+    info!(quic = %quic_addr, grpc = %grpc_addr, probe = ?probe.as_ref().map(|p| p.0), data_dir = %shared.config.data_dir.display(), "relay started");
     if let Some(cert) = &dev_cert {
         info!(
             cert = %cert.display(),
@@ -251,6 +278,7 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, StartError> {
         stop,
         accept_task,
         sweeper,
+        probe,
         grpc_task,
     })
 }
@@ -321,6 +349,9 @@ impl RelayHandle {
         let _ = self.grpc_task.await;
         self.accept_task.abort();
         self.sweeper.abort();
+        if let Some((_, task)) = &self.probe {
+            task.abort();
+        }
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
         info!("relay stopped");
     }
@@ -333,8 +364,16 @@ impl RelayHandle {
         let _ = self.stop.send(true);
         self.accept_task.abort();
         self.sweeper.abort();
+        if let Some((_, task)) = &self.probe {
+            task.abort();
+        }
         let _ = self.grpc_task.await;
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+
+    /// Bound UDP address of the probe service, if on.
+    pub fn probe_addr(&self) -> Option<SocketAddr> {
+        self.probe.as_ref().map(|p| p.0)
     }
 
     /// The relay's store (for tests and tools).

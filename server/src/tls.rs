@@ -100,6 +100,10 @@ pub fn server_config(
         .with_single_cert(certs, key)
         .map_err(|e| TlsError::Config(e.to_string()))?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
+    // Stateless session tickets: a reconnecting device resumes its TLS
+    // session (no certificate signature or verification).
+    tls.ticketer =
+        rustls::crypto::ring::Ticketer::new().map_err(|e| TlsError::Config(e.to_string()))?;
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| TlsError::Config(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));

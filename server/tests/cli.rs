@@ -64,6 +64,8 @@ async fn start_relay(data_dir: &str) -> anyhow::Result<Relay> {
         "127.0.0.1:0",
         "--metrics-listen",
         "off",
+        "--probe-listen",
+        "127.0.0.1:0",
     ])
     .spawn()?;
     let mut stderr = BufReader::new(child.stderr.take().expect("piped")).lines();

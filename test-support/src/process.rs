@@ -47,6 +47,7 @@ impl RelayProcess {
             .arg(quic.to_string())
             .arg("--grpc-listen")
             .arg(grpc.to_string())
+            .args(["--probe-listen", "127.0.0.1:0"])
             .args(extra)
             .env_remove("WAKEWIRE_LOG")
             .stdin(Stdio::null())

@@ -1,0 +1,424 @@
+//! A deterministic standby simulation: a device with the keepalive tuner, a
+//! NAT model, a relay model and random wake events, on a simulated clock
+//! (hours of standby in milliseconds of CPU). It measures what the tuner
+//! costs and buys: keepalives per hour against the 3600/T limit, time to
+//! converge, reachability, wake delays, radio energy.
+//!
+//! The NAT keeps a binding while the device sent something within the last
+//! T seconds (only outgoing packets refresh it, RFC 4787 REQ-6); a packet
+//! sent after that opens a new binding with a new external port, which the
+//! relay reports in its Pong. A probe opens its own binding and is answered
+//! if its delay is shorter than T at that time. Wakes published while the
+//! main binding is gone wait for the device's next keepalive (the relay
+//! holds them; QUIC migrates to the new binding), so none is lost.
+
+use std::time::{Duration, Instant};
+
+use crate::energy::{EnergyMeter, RadioModel};
+use crate::tuner::{Tuner, TunerConfig, TunerEvent};
+
+/// What to simulate.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    /// NAT idle timeout at the start.
+    pub nat_timeout: Duration,
+    /// The device moves to another network during the run: (when, that
+    /// network's timeout). The app reports the new network, so the tuner
+    /// starts over for it (as the SDK does on `network_changed`).
+    pub change: Option<(Duration, Duration)>,
+    /// The same network's timeout changes silently: (when, new timeout).
+    pub silent_change: Option<(Duration, Duration)>,
+    /// A NAT that lies: while true for a time, the timeout is this fraction
+    /// of the nominal one (timeouts shrink under load).
+    pub lying: Option<(Duration, Duration, f64)>,
+    /// Simulated standby time.
+    pub duration: Duration,
+    /// Wake events per hour (Poisson).
+    pub wakes_per_hour: f64,
+    /// Seed of the event generator.
+    pub seed: u64,
+    /// Tuner settings.
+    pub tuner: TunerConfig,
+    /// Radio for the energy estimate.
+    pub radio: RadioModel,
+    /// Round-trip time to the relay.
+    pub rtt: Duration,
+}
+
+impl SimConfig {
+    /// Defaults for a NAT timeout `t`: 24 h, 2 wakes/h, LTE, 50 ms RTT.
+    pub fn new(t: Duration) -> Self {
+        Self {
+            nat_timeout: t,
+            change: None,
+            silent_change: None,
+            lying: None,
+            duration: Duration::from_secs(24 * 3600),
+            wakes_per_hour: 2.0,
+            seed: 1,
+            tuner: TunerConfig::default(),
+            radio: RadioModel::LTE,
+            rtt: Duration::from_millis(50),
+        }
+    }
+}
+
+/// What the simulation measured.
+#[derive(Debug, Clone, Default)]
+pub struct SimReport {
+    /// NAT timeout at the end of the run, s.
+    pub nat_timeout_s: f64,
+    /// Seconds until the tuner first converged (None: never).
+    pub convergence_s: Option<f64>,
+    /// Keepalives per hour after convergence (main connection only).
+    pub keepalives_per_hour: f64,
+    /// The physical limit 3600 / T.
+    pub limit_per_hour: f64,
+    /// limit / actual (1.0 = perfect).
+    pub efficiency: f64,
+    /// Final keepalive interval, s.
+    pub final_interval_s: f64,
+    /// Share of standby time in which a wake reaches the device at once.
+    pub reachability: f64,
+    /// Main-path bindings lost.
+    pub lost_bindings: u64,
+    /// Probes sent.
+    pub probes: u64,
+    /// Wake events published.
+    pub wakes: u64,
+    /// Wake events delivered (all of them: the relay holds undeliverable ones).
+    pub wakes_delivered: u64,
+    /// Delivery delay percentiles, s: p50, p99, max.
+    pub wake_delay_s: [f64; 3],
+    /// Radio energy per day, J (including idle).
+    pub joules_per_day: f64,
+    /// Radio-on seconds per day.
+    pub radio_on_s_per_day: f64,
+    /// Keepalive interval over time: (hours, interval s).
+    pub interval_series: Vec<(f64, f64)>,
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn next_f64(&mut self) -> f64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Runs one simulation.
+pub fn run(cfg: &SimConfig) -> SimReport {
+    let base = Instant::now();
+    let at = |d: Duration| base + d;
+    let timeout_at = |t: Duration| -> Duration {
+        let mut nominal = cfg.nat_timeout;
+        for (when, new) in cfg.change.into_iter().chain(cfg.silent_change) {
+            if t >= when {
+                nominal = new;
+            }
+        }
+        if let Some((from, to, factor)) = cfg.lying {
+            if t >= from && t < to {
+                return nominal.mul_f64(factor);
+            }
+        }
+        nominal
+    };
+    let mut tuner = Tuner::new(base, cfg.tuner.clone());
+    let mut meter = EnergyMeter::new(cfg.radio);
+    let mut rng = Rng(cfg.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    let next_wake = |now: Duration, rng: &mut Rng| -> Duration {
+        if cfg.wakes_per_hour <= 0.0 {
+            return Duration::MAX;
+        }
+        let u = rng.next_f64().max(1e-12);
+        now + Duration::from_secs_f64(-u.ln() * 3600.0 / cfg.wakes_per_hour)
+    };
+
+    let mut t = Duration::ZERO;
+    let mut last_out = Duration::ZERO; // main binding refreshed
+    let mut last_send = Duration::ZERO; // device's last send on the main connection
+    let mut port = 1u64;
+    let mut alive_time = Duration::ZERO;
+    let mut probe_replies: Vec<(Duration, u64)> = vec![];
+    let mut wake_at = next_wake(Duration::ZERO, &mut rng);
+    let mut waiting: Vec<Duration> = vec![]; // wakes held by the relay
+    let mut delays: Vec<f64> = vec![];
+    let mut report = SimReport::default();
+    let mut keepalives_after = 0u64;
+    let mut converged_at: Option<Duration> = None;
+    let mut lost_before_move = 0u64;
+    let mut learn_start = Duration::ZERO;
+    report
+        .interval_series
+        .push((0.0, tuner.interval().as_secs_f64()));
+    meter.packet(Duration::ZERO);
+
+    // Advances the reachability integral to `now` (binding alive while
+    // now - last_out < T).
+    let account = |from: Duration, to: Duration, last_out: Duration, alive_time: &mut Duration| {
+        let t_nat = timeout_at(from);
+        let dead_at = last_out + t_nat;
+        if dead_at > from && to > from {
+            *alive_time += dead_at.min(to) - from;
+        }
+    };
+
+    let mut moved = false;
+    let mut steps = 0u64;
+    while t < cfg.duration {
+        steps += 1;
+        assert!(steps < 50_000_000, "simulation does not advance at t={t:?}");
+        let ping_at = last_send + tuner.interval();
+        let tuner_at = tuner
+            .poll_timeout()
+            .map(|i| i - base)
+            .unwrap_or(Duration::MAX);
+        let reply_at = probe_replies
+            .iter()
+            .map(|r| r.0)
+            .min()
+            .unwrap_or(Duration::MAX);
+        let next = ping_at
+            .min(tuner_at)
+            .min(reply_at)
+            .min(wake_at)
+            .min(cfg.duration);
+        account(t, next, last_out, &mut alive_time);
+        t = next;
+        if t >= cfg.duration {
+            break;
+        }
+        if let Some((when, _)) = cfg.change {
+            if !moved && t >= when {
+                // New network: a fresh binding and a fresh tuner.
+                moved = true;
+                lost_before_move = tuner.lost_bindings();
+                tuner = Tuner::new(at(t), cfg.tuner.clone());
+                probe_replies.clear();
+                last_out = t;
+                last_send = t;
+                port += 1;
+                converged_at = None;
+                learn_start = t;
+                keepalives_after = 0;
+                report
+                    .interval_series
+                    .push((t.as_secs_f64() / 3600.0, tuner.interval().as_secs_f64()));
+                continue;
+            }
+        }
+        // Send what the tuner wants to probe, from fresh bindings.
+        while let Some(p) = tuner.poll_probe(at(t)) {
+            report.probes += 1;
+            meter.packet(t);
+            if p.delay < timeout_at(t + p.delay) {
+                probe_replies.push((t + p.delay + cfg.rtt, p.id));
+            }
+        }
+        if t == reply_at {
+            let mut due = vec![];
+            probe_replies.retain(|&(when, id)| {
+                if when <= t {
+                    due.push(id);
+                    false
+                } else {
+                    true
+                }
+            });
+            for id in due {
+                meter.packet(t);
+                tuner.handle_probe_reply(at(t), id);
+            }
+        } else if t == tuner_at {
+            tuner.handle_timeout(at(t));
+        } else if t == wake_at {
+            report.wakes += 1;
+            if t.saturating_sub(last_out) < timeout_at(t) {
+                // Reachable: delivered now, acked (an outgoing packet).
+                delays.push(cfg.rtt.as_secs_f64());
+                report.wakes_delivered += 1;
+                meter.packet(t);
+                meter.packet(t + cfg.rtt);
+                last_out = t + cfg.rtt;
+                last_send = t + cfg.rtt;
+            } else {
+                waiting.push(t);
+            }
+            wake_at = next_wake(t, &mut rng);
+        } else if t == ping_at {
+            let idle = t.saturating_sub(last_send);
+            if t.saturating_sub(last_out) >= timeout_at(t) {
+                port += 1; // the NAT opened a new binding
+            }
+            last_out = t;
+            last_send = t;
+            meter.packet(t);
+            meter.packet(t + cfg.rtt);
+            if converged_at.is_some() {
+                keepalives_after += 1;
+            }
+            // Held wakes ride on the re-established path.
+            for w in waiting.drain(..) {
+                delays.push((t.saturating_sub(w) + cfg.rtt).as_secs_f64());
+                report.wakes_delivered += 1;
+            }
+            tuner.handle_keepalive(at(t + cfg.rtt), idle, &format!("198.51.100.1:{port}"));
+        }
+        while let Some(ev) = tuner.poll_event() {
+            match ev {
+                TunerEvent::IntervalChanged { interval, .. } => report
+                    .interval_series
+                    .push((t.as_secs_f64() / 3600.0, interval.as_secs_f64())),
+                TunerEvent::Converged { .. } if converged_at.is_none() => converged_at = Some(t),
+                _ => {}
+            }
+        }
+    }
+    report.interval_series.push((
+        cfg.duration.as_secs_f64() / 3600.0,
+        tuner.interval().as_secs_f64(),
+    ));
+    let t_end = timeout_at(cfg.duration);
+    report.nat_timeout_s = t_end.as_secs_f64();
+    report.convergence_s = converged_at.map(|c| (c - learn_start).as_secs_f64());
+    let hours_after = converged_at.map_or(0.0, |c| (cfg.duration - c).as_secs_f64() / 3600.0);
+    report.keepalives_per_hour = if hours_after > 0.0 {
+        keepalives_after as f64 / hours_after
+    } else {
+        f64::NAN
+    };
+    report.limit_per_hour = 3600.0 / t_end.as_secs_f64();
+    report.efficiency = report.limit_per_hour / report.keepalives_per_hour;
+    report.final_interval_s = tuner.interval().as_secs_f64();
+    report.reachability = alive_time.as_secs_f64() / cfg.duration.as_secs_f64();
+    report.lost_bindings = lost_before_move + tuner.lost_bindings();
+    delays.sort_by(f64::total_cmp);
+    let pick = |q: f64| {
+        delays
+            .get(((delays.len() as f64 - 1.0) * q).round() as usize)
+            .copied()
+            .unwrap_or(0.0)
+    };
+    report.wake_delay_s = [pick(0.5), pick(0.99), delays.last().copied().unwrap_or(0.0)];
+    let energy = meter.report(cfg.duration);
+    report.joules_per_day = energy.joules_per_day();
+    report.radio_on_s_per_day = energy.radio_on_s * 86_400.0 / cfg.duration.as_secs_f64();
+    report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TS: [u64; 6] = [30, 60, 120, 300, 900, 1800];
+
+    fn assert_targets(r: &SimReport, t: u64) {
+        let conv = r.convergence_s.expect("converged");
+        assert!(conv <= 3600.0, "T={t}: converged after {conv} s");
+        assert!(
+            r.efficiency >= 0.87,
+            "T={t}: efficiency {:.3} ({:.1}/h vs limit {:.1}/h)",
+            r.efficiency,
+            r.keepalives_per_hour,
+            r.limit_per_hour
+        );
+        assert!(
+            r.reachability >= 0.999,
+            "T={t}: reachability {}",
+            r.reachability
+        );
+        assert_eq!(r.wakes, r.wakes_delivered, "T={t}: a wake was lost");
+    }
+
+    #[test]
+    fn meets_the_targets_for_every_nat_timeout() {
+        for t in TS {
+            let r = run(&SimConfig::new(Duration::from_secs(t)));
+            assert_targets(&r, t);
+            assert_eq!(
+                r.lost_bindings, 0,
+                "T={t}: probing must not cost the main binding"
+            );
+        }
+    }
+
+    #[test]
+    fn a_network_change_mid_run_is_learned_again_both_ways() {
+        for (from, to) in [(300, 60), (60, 900), (1800, 30)] {
+            let mut cfg = SimConfig::new(Duration::from_secs(from));
+            cfg.change = Some((Duration::from_secs(6 * 3600), Duration::from_secs(to)));
+            let r = run(&cfg);
+            assert_targets(&r, to);
+            assert_eq!(r.lost_bindings, 0, "{from}->{to}");
+        }
+    }
+
+    #[test]
+    fn a_silent_change_on_the_same_network_is_followed_both_ways() {
+        for (from, to) in [(300, 60), (60, 900), (1800, 30)] {
+            let mut cfg = SimConfig::new(Duration::from_secs(from));
+            cfg.tuner.reprobe_after = Duration::from_secs(2 * 3600);
+            cfg.silent_change = Some((Duration::from_secs(6 * 3600), Duration::from_secs(to)));
+            let r = run(&cfg);
+            assert!(
+                r.final_interval_s < to as f64,
+                "{from}->{to}: interval {} not below T",
+                r.final_interval_s
+            );
+            assert!(
+                r.final_interval_s >= 0.87 * to as f64 || to <= 30,
+                "{from}->{to}: interval {} too short",
+                r.final_interval_s
+            );
+            // Shrinking costs at most a couple of lost bindings; growing is
+            // found by the periodic re-probe, without losing any.
+            assert!(
+                r.lost_bindings <= 2,
+                "{from}->{to}: {} lost bindings",
+                r.lost_bindings
+            );
+            assert_eq!(r.wakes, r.wakes_delivered);
+            assert!(
+                r.reachability >= 0.99,
+                "{from}->{to}: reachability {}",
+                r.reachability
+            );
+        }
+    }
+
+    #[test]
+    fn a_nat_that_lies_under_load_costs_few_bindings_and_no_wake() {
+        let mut cfg = SimConfig::new(Duration::from_secs(300));
+        // Between hours 4 and 6 the NAT keeps bindings only half as long.
+        cfg.lying = Some((
+            Duration::from_secs(4 * 3600),
+            Duration::from_secs(6 * 3600),
+            0.5,
+        ));
+        cfg.wakes_per_hour = 20.0;
+        let r = run(&cfg);
+        assert!(
+            r.lost_bindings >= 1 && r.lost_bindings <= 2,
+            "{} lost bindings",
+            r.lost_bindings
+        );
+        assert_eq!(r.wakes, r.wakes_delivered, "no wake is lost, only delayed");
+        assert!(r.reachability >= 0.99, "{}", r.reachability);
+    }
+
+    #[test]
+    fn energy_falls_with_the_nat_timeout() {
+        let short = run(&SimConfig::new(Duration::from_secs(30)));
+        let long = run(&SimConfig::new(Duration::from_secs(1800)));
+        assert!(
+            long.joules_per_day < short.joules_per_day / 10.0,
+            "{} vs {}",
+            long.joules_per_day,
+            short.joules_per_day
+        );
+    }
+}

@@ -1,0 +1,458 @@
+//! The adaptive keepalive tuner: a pure state machine (time passed in, no
+//! sockets) that learns how long the current network's NAT keeps an idle
+//! UDP binding (T), and sets the keepalive interval just below it.
+//!
+//! How it learns, without letting the main connection fail:
+//! - **Probes on other bindings.** The driver sends each probe from a fresh
+//!   UDP socket (a binding of its own) to the relay's probe port, asking to
+//!   be answered after a chosen silence `d`. A reply proves T > d; no reply
+//!   by the deadline means T <= d. Many probes run at once.
+//! - **Exploration**: a geometric ladder of delays (x1.25) from the start
+//!   interval to the maximum, all sent at once.
+//! - **Refinement without waiting**: each time a probe answers (T > d), fine
+//!   probes (steps of at most x1.03) are sent at once between d and the
+//!   next rung still in flight, so the fine answers come about one T after
+//!   the coarse one instead of after the whole ladder. A silent probe sets
+//!   the upper bound and cancels every probe above it. When the bracket is
+//!   within 3% (or the maximum interval is proven), the tuner has
+//!   converged: for every T that takes about 2T, and at most one hour for
+//!   the 30-minute maximum.
+//! - **The main connection** confirms or contradicts: the relay echoes the
+//!   address and port it sees in every Pong. Same port after `idle` seconds
+//!   of silence: T > idle. A changed port: the binding expired (QUIC
+//!   migrated to the new one), so T <= idle: the tuner steps down at once
+//!   (to 60% of that idle) and re-probes upwards.
+//!
+//! Why it is safe: the interval only grows to `safety` (92%) of an idle gap
+//! that a probe or the main path has proven to survive, never on a guess;
+//! it starts at 25 s, below the 30 s NATs of RFC 9308; and any lost binding
+//! cuts it at once. Until a bound is proven the keepalive stays at the
+//! start value. Learned bounds are kept per network and re-checked after
+//! `reprobe_after`.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+/// Tuner settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TunerConfig {
+    /// Never keep alive more often than this (RFC 8085: 15 s).
+    pub min_interval: Duration,
+    /// Never less often than this.
+    pub max_interval: Duration,
+    /// Interval before anything is learned (safe for 30 s NATs).
+    pub start_interval: Duration,
+    /// Interval = `safety` x the longest idle proven to survive.
+    pub safety: f64,
+    /// Ratio between round-1 probe delays.
+    pub coarse_ratio: f64,
+    /// Converged once the bracket is this tight.
+    pub fine_ratio: f64,
+    /// Most probes in flight.
+    pub max_probes: usize,
+    /// Extra wait for a probe reply beyond its delay: fixed part.
+    pub grace: Duration,
+    /// Re-check learned values this long after learning them.
+    pub reprobe_after: Duration,
+}
+
+impl Default for TunerConfig {
+    fn default() -> Self {
+        Self {
+            min_interval: Duration::from_secs(15),
+            max_interval: Duration::from_secs(29 * 60),
+            start_interval: Duration::from_secs(25),
+            safety: 0.92,
+            coarse_ratio: 1.25,
+            fine_ratio: 1.03,
+            max_probes: 32,
+            grace: Duration::from_secs(2),
+            reprobe_after: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// What the tuner learned about a network: T is in (lower, upper].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Learned {
+    /// Longest idle proven to survive.
+    pub lower: Duration,
+    /// Shortest idle proven to kill the binding (None: none seen up to the
+    /// maximum interval).
+    pub upper: Option<Duration>,
+}
+
+/// A probe the driver must send: from a fresh socket, asking the relay to
+/// answer after `delay` of silence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProbeRequest {
+    /// Probe id (echoed in the reply).
+    pub id: u64,
+    /// Silence to ask for.
+    pub delay: Duration,
+}
+
+/// Something worth telling the app.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TunerEvent {
+    /// The keepalive interval changed.
+    IntervalChanged {
+        /// New interval.
+        interval: Duration,
+        /// Why.
+        reason: &'static str,
+    },
+    /// The bracket is tight: learning is done for this network.
+    Converged {
+        /// Final interval.
+        interval: Duration,
+        /// What was learned.
+        learned: Learned,
+    },
+    /// The main connection's binding expired (its port changed).
+    BindingLost {
+        /// Idle time after which it was found gone.
+        after_idle: Duration,
+    },
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Probe {
+    id: u64,
+    delay: Duration,
+    deadline: Instant,
+}
+
+/// The tuner.
+#[derive(Debug)]
+pub struct Tuner {
+    cfg: TunerConfig,
+    lower: Duration,
+    upper: Option<Duration>,
+    interval: Duration,
+    probes: Vec<Probe>,
+    to_send: VecDeque<Duration>,
+    next_id: u64,
+    converged: bool,
+    learned_at: Option<Instant>,
+    observed: Option<String>,
+    lost_bindings: u64,
+    events: VecDeque<TunerEvent>,
+}
+
+impl Tuner {
+    /// A tuner for a network seen for the first time: starts at
+    /// `start_interval` and explores.
+    pub fn new(now: Instant, cfg: TunerConfig) -> Self {
+        let mut t = Self {
+            lower: Duration::ZERO,
+            upper: None,
+            interval: cfg.start_interval,
+            probes: vec![],
+            to_send: VecDeque::new(),
+            next_id: 1,
+            converged: false,
+            learned_at: None,
+            observed: None,
+            lost_bindings: 0,
+            events: VecDeque::new(),
+            cfg,
+        };
+        t.plan(now);
+        t
+    }
+
+    /// A tuner for a network learned before: starts from what was learned
+    /// and only re-checks it.
+    pub fn resume(now: Instant, cfg: TunerConfig, learned: Learned) -> Self {
+        let mut t = Self::new_empty(cfg);
+        t.lower = learned.lower;
+        t.upper = learned.upper;
+        t.interval = t.target();
+        t.learned_at = Some(now);
+        t.plan(now);
+        t
+    }
+
+    fn new_empty(cfg: TunerConfig) -> Self {
+        Self {
+            lower: Duration::ZERO,
+            upper: None,
+            interval: cfg.start_interval,
+            probes: vec![],
+            to_send: VecDeque::new(),
+            next_id: 1,
+            converged: false,
+            learned_at: None,
+            observed: None,
+            lost_bindings: 0,
+            events: VecDeque::new(),
+            cfg,
+        }
+    }
+
+    /// Current keepalive interval.
+    pub fn interval(&self) -> Duration {
+        self.interval
+    }
+
+    /// What has been learned so far.
+    pub fn learned(&self) -> Learned {
+        Learned {
+            lower: self.lower,
+            upper: self.upper,
+        }
+    }
+
+    /// Whether learning is done.
+    pub fn is_converged(&self) -> bool {
+        self.converged
+    }
+
+    /// Main-path bindings found expired so far.
+    pub fn lost_bindings(&self) -> u64 {
+        self.lost_bindings
+    }
+
+    /// The app saw its own server time out: keep alive more often
+    /// (ControlChannelTrigger's DecreaseNetworkKeepAliveInterval).
+    pub fn decrease(&mut self, now: Instant) {
+        let cut = self.interval.mul_f64(0.75).max(self.cfg.min_interval);
+        self.upper = Some(self.upper.map_or(self.interval, |u| u.min(self.interval)));
+        self.lower = self.lower.min(cut);
+        self.converged = false;
+        self.set_interval(cut, "decreased by the app");
+        self.plan(now);
+    }
+
+    /// A keepalive round trip on the main connection completed after `idle`
+    /// of silence from the device; `observed` is the address the relay saw.
+    pub fn handle_keepalive(&mut self, now: Instant, idle: Duration, observed: &str) {
+        let changed = self.observed.as_deref().is_some_and(|o| o != observed);
+        self.observed = Some(observed.to_owned());
+        if changed {
+            self.lost_bindings += 1;
+            self.events
+                .push_back(TunerEvent::BindingLost { after_idle: idle });
+            self.upper = Some(self.upper.map_or(idle, |u| u.min(idle)));
+            // Step straight down to the start interval (safe for the 30 s
+            // NATs), or further if even that was too long, then probe
+            // upwards again: one lost binding per downward move.
+            let floor = self.cfg.start_interval.min(idle.mul_f64(0.6));
+            self.lower = self.lower.min(floor);
+            // Forget probes that can no longer tell us anything.
+            self.probes.retain(|p| p.delay < idle);
+            self.to_send.clear();
+            self.converged = false;
+            let step = floor.max(self.cfg.min_interval);
+            self.set_interval(step, "binding lost: stepping down");
+            self.plan(now);
+        } else if idle > self.lower {
+            self.alive(now, idle);
+        }
+    }
+
+    /// A probe reply arrived.
+    pub fn handle_probe_reply(&mut self, now: Instant, id: u64) {
+        if let Some(i) = self.probes.iter().position(|p| p.id == id) {
+            let p = self.probes.swap_remove(i);
+            if now < p.deadline {
+                self.alive(now, p.delay);
+            }
+        }
+    }
+
+    /// Timer expiry: probes past their deadline are silent (dead).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let dead: Vec<Probe> = self
+            .probes
+            .iter()
+            .copied()
+            .filter(|p| now >= p.deadline)
+            .collect();
+        self.probes.retain(|p| now < p.deadline);
+        for p in dead {
+            if self.upper.is_none_or(|u| p.delay < u) {
+                self.upper = Some(p.delay);
+            }
+            self.after_result(now);
+        }
+        if self
+            .learned_at
+            .is_some_and(|t| now >= t + self.cfg.reprobe_after)
+            && self.probes.is_empty()
+        {
+            // Networks change their NATs: look again, upwards and at the edge.
+            self.learned_at = Some(now);
+            self.converged = false;
+            self.upper = None;
+            self.plan(now);
+        }
+    }
+
+    /// The next probe to send, stamped as sent at `now`.
+    pub fn poll_probe(&mut self, now: Instant) -> Option<ProbeRequest> {
+        if self.probes.len() >= self.cfg.max_probes {
+            return None;
+        }
+        let delay = self.to_send.pop_front()?;
+        let id = self.next_id;
+        self.next_id += 1;
+        let grace = self.cfg.grace + delay.mul_f64(0.02);
+        self.probes.push(Probe {
+            id,
+            delay,
+            deadline: now + delay + grace,
+        });
+        Some(ProbeRequest { id, delay })
+    }
+
+    /// When [`Tuner::handle_timeout`] must run next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let probe = self.probes.iter().map(|p| p.deadline).min();
+        let reprobe = self.learned_at.map(|t| t + self.cfg.reprobe_after);
+        match (probe, reprobe) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Next event for the app.
+    pub fn poll_event(&mut self) -> Option<TunerEvent> {
+        self.events.pop_front()
+    }
+
+    fn alive(&mut self, now: Instant, idle: Duration) {
+        if idle > self.lower {
+            self.lower = idle;
+            if self.upper.is_some_and(|u| u <= idle) {
+                // The NAT got more generous than we thought.
+                self.upper = None;
+            }
+            // Refine above the new bound right away, up to the next rung
+            // still in flight (or the upper bound).
+            let top = self.cfg.max_interval.div_f64(self.cfg.safety);
+            let next = self
+                .probes
+                .iter()
+                .map(|p| p.delay)
+                .chain(self.to_send.iter().copied())
+                .filter(|d| *d > idle)
+                .chain(self.upper)
+                .min()
+                .unwrap_or(top)
+                .min(top);
+            self.queue_fine(idle, next);
+        }
+        self.after_result(now);
+    }
+
+    /// Queues probes strictly between `from` and `to`, in equal ratio steps
+    /// of at most `fine_ratio`.
+    fn queue_fine(&mut self, from: Duration, to: Duration) {
+        let span = to.as_secs_f64() / from.as_secs_f64().max(1e-3);
+        if span <= self.cfg.fine_ratio * (1.0 + 1e-9) {
+            return;
+        }
+        let steps = (span.ln() / self.cfg.fine_ratio.ln()).ceil().max(1.0);
+        let ratio = span.powf(1.0 / steps);
+        let mut d = from.mul_f64(ratio);
+        while d.as_secs_f64() < to.as_secs_f64() * (1.0 - 1e-9) {
+            if !self.to_send.contains(&d) {
+                self.to_send.push_back(d);
+            }
+            d = d.mul_f64(ratio);
+        }
+    }
+
+    /// Interval for the current lower bound.
+    fn target(&self) -> Duration {
+        if self.lower.is_zero() {
+            return self.cfg.start_interval;
+        }
+        self.lower
+            .mul_f64(self.cfg.safety)
+            .clamp(self.cfg.min_interval, self.cfg.max_interval)
+    }
+
+    fn after_result(&mut self, now: Instant) {
+        // Only a proven lower bound may raise the interval; drop to it when
+        // the bound fell.
+        let target = self.target();
+        if !self.lower.is_zero() && target != self.interval {
+            self.set_interval(target, "learned");
+        }
+        // Probes that can no longer narrow the bracket are forgotten.
+        let (lower, upper) = (self.lower, self.upper);
+        self.probes
+            .retain(|p| p.delay > lower && upper.is_none_or(|u| p.delay < u));
+        self.to_send
+            .retain(|d| *d > lower && upper.is_none_or(|u| *d < u));
+        if self.probes.is_empty() && self.to_send.is_empty() {
+            if self.done() {
+                if !self.converged {
+                    self.converged = true;
+                    self.learned_at = Some(now);
+                    self.events.push_back(TunerEvent::Converged {
+                        interval: self.interval,
+                        learned: self.learned(),
+                    });
+                }
+            } else {
+                self.plan(now);
+            }
+        }
+    }
+
+    fn done(&self) -> bool {
+        let top = self.cfg.max_interval.div_f64(self.cfg.safety);
+        match self.upper {
+            None => self.lower >= top,
+            Some(u) => {
+                u.as_secs_f64() <= self.lower.as_secs_f64() * self.cfg.fine_ratio * (1.0 + 1e-9)
+                    || self.lower >= top
+            }
+        }
+    }
+
+    /// Queues the next round of probes.
+    fn plan(&mut self, _now: Instant) {
+        if !self.to_send.is_empty() || !self.probes.is_empty() || self.done() {
+            return;
+        }
+        let top = self.cfg.max_interval.div_f64(self.cfg.safety);
+        let from = if self.lower.is_zero() {
+            self.cfg.start_interval
+        } else {
+            self.lower
+        };
+        match self.upper {
+            None => {
+                // Explore: a coarse ladder up to the top, and the top 10%
+                // laddered finely from the start (near the cap each round
+                // would cost half an hour).
+                let mut d = from.mul_f64(self.cfg.coarse_ratio);
+                while d < top.mul_f64(0.9) && self.to_send.len() + 5 < self.cfg.max_probes {
+                    self.to_send.push_back(d);
+                    d = d.mul_f64(self.cfg.coarse_ratio);
+                }
+                let mut d = top;
+                let mut near_top = vec![];
+                while d >= top.mul_f64(0.9).max(from) {
+                    near_top.push(d);
+                    d = d.div_f64(self.cfg.fine_ratio);
+                }
+                self.to_send.extend(near_top.into_iter().rev());
+            }
+            Some(upper) => self.queue_fine(from, upper),
+        }
+    }
+
+    fn set_interval(&mut self, interval: Duration, reason: &'static str) {
+        if interval != self.interval {
+            self.interval = interval;
+            self.events
+                .push_back(TunerEvent::IntervalChanged { interval, reason });
+        }
+    }
+}
