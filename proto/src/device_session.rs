@@ -87,6 +87,9 @@ pub enum DeviceEvent {
         rtt: Duration,
         /// The device's address as the relay saw it.
         observed_addr: String,
+        /// How long the device had sent nothing before this Ping (the idle
+        /// time its NAT binding had to survive).
+        idle: Duration,
     },
     /// The relay is about to close the connection.
     GoAway {
@@ -116,6 +119,7 @@ pub struct DeviceSession {
     next_nonce: u64,
     last_send: Instant,
     ping_out: Option<(u64, Instant)>,
+    ping_idle: Duration,
 }
 
 impl DeviceSession {
@@ -138,6 +142,7 @@ impl DeviceSession {
             next_nonce: 1,
             last_send: now,
             ping_out: None,
+            ping_idle: Duration::ZERO,
         }
     }
 
@@ -194,6 +199,7 @@ impl DeviceSession {
         let nonce = self.next_nonce;
         self.next_nonce += 1;
         self.ping_out = Some((nonce, now));
+        self.ping_idle = now.saturating_duration_since(self.last_send);
         self.send(now, Body::Ping(Ping { nonce }));
     }
 
@@ -344,6 +350,7 @@ impl DeviceSession {
                     self.core.push_event(DeviceEvent::KeepaliveCompleted {
                         rtt: now.saturating_duration_since(sent),
                         observed_addr: p.observed_addr,
+                        idle: self.ping_idle,
                     });
                 }
                 // A late or unsolicited Pong is harmless.

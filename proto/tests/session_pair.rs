@@ -176,7 +176,7 @@ fn keepalive_runs_on_the_simulated_clock_and_reports_observed_address() {
         .any(|e| matches!(e, DeviceEvent::KeepaliveCompleted { .. })));
     p.advance(Duration::from_millis(1));
     assert!(p.device_events.iter().any(
-        |e| matches!(e, DeviceEvent::KeepaliveCompleted { observed_addr, .. } if observed_addr == "203.0.113.7:51234")
+        |e| matches!(e, DeviceEvent::KeepaliveCompleted { observed_addr, idle, .. } if observed_addr == "203.0.113.7:51234" && *idle == interval)
     ));
     assert!(p.relay_events.contains(&RelayEvent::Ping));
 

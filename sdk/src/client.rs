@@ -68,6 +68,29 @@ pub enum Status {
         /// The device's address and port as the relay saw them.
         observed_addr: String,
     },
+    /// The adaptive keepalive changed the interval (ControlChannelTrigger's
+    /// CurrentKeepAliveIntervalInMinutes).
+    KeepaliveInterval {
+        /// New interval.
+        interval: Duration,
+        /// Why ("learned", "binding lost: stepping down", ...).
+        reason: &'static str,
+    },
+    /// The adaptive keepalive finished learning this network.
+    KeepaliveConverged {
+        /// Network id.
+        network: String,
+        /// Interval in use.
+        interval: Duration,
+        /// NAT timeout bounds learned.
+        learned: crate::tuner::Learned,
+    },
+    /// The NAT had dropped the connection's binding (seen after `after_idle`
+    /// of silence); QUIC moved to the new one, nothing was lost.
+    BindingLost {
+        /// Silence after which it was gone.
+        after_idle: Duration,
+    },
 }
 
 /// What a connection actually negotiated.
@@ -94,10 +117,13 @@ pub struct ConnectionInfo {
 }
 
 /// How the SDK keeps the network path alive.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum KeepalivePolicy {
     /// A Ping after this long without sending anything.
     Fixed(Duration),
+    /// Learn the NAT's binding timeout on each network and keep alive just
+    /// below it (see [`crate::tuner`]).
+    Adaptive(crate::tuner::TunerConfig),
 }
 
 impl Default for KeepalivePolicy {
@@ -107,6 +133,7 @@ impl Default for KeepalivePolicy {
 }
 
 pub(crate) type WakeCallback = Arc<dyn Fn(&WakeEvent) + Send + Sync>;
+pub(crate) type PeriodicCallback = Arc<dyn Fn() + Send + Sync>;
 pub(crate) type StatusCallback = Arc<dyn Fn(&Status) + Send + Sync>;
 
 /// Everything the driver needs to (re)connect.
@@ -128,6 +155,9 @@ pub(crate) struct Config {
     pub(crate) endpoint: Option<quinn::Endpoint>,
     pub(crate) dedup_file: Option<PathBuf>,
     pub(crate) dedup_window: usize,
+    pub(crate) network_id: String,
+    pub(crate) network_memory: Option<PathBuf>,
+    pub(crate) probe_addr: Option<SocketAddr>,
 }
 
 /// Builds a [`Client`].
@@ -146,6 +176,9 @@ pub struct ClientBuilder {
     endpoint: Option<quinn::Endpoint>,
     dedup_file: Option<PathBuf>,
     dedup_window: usize,
+    network_id: String,
+    network_memory: Option<PathBuf>,
+    probe_addr: Option<SocketAddr>,
 }
 
 impl std::fmt::Debug for ClientBuilder {
@@ -175,7 +208,30 @@ impl ClientBuilder {
             endpoint: None,
             dedup_file: None,
             dedup_window: crate::dedup::DEFAULT_WINDOW,
+            network_id: "default".into(),
+            network_memory: None,
+            probe_addr: None,
         }
+    }
+
+    /// Identity of the current network (an SSID hash, a carrier...), under
+    /// which the adaptive keepalive remembers what it learned.
+    pub fn network_id(mut self, id: impl Into<String>) -> Self {
+        self.network_id = id.into();
+        self
+    }
+
+    /// File where learned keepalive intervals are kept per network.
+    pub fn network_memory(mut self, path: impl Into<PathBuf>) -> Self {
+        self.network_memory = Some(path.into());
+        self
+    }
+
+    /// Where to send binding-lifetime probes (default: the relay's host and
+    /// the probe port it announces).
+    pub fn probe_address(mut self, addr: SocketAddr) -> Self {
+        self.probe_addr = Some(addr);
+        self
     }
 
     /// Remembers the ids of handled events in this file (synced before each
@@ -320,6 +376,9 @@ impl ClientBuilder {
             endpoint: self.endpoint,
             dedup_file: self.dedup_file,
             dedup_window: self.dedup_window,
+            network_id: self.network_id,
+            network_memory: self.network_memory,
+            probe_addr: self.probe_addr,
         });
         let shared = Arc::new(Shared::default());
         let cmd = driver::start(config, shared.clone()).await?;
@@ -378,6 +437,38 @@ impl Client {
             })
             .map_err(|_| closed())?;
         answer.await.map_err(|_| closed())?
+    }
+
+    /// Standby (true) aligns periodic work with the keepalive so the radio
+    /// wakes as rarely as possible; false runs periodic work on its own
+    /// schedule.
+    pub fn set_standby(&self, standby: bool) {
+        let _ = self.cmd.send(Command::SetStandby(standby));
+    }
+
+    /// The app saw its own server time out: keep alive more often
+    /// (ControlChannelTrigger's DecreaseNetworkKeepAliveInterval).
+    pub fn decrease_keepalive(&self) {
+        let _ = self.cmd.send(Command::DecreaseKeepalive);
+    }
+
+    /// Switches the keepalive policy (e.g. to a fixed interval).
+    pub fn set_keepalive(&self, policy: KeepalivePolicy) {
+        let _ = self.cmd.send(Command::SetKeepalive(policy));
+    }
+
+    /// The device moved to another network: the keepalive switches to what
+    /// it learned there (or starts learning), and the connection moves to a
+    /// new local socket (QUIC migration) instead of reconnecting.
+    pub fn network_changed(&self, network_id: impl Into<String>) {
+        let _ = self.cmd.send(Command::NetworkChanged(network_id.into()));
+    }
+
+    /// Runs `cb` every `period` (ControlChannelTrigger's KeepAliveTrigger
+    /// for the app's own server). In standby it runs at the keepalive at or
+    /// before its due time, never waking the radio on its own.
+    pub fn add_periodic(&self, period: Duration, cb: impl Fn() + Send + Sync + 'static) {
+        let _ = self.cmd.send(Command::AddPeriodic(period, Arc::new(cb)));
     }
 
     /// Closes the connection and stops reconnecting.

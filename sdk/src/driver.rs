@@ -18,10 +18,12 @@ use wakewire_proto::ErrorCode;
 
 use crate::backoff::Backoff;
 use crate::client::{
-    Config, ConnectionInfo, KeepalivePolicy, Shared, Status, WakeCallback, WakeEvent,
+    Config, ConnectionInfo, KeepalivePolicy, PeriodicCallback, Shared, Status, WakeCallback,
+    WakeEvent,
 };
 use crate::dedup::Seen;
 use crate::error::{ConnectError, RegisterError};
+use crate::keepalive::Keepalive;
 use crate::tls;
 
 /// Upper bound of the extra spread after the relay refused a connection
@@ -42,6 +44,11 @@ pub(crate) enum Command {
     Close {
         reply: oneshot::Sender<()>,
     },
+    SetStandby(bool),
+    DecreaseKeepalive,
+    SetKeepalive(KeepalivePolicy),
+    NetworkChanged(String),
+    AddPeriodic(Duration, PeriodicCallback),
 }
 
 /// Makes the first connection, then runs the driver in the background.
@@ -53,11 +60,17 @@ pub(crate) async fn start(
         shared: config.endpoint.clone(),
         ..Endpoints::default()
     };
-    let link = Link::establish(&config, &mut endpoints).await?;
+    let keepalive = Keepalive::new(
+        config.keepalive.clone(),
+        config.network_id.clone(),
+        config.network_memory.clone(),
+    );
+    let link = Link::establish(&config, &mut endpoints, keepalive.interval()).await?;
     let seen = Seen::open(config.dedup_file.clone(), config.dedup_window)
         .map_err(|e| ConnectError::Config(format!("cannot open the dedup store: {e}")))?;
     let (tx, cmd_rx) = mpsc::unbounded_channel();
     let mut driver = Driver {
+        keepalive,
         seen,
         config,
         shared,
@@ -124,10 +137,16 @@ struct Link {
     out: Bytes,
     go_away: Option<(GoAwayReason, Duration, String)>,
     info: ConnectionInfo,
+    /// The relay's probe service port (0 = none).
+    probe_port: u16,
 }
 
 impl Link {
-    async fn establish(config: &Config, endpoints: &mut Endpoints) -> Result<Link, ConnectError> {
+    async fn establish(
+        config: &Config,
+        endpoints: &mut Endpoints,
+        keepalive_interval: Duration,
+    ) -> Result<Link, ConnectError> {
         let addr = resolve(&config.relay).await?;
         let endpoint = endpoints.for_addr(addr)?;
         let probe = &config.suite_probe;
@@ -166,7 +185,6 @@ impl Link {
             .open_bi()
             .await
             .map_err(ConnectError::from_connection)?;
-        let KeepalivePolicy::Fixed(keepalive_interval) = config.keepalive;
         let session = DeviceSession::new(
             Instant::now(),
             DeviceSessionConfig {
@@ -195,6 +213,7 @@ impl Link {
             session,
             out: Bytes::new(),
             go_away: None,
+            probe_port: 0,
         };
         match tokio::time::timeout_at(deadline, link.next_event()).await {
             Err(_) => {
@@ -207,10 +226,12 @@ impl Link {
             Ok(Ok(DeviceEvent::Welcome {
                 session_id,
                 device_id,
+                limits,
                 ..
             })) => {
                 link.info.session_id = session_id;
                 link.info.device_id = device_id;
+                link.probe_port = u16::try_from(limits.probe_port).unwrap_or(0);
                 Ok(link)
             }
             Ok(Ok(other)) => Err(ConnectError::ProtocolViolation(format!(
@@ -325,6 +346,7 @@ struct ChannelState {
 }
 
 struct Driver {
+    keepalive: Keepalive,
     /// Event ids already handed to the app.
     seen: Seen,
     config: Arc<Config>,
@@ -387,7 +409,9 @@ impl Driver {
                     return self.fail_all("the client was closed");
                 }
                 self.emit(&Status::Connecting { attempt });
-                match Link::establish(&self.config, &mut self.endpoints).await {
+                match Link::establish(&self.config, &mut self.endpoints, self.keepalive.interval())
+                    .await
+                {
                     Ok(l) => break l,
                     Err(e) if e.is_retryable() => error = e,
                     Err(e) => {
@@ -408,7 +432,11 @@ impl Driver {
     /// Serves one connection until it fails or the app closes the client.
     async fn serve(&mut self, link: &mut Link) -> ConnectError {
         loop {
+            self.sync_keepalive(link);
+            let deadline = self.keepalive.deadline();
             tokio::select! {
+                Some(id) = self.keepalive.replies.recv() => self.keepalive.on_probe_reply(Instant::now(), id),
+                _ = sleep_until(deadline), if deadline.is_some() => self.keepalive.on_timer(Instant::now()),
                 cmd = self.cmd_rx.recv() => match cmd {
                     None => {
                         link.close_gracefully("client dropped").await;
@@ -444,6 +472,24 @@ impl Driver {
                     Some(cmd) => self.on_command(cmd, None),
                 },
             }
+        }
+    }
+
+    /// Applies what the keepalive logic decided: probes out, statuses to
+    /// the app, the interval into the session.
+    fn sync_keepalive(&mut self, link: &mut Link) {
+        let probe_addr = self.config.probe_addr.or_else(|| {
+            (link.probe_port != 0)
+                .then(|| SocketAddr::new(link.info.relay_addr.ip(), link.probe_port))
+        });
+        for status in self.keepalive.poll(Instant::now(), probe_addr) {
+            self.emit(&status);
+        }
+        let interval = self.keepalive.interval();
+        if link.session.keepalive_interval() != interval {
+            link.session.set_keepalive_interval(interval);
+            link.info.keepalive_interval = interval;
+            self.set_info(Some(link.info.clone()));
         }
     }
 
@@ -497,7 +543,48 @@ impl Driver {
             Command::Close { reply } => {
                 let _ = reply.send(());
             }
+            Command::SetStandby(on) => self.keepalive.set_standby(on),
+            Command::DecreaseKeepalive => self.keepalive.decrease(Instant::now()),
+            Command::SetKeepalive(policy) => self.keepalive.set_policy(policy, Instant::now()),
+            Command::AddPeriodic(period, cb) => {
+                self.keepalive.add_periodic(period, cb, Instant::now())
+            }
+            Command::NetworkChanged(network) => {
+                self.keepalive.network_changed(network, Instant::now());
+                if let Some(link) = link {
+                    self.migrate(link);
+                }
+            }
         }
+    }
+
+    /// Moves the connection to a new local socket (QUIC path migration, as
+    /// after a Wi-Fi to cellular switch) and pings so the relay learns the
+    /// new path at once. A shared endpoint (the load tester's) stays put.
+    fn migrate(&mut self, link: &mut Link) {
+        if self.config.endpoint.is_none() {
+            let relay = link.info.relay_addr;
+            let bind: SocketAddr = if relay.is_ipv4() {
+                ([0, 0, 0, 0], 0).into()
+            } else {
+                ([0u16; 8], 0).into()
+            };
+            let moved = std::net::UdpSocket::bind(bind).and_then(|socket| {
+                let ep = self
+                    .endpoints
+                    .for_addr(relay)
+                    .map_err(std::io::Error::other)?;
+                ep.rebind(socket)?;
+                ep.local_addr()
+            });
+            match moved {
+                Ok(local) => link.info.local_addr = Some(local),
+                Err(e) => {
+                    warn!(error = %e, "cannot move to a new socket; the next keepalive reconnects if needed")
+                }
+            }
+        }
+        link.session.ping(Instant::now());
     }
 
     fn on_event(&mut self, link: &mut Link, ev: DeviceEvent) {
@@ -577,8 +664,14 @@ impl Driver {
                     warn!(event = %event.event_id, "wake callback panicked; event not acked");
                 }
             }
-            DeviceEvent::KeepaliveCompleted { rtt, observed_addr } => {
-                debug!(?rtt, %observed_addr, "keepalive");
+            DeviceEvent::KeepaliveCompleted {
+                rtt,
+                observed_addr,
+                idle,
+            } => {
+                debug!(?rtt, %observed_addr, ?idle, "keepalive");
+                self.keepalive
+                    .on_keepalive(Instant::now(), idle, &observed_addr);
                 self.emit(&Status::KeepaliveCompleted { rtt, observed_addr });
             }
             DeviceEvent::GoAway {

@@ -33,6 +33,8 @@ mod dedup;
 mod driver;
 pub mod energy;
 mod error;
+mod keepalive;
+mod memory;
 pub mod sim;
 mod tls;
 pub mod tuner;
@@ -43,4 +45,5 @@ pub use client::{
 };
 pub use error::{ConnectError, RegisterError};
 pub use tls::{CipherSuite, Protection};
+pub use tuner::{Learned, TunerConfig};
 pub use wakewire_proto::pb::device::Priority;

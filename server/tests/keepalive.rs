@@ -1,0 +1,214 @@
+//! Adaptive keepalive end to end: the real relay (with its probe service),
+//! the real SDK, and the NAT emulator at a compressed time scale (T = 2 s).
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use wakewire_proto::pb::publish::{DeliveryStatus, PublishRequest};
+use wakewire_sdk::{KeepalivePolicy, Status, TunerConfig};
+use wakewire_test_support::proxy::UdpProxy;
+use wakewire_test_support::{authed, recv, status_sink, wait_status, wake_sink, TestRelay};
+
+/// The default tuner, scaled down ~15x so a 2 s NAT is learned in seconds.
+fn fast_tuner() -> TunerConfig {
+    TunerConfig {
+        min_interval: Duration::from_millis(200),
+        max_interval: Duration::from_secs(20),
+        start_interval: Duration::from_millis(500),
+        grace: Duration::from_millis(300),
+        fine_ratio: 1.05,
+        ..TunerConfig::default()
+    }
+}
+
+#[tokio::test]
+async fn the_tuner_learns_a_2s_nat_and_a_wake_survives_an_expired_binding() -> anyhow::Result<()> {
+    let relay = TestRelay::start().await?;
+    let t = Duration::from_secs(2);
+    let nat = UdpProxy::nat(relay.quic_addr(), Some(t), 11).await?;
+    let probe_nat = UdpProxy::nat(
+        relay.relay().probe_addr().expect("probe service on"),
+        Some(t),
+        12,
+    )
+    .await?;
+    let dir = tempfile::tempdir()?;
+    let memory = dir.path().join("networks");
+
+    let (status_cb, mut statuses) = status_sink();
+    let client = relay
+        .client_at("commuter", nat.addr)
+        .keepalive(KeepalivePolicy::Adaptive(fast_tuner()))
+        .keepalive_timeout(Duration::from_secs(1))
+        .probe_address(probe_nat.addr)
+        .network_id("home-wifi")
+        .network_memory(&memory)
+        .on_status(status_cb)
+        .connect()
+        .await?;
+    let (cb, mut wakes) = wake_sink();
+    let ch = client.channel("news").on_wake(cb).register().await?;
+
+    // Converges below T, close to it, without losing the main binding.
+    let Status::KeepaliveConverged {
+        interval,
+        learned,
+        network,
+    } = wait_status(&mut statuses, |s| {
+        matches!(s, Status::KeepaliveConverged { .. })
+    })
+    .await?
+    else {
+        unreachable!()
+    };
+    assert_eq!(network, "home-wifi");
+    assert!(
+        interval < t && interval >= t.mul_f64(0.8),
+        "interval {interval:?} for T = {t:?}"
+    );
+    assert!(
+        learned.lower < t && learned.upper.is_some_and(|u| u >= t),
+        "{learned:?}"
+    );
+    assert_eq!(
+        nat.nat.expired.load(Ordering::Relaxed),
+        0,
+        "probing cost the main binding"
+    );
+    assert_eq!(
+        client.info().expect("connected").keepalive_interval,
+        interval
+    );
+    assert!(std::fs::read_to_string(&memory)?.starts_with("home-wifi "));
+
+    // The NAT forgets the binding (timeout, reboot): a wake published now
+    // cannot reach the device until its next keepalive opens a new binding,
+    // and QUIC moves the connection there. Nothing is lost.
+    nat.nat.expire_now();
+    let token = relay.publisher_token(&[&ch], &[]);
+    let r = relay
+        .publisher()
+        .await?
+        .publish(authed(
+            PublishRequest {
+                channel_id: ch.clone(),
+                payload: b"while unreachable".to_vec(),
+                ..Default::default()
+            },
+            &token,
+        ))
+        .await?
+        .into_inner();
+    assert_eq!(
+        r.status(),
+        DeliveryStatus::Delivered,
+        "delivered after the next keepalive"
+    );
+    let w = recv(&mut wakes).await?;
+    assert_eq!(w.event_id, r.event_id);
+    assert!(
+        nat.nat.dropped_expired.load(Ordering::Relaxed) > 0,
+        "the first attempt should have hit the dead binding"
+    );
+    let lost = wait_status(&mut statuses, |s| matches!(s, Status::BindingLost { .. })).await?;
+    assert!(
+        matches!(lost, Status::BindingLost { after_idle } if after_idle <= interval + Duration::from_millis(100))
+    );
+    assert!(wakes.try_recv().is_err(), "delivered twice");
+
+    // The app says its own server timed out: the interval goes down.
+    let before = client.info().expect("connected").keepalive_interval;
+    client.decrease_keepalive();
+    let s = wait_status(
+        &mut statuses,
+        |s| matches!(s, Status::KeepaliveInterval { reason, .. } if reason.contains("app")),
+    )
+    .await?;
+    assert!(matches!(s, Status::KeepaliveInterval { interval, .. } if interval < before));
+    client.close().await;
+
+    // Back on the same network later: the learned interval applies at once.
+    let again = relay
+        .client_at("commuter", nat.addr)
+        .keepalive(KeepalivePolicy::Adaptive(fast_tuner()))
+        .probe_address(probe_nat.addr)
+        .network_id("home-wifi")
+        .network_memory(&memory)
+        .connect()
+        .await?;
+    let resumed = again.info().expect("connected").keepalive_interval;
+    // (The memory file keeps milliseconds.)
+    assert!(
+        resumed.abs_diff(interval) < Duration::from_millis(2),
+        "{resumed:?} vs {interval:?}"
+    );
+    again.close().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn standby_runs_periodic_work_on_keepalive_wakes_and_a_network_change_keeps_the_connection(
+) -> anyhow::Result<()> {
+    let relay = TestRelay::start().await?;
+    let (status_cb, mut statuses) = status_sink();
+    let client = relay
+        .client("laptop")
+        .keepalive(KeepalivePolicy::Fixed(Duration::from_millis(300)))
+        .on_status(status_cb)
+        .connect()
+        .await?;
+    let (cb, mut wakes) = wake_sink();
+    let ch = client.channel("sync").on_wake(cb).register().await?;
+
+    // Periodic work (the app's own server keepalive) in standby runs right
+    // after a network keepalive, never on a timer of its own.
+    let (tx, mut ticks) = tokio::sync::mpsc::unbounded_channel();
+    client.set_standby(true);
+    client.add_periodic(Duration::from_millis(100), move || {
+        let _ = tx.send(());
+    });
+    for _ in 0..2 {
+        wait_status(&mut statuses, |s| {
+            matches!(s, Status::KeepaliveCompleted { .. })
+        })
+        .await?;
+        recv(&mut ticks).await?;
+    }
+
+    // Wi-Fi to cellular: a new local socket; the connection migrates.
+    let before = client.info().expect("connected");
+    client.network_changed("cellular");
+    let moved = wait_status(&mut statuses, |s| {
+        matches!(s, Status::KeepaliveCompleted { .. })
+    })
+    .await?;
+    let Status::KeepaliveCompleted { observed_addr, .. } = moved else {
+        unreachable!()
+    };
+    assert_ne!(
+        observed_addr,
+        before.local_addr.map(|a| a.to_string()).unwrap_or_default()
+    );
+    let token = relay.publisher_token(&[&ch], &[]);
+    let r = relay
+        .publisher()
+        .await?
+        .publish(authed(
+            PublishRequest {
+                channel_id: ch,
+                payload: b"after the move".to_vec(),
+                ..Default::default()
+            },
+            &token,
+        ))
+        .await?
+        .into_inner();
+    assert_eq!(r.status(), DeliveryStatus::Delivered);
+    assert_eq!(recv(&mut wakes).await?.payload, b"after the move");
+    assert_eq!(
+        client.info().expect("connected").session_id,
+        before.session_id,
+        "no reconnect"
+    );
+    Ok(())
+}
