@@ -17,6 +17,7 @@ mod procstat;
 mod publisher;
 mod report;
 mod runner;
+mod standby;
 mod stats;
 mod target;
 
@@ -130,6 +131,26 @@ enum Cmd {
         #[arg(long, default_value = "loadtest-out")]
         out: PathBuf,
     },
+    /// Deterministic standby simulation of the adaptive keepalive (no
+    /// network): keepalives/h vs 3600/T, convergence, reachability, wake
+    /// delays, radio energy, for each NAT timeout.
+    Standby {
+        /// NAT idle timeouts to simulate, seconds.
+        #[arg(long, value_delimiter = ',', default_value = "30,60,120,300,900,1800")]
+        nat_timeouts: Vec<u64>,
+        /// Simulated standby per timeout, hours.
+        #[arg(long, default_value_t = 24.0)]
+        hours: f64,
+        /// Wake events per hour.
+        #[arg(long, default_value_t = 2.0)]
+        wakes_per_hour: f64,
+        /// Seed of the wake events.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Output directory (standby.md, standby-interval.svg).
+        #[arg(long, default_value = "loadtest-out")]
+        out: PathBuf,
+    },
     /// The raw-quinn floor server (started by `compare`; commands on stdin).
     #[command(hide = true)]
     FloorServer {
@@ -194,6 +215,17 @@ async fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().cmd {
         Cmd::FloorServer { listen, cert, key } => floor::serve(listen, &cert, &key).await,
+        Cmd::Standby {
+            nat_timeouts,
+            hours,
+            wakes_per_hour,
+            seed,
+            out,
+        } => {
+            let md = standby::standby(&nat_timeouts, hours, wakes_per_hour, seed, &out)?;
+            println!("{md}\nwrote {}/standby.md, standby-interval.svg", out.display());
+            Ok(())
+        }
         Cmd::Compare {
             target,
             devices,

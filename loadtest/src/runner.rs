@@ -354,7 +354,7 @@ pub async fn run_relay(opts: &Opts, live: Arc<Live>) -> anyhow::Result<TargetRep
     }
 
     let storm =
-        if let (StormMode::Kill | StormMode::Term, Some(mut proc)) = (opts.storm, relay.take()) {
+        if let Some(mut proc) = relay.take_if(|_| opts.storm != StormMode::None) {
             live.phase("relay: reconnect storm", connect.connected);
             let before = state.connected.load(Ordering::Relaxed);
             let resets0 = state.resets.load(Ordering::Relaxed);
