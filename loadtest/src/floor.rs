@@ -252,15 +252,10 @@ pub fn client_config(ca: &Path, keepalive: Duration) -> anyhow::Result<quinn::Cl
     let mut config = quinn::ClientConfig::new(Arc::new(
         quinn::crypto::rustls::QuicClientConfig::try_from(tls)?,
     ));
-    let mut t = quinn::TransportConfig::default();
-    t.keep_alive_interval(Some(keepalive))
-        .max_idle_timeout(None)
-        .max_concurrent_bidi_streams(0u8.into())
-        .max_concurrent_uni_streams(0u8.into())
-        .stream_receive_window(65_536u32.into())
-        .receive_window(131_072u32.into())
-        .datagram_receive_buffer_size(None)
-        .mtu_discovery_config(None);
+    // The SDK's transport settings, with a QUIC keepalive in place of the
+    // SDK's app-level Ping.
+    let mut t = wakewire_sdk::transport_config();
+    t.keep_alive_interval(Some(keepalive));
     config.transport_config(Arc::new(t));
     Ok(config)
 }

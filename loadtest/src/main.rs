@@ -223,7 +223,10 @@ async fn main() -> anyhow::Result<()> {
             out,
         } => {
             let md = standby::standby(&nat_timeouts, hours, wakes_per_hour, seed, &out)?;
-            println!("{md}\nwrote {}/standby.md, standby-interval.svg", out.display());
+            println!(
+                "{md}\nwrote {}/standby.md, standby-interval.svg",
+                out.display()
+            );
             Ok(())
         }
         Cmd::Compare {

@@ -422,6 +422,16 @@ impl Report {
                 d.latency.p99_ms
             ));
         }
+        // What the keepalive of this run costs each simulated device's radio
+        // (one isolated keepalive per interval; radio energy model).
+        let per_day = 86_400.0 / p.keepalive_s.max(1e-3);
+        md.push_str(&format!(
+            "\nDevice radio energy of the keepalive alone at {} s (energy model, sdk/src/energy.rs): LTE {:.0} J/day, 3G {:.0} J/day, Wi-Fi {:.0} J/day per device. The adaptive keepalive (docs/keepalive.md) lowers this to what the NAT allows.\n",
+            p.keepalive_s,
+            per_day * wakewire_sdk::energy::RadioModel::LTE.isolated_packet_j(),
+            per_day * wakewire_sdk::energy::RadioModel::UMTS.isolated_packet_j(),
+            per_day * wakewire_sdk::energy::RadioModel::WIFI.isolated_packet_j(),
+        ));
         if let Some(r) = r.filter(|t| t.idle.rss_before_mib > 0.0) {
             let per = r.idle.rss_per_device_bytes.max(1.0);
             let base = r.idle.rss_before_mib * 1024.0 * 1024.0;

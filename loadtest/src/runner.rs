@@ -353,53 +353,52 @@ pub async fn run_relay(opts: &Opts, live: Arc<Live>) -> anyhow::Result<TargetRep
         }
     }
 
-    let storm =
-        if let Some(mut proc) = relay.take_if(|_| opts.storm != StormMode::None) {
-            live.phase("relay: reconnect storm", connect.connected);
-            let before = state.connected.load(Ordering::Relaxed);
-            let resets0 = state.resets.load(Ordering::Relaxed);
-            match opts.storm {
-                StormMode::Kill => proc.kill().await?,
-                _ => proc.terminate().await?,
+    let storm = if let Some(mut proc) = relay.take_if(|_| opts.storm != StormMode::None) {
+        live.phase("relay: reconnect storm", connect.connected);
+        let before = state.connected.load(Ordering::Relaxed);
+        let resets0 = state.resets.load(Ordering::Relaxed);
+        match opts.storm {
+            StormMode::Kill => proc.kill().await?,
+            _ => proc.terminate().await?,
+        }
+        let restarted = proc.restart().await.context("relay restart")?;
+        let new_pid = restarted.pid();
+        relay = Some(restarted);
+        live.pid.store(new_pid, Ordering::Relaxed);
+        let t0 = Instant::now();
+        let mut timeline = vec![];
+        let mut max_rss = 0u64;
+        let mut recovery = None;
+        while t0.elapsed() < opts.storm_limit {
+            let back = state.resets.load(Ordering::Relaxed) - resets0;
+            live.done.store(back, Ordering::Relaxed);
+            if timeline.len() % 25 == 0 {
+                let errors = state.errors.lock().map(|m| m.clone()).unwrap_or_default();
+                eprintln!(
+                    "\nstorm t={:.0}s back={back} device errors so far: {errors:?}",
+                    t0.elapsed().as_secs_f64()
+                );
             }
-            let restarted = proc.restart().await.context("relay restart")?;
-            let new_pid = restarted.pid();
-            relay = Some(restarted);
-            live.pid.store(new_pid, Ordering::Relaxed);
-            let t0 = Instant::now();
-            let mut timeline = vec![];
-            let mut max_rss = 0u64;
-            let mut recovery = None;
-            while t0.elapsed() < opts.storm_limit {
-                let back = state.resets.load(Ordering::Relaxed) - resets0;
-                live.done.store(back, Ordering::Relaxed);
-                if timeline.len() % 25 == 0 {
-                    let errors = state.errors.lock().map(|m| m.clone()).unwrap_or_default();
-                    eprintln!(
-                        "\nstorm t={:.0}s back={back} device errors so far: {errors:?}",
-                        t0.elapsed().as_secs_f64()
-                    );
-                }
-                timeline.push((t0.elapsed().as_secs_f64(), back as u64));
-                max_rss = max_rss.max(procstat::read(new_pid).map_or(0, |r| r.rss));
-                if back >= before {
-                    recovery = Some(t0.elapsed().as_secs_f64());
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
+            timeline.push((t0.elapsed().as_secs_f64(), back as u64));
+            max_rss = max_rss.max(procstat::read(new_pid).map_or(0, |r| r.rss));
+            if back >= before {
+                recovery = Some(t0.elapsed().as_secs_f64());
+                break;
             }
-            Some(StormStats {
-                mode: format!("{:?}", opts.storm).to_lowercase(),
-                devices: before,
-                recovered: (state.resets.load(Ordering::Relaxed) - resets0).min(before),
-                recovery_s: recovery,
-                max_rss_mib: max_rss as f64 / 1048576.0,
-                timeline,
-                device_errors: state.errors.lock().map(|m| m.clone()).unwrap_or_default(),
-            })
-        } else {
-            None
-        };
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Some(StormStats {
+            mode: format!("{:?}", opts.storm).to_lowercase(),
+            devices: before,
+            recovered: (state.resets.load(Ordering::Relaxed) - resets0).min(before),
+            recovery_s: recovery,
+            max_rss_mib: max_rss as f64 / 1048576.0,
+            timeline,
+            device_errors: state.errors.lock().map(|m| m.clone()).unwrap_or_default(),
+        })
+    } else {
+        None
+    };
 
     let durable = if !opts.durable.is_zero() && !ids.is_empty() {
         live.phase("relay: durable publish to offline devices", 0);

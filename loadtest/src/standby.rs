@@ -13,7 +13,13 @@ use crate::plot::{line_chart, Series};
 
 /// Runs the simulation for each timeout; writes `standby.md` and
 /// `standby-interval.svg` into `out`; returns the markdown.
-pub fn standby(timeouts: &[u64], hours: f64, wakes_per_hour: f64, seed: u64, out: &Path) -> anyhow::Result<String> {
+pub fn standby(
+    timeouts: &[u64],
+    hours: f64,
+    wakes_per_hour: f64,
+    seed: u64,
+    out: &Path,
+) -> anyhow::Result<String> {
     std::fs::create_dir_all(out)?;
     let mut rows = vec![];
     for &t in timeouts {
@@ -42,7 +48,9 @@ pub fn standby(timeouts: &[u64], hours: f64, wakes_per_hour: f64, seed: u64, out
     );
     for (t, q, r, b) in &rows {
         let ok = |c: bool| if c { "" } else { " **(target missed)**" };
-        let conv = q.convergence_s.map_or("never".to_owned(), |c| format!("{:.1} min", c / 60.0));
+        let conv = q
+            .convergence_s
+            .map_or("never".to_owned(), |c| format!("{:.1} min", c / 60.0));
         md.push_str(&format!(
             "| {t} s | {conv}{} | {:.2} | {:.2} | {:.3}{} | {:.0} s | {:.4}%{} | {} | {} | {:.2} / {:.2} / {:.2} s | {:.0} | {:.0} |\n",
             ok(q.convergence_s.is_some_and(|c| c <= 3600.0)),
@@ -72,10 +80,21 @@ pub fn standby(timeouts: &[u64], hours: f64, wakes_per_hour: f64, seed: u64, out
         .iter()
         .map(|(t, q, _, _)| (format!("T = {t} s"), step(&q.interval_series)))
         .collect();
-    let series: Vec<Series> = series_data.iter().map(|(n, p)| Series { name: n, points: p.clone() }).collect();
+    let series: Vec<Series> = series_data
+        .iter()
+        .map(|(n, p)| Series {
+            name: n,
+            points: p.clone(),
+        })
+        .collect();
     std::fs::write(
         out.join("standby-interval.svg"),
-        line_chart("Keepalive interval during standby", "hours", "interval (s)", &series),
+        line_chart(
+            "Keepalive interval during standby",
+            "hours",
+            "interval (s)",
+            &series,
+        ),
     )?;
     std::fs::write(out.join("standby.md"), &md)?;
     Ok(md)

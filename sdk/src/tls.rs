@@ -124,9 +124,17 @@ pub(crate) fn client_config(
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| ConnectError::Config(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
+    config.transport_config(Arc::new(transport_config()));
+    Ok((config, probe))
+}
+
+/// The SDK's QUIC transport settings: no QUIC keepalive (the app-level
+/// Ping/Pong keeps the path alive and learns from it), the idle timeout left
+/// to the relay (the lower of both sides applies), no streams opened by the
+/// relay, small windows, no datagrams, no path MTU discovery. Public so the
+/// load tester's raw-QUIC floor client uses exactly these.
+pub fn transport_config() -> quinn::TransportConfig {
     let mut transport = quinn::TransportConfig::default();
-    // The app-level keepalive (Ping/Pong) keeps the path alive; the idle
-    // timeout is left to the relay (the lower of both sides applies).
     transport
         .keep_alive_interval(None)
         .max_idle_timeout(None)
@@ -136,8 +144,7 @@ pub(crate) fn client_config(
         .receive_window(131_072u32.into())
         .datagram_receive_buffer_size(None)
         .mtu_discovery_config(None);
-    config.transport_config(Arc::new(transport));
-    Ok((config, probe))
+    transport
 }
 
 /// Checks what a connection negotiated against the minimum.

@@ -144,20 +144,7 @@ impl Tuner {
     /// A tuner for a network seen for the first time: starts at
     /// `start_interval` and explores.
     pub fn new(now: Instant, cfg: TunerConfig) -> Self {
-        let mut t = Self {
-            lower: Duration::ZERO,
-            upper: None,
-            interval: cfg.start_interval,
-            probes: vec![],
-            to_send: VecDeque::new(),
-            next_id: 1,
-            converged: false,
-            learned_at: None,
-            observed: None,
-            lost_bindings: 0,
-            events: VecDeque::new(),
-            cfg,
-        };
+        let mut t = Self::new_empty(cfg);
         t.plan(now);
         t
     }

@@ -200,8 +200,10 @@ impl Driver {
                         .shared
                         .registry
                         .register_channel(&id, &device, &name, now);
-                    // Durable before the device learns the id (it may hand it
-                    // to its backend at once); refreshed hourly for expiry.
+                    // Persisted in the background (refreshed hourly for
+                    // expiry): the device re-registers on every connection,
+                    // so a crash before the commit loses nothing it cannot
+                    // redo; waiting would put a disk flush in every handshake.
                     if previous.is_none_or(|t| now.saturating_sub(t) > REGISTRATION_REFRESH_MS) {
                         let record = StoredChannel {
                             device_id: device.to_string(),
@@ -210,9 +212,12 @@ impl Driver {
                             last_used_ms: now,
                             ..Default::default()
                         };
-                        if let Err(e) = self.shared.store.put_channel(id.clone(), record).await {
-                            warn!(error = %e, channel = %id, "channel not persisted");
-                        }
+                        let (store, id) = (self.shared.store.clone(), id.clone());
+                        tokio::spawn(async move {
+                            if let Err(e) = store.put_channel(id.clone(), record).await {
+                                warn!(error = %e, channel = %id, "channel not persisted");
+                            }
+                        });
                     }
                     bindings.push((name, id));
                 }

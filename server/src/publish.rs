@@ -252,17 +252,28 @@ impl PublisherService {
                 collapse_key: req.collapse_key,
                 ..Default::default()
             };
-            let outcome = self.shared.store.enqueue(stored).await?;
+            // Commit and deliver at the same time: the publisher is answered
+            // only after the commit (an accepted event is durable), but the
+            // device does not wait for the disk. The ack, if it comes, is
+            // recorded after the enqueue (one writer, in order).
+            let (stored, delivered) = match connection {
+                None => (self.shared.store.enqueue(stored).await, None),
+                Some(conn) => {
+                    let (s, d) = tokio::join!(
+                        self.shared.store.enqueue(stored),
+                        self.send_and_wait(&conn, wake)
+                    );
+                    (s, d)
+                }
+            };
+            let outcome = stored?;
             counter!(m::QUEUED).increment(1);
             for ev in &outcome.finished {
                 counter!(m::DROPPED, "reason" => dropped_label(&ev.reason)).increment(1);
             }
-            match connection {
-                None => DeliveryStatus::Queued,
-                Some(conn) => match self.send_and_wait(&conn, wake).await {
-                    Some(Delivery::Delivered) => DeliveryStatus::Delivered,
-                    _ => DeliveryStatus::Queued,
-                },
+            match delivered {
+                Some(Delivery::Delivered) => DeliveryStatus::Delivered,
+                _ => DeliveryStatus::Queued,
             }
         };
         debug!(?status, "published");
