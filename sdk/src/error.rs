@@ -140,8 +140,13 @@ impl ConnectError {
             // CONNECTION_REFUSED: the relay is closing, restarting or shedding load.
             return ConnectError::Refused(reason);
         }
-        if raw == 0x1 {
-            return ConnectError::ConnectionLost(format!("relay internal error: {reason}"));
+        // NO_ERROR (e.g. the relay dropped a handshake it could not finish
+        // in time), INTERNAL_ERROR, AEAD_LIMIT_REACHED, NO_VIABLE_PATH: the
+        // connection is gone, a new one may well work.
+        if matches!(raw, 0x0 | 0x1 | 0xf | 0x10) {
+            return ConnectError::ConnectionLost(format!(
+                "QUIC transport error 0x{raw:x}: {reason}"
+            ));
         }
         match raw.checked_sub(0x100) {
             Some(alert) if reason.starts_with("invalid peer certificate") => {
@@ -206,6 +211,19 @@ mod tests {
             "{unknown_ca}"
         );
         assert!(!unknown_ca.is_retryable());
+        let dropped =
+            ConnectError::from_transport(quinn::TransportErrorCode::NO_ERROR, String::new());
+        assert!(dropped.is_retryable(), "{dropped}");
+        let refused = ConnectError::from_transport(
+            quinn::TransportErrorCode::CONNECTION_REFUSED,
+            String::new(),
+        );
+        assert!(matches!(refused, ConnectError::Refused(_)) && refused.is_retryable());
+        let violation = ConnectError::from_transport(
+            quinn::TransportErrorCode::PROTOCOL_VIOLATION,
+            String::new(),
+        );
+        assert!(!violation.is_retryable());
         let no_alpn =
             ConnectError::from_transport(quinn::TransportErrorCode::crypto(120), "no alpn".into());
         assert!(matches!(no_alpn, ConnectError::TlsHandshake(_)));

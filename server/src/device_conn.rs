@@ -36,13 +36,20 @@ const REGISTRATION_REFRESH_MS: u64 = 3_600_000;
 /// Accepts one incoming connection and serves it until it ends.
 pub(crate) async fn serve(incoming: quinn::Incoming, shared: Arc<Shared>) {
     let remote = incoming.remote_address();
-    let handshake = incoming.await;
+    // A handshake whose client gave up would otherwise hold its admission
+    // slot until the idle timeout (minutes): bound it by the hello timeout.
+    let handshake = tokio::time::timeout(shared.config.session.hello_timeout, incoming).await;
     shared.handshaking.fetch_sub(1, Ordering::Relaxed);
     let conn = match handshake {
-        Ok(c) => c,
-        Err(e) => {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
             counter!(m::HANDSHAKE_FAILURES).increment(1);
             debug!(%remote, error = %e, "handshake failed");
+            return;
+        }
+        Err(_) => {
+            counter!(m::HANDSHAKE_FAILURES).increment(1);
+            debug!(%remote, "handshake timed out");
             return;
         }
     };
