@@ -114,6 +114,8 @@ pub struct ConnectionInfo {
     pub device_id: String,
     /// Keepalive interval in use.
     pub keepalive_interval: Duration,
+    /// Whether the Hello went out in 0-RTT (a resumed reconnect).
+    pub zero_rtt: bool,
 }
 
 /// How the SDK keeps the network path alive.

@@ -160,15 +160,59 @@ impl Link {
                 other => ConnectError::Unreachable(other.to_string()),
             })?;
         let deadline = tokio::time::Instant::now() + config.connect_timeout;
-        let conn = tokio::time::timeout_at(deadline, connecting)
-            .await
-            .map_err(|_| {
-                ConnectError::TimedOut(format!(
-                    "no QUIC handshake with {addr} within {:?}",
-                    config.connect_timeout
-                ))
-            })?
-            .map_err(ConnectError::from_connection)?;
+        let timed_out = || {
+            ConnectError::TimedOut(format!(
+                "no QUIC handshake with {addr} within {:?}",
+                config.connect_timeout
+            ))
+        };
+        let new_session = || {
+            DeviceSession::new(
+                Instant::now(),
+                DeviceSessionConfig {
+                    credential: config.token.clone(),
+                    sdk: concat!("wakewire-sdk-rust/", env!("CARGO_PKG_VERSION")).into(),
+                    keepalive_interval,
+                    keepalive_timeout: config.keepalive_timeout,
+                    welcome_timeout: config.connect_timeout,
+                },
+            )
+        };
+        // Reconnecting with a resumable TLS session, the Hello travels in
+        // 0-RTT, in the first flight: one round trip less of radio-on time.
+        // That is replay-safe: Hello and Register are idempotent, and the
+        // relay reads nothing before the handshake is complete. Nothing is
+        // trusted here before it is complete either.
+        let (conn, early) = match connecting.into_0rtt() {
+            Ok((conn, accepted)) => {
+                let mut early = None;
+                if let Ok((mut send, recv)) = conn.open_bi().await {
+                    let mut session = new_session();
+                    let mut sent = true;
+                    while let Some(b) = session.poll_transmit() {
+                        sent &= send.write_all(&b).await.is_ok();
+                    }
+                    if sent {
+                        early = Some((send, recv, session));
+                    }
+                }
+                let accepted = tokio::time::timeout_at(deadline, accepted)
+                    .await
+                    .map_err(|_| timed_out())?;
+                if let Some(e) = conn.close_reason() {
+                    return Err(ConnectError::from_connection(e));
+                }
+                // Rejected 0-RTT data is lost: start over on a new stream.
+                (conn, if accepted { early } else { None })
+            }
+            Err(connecting) => {
+                let conn = tokio::time::timeout_at(deadline, connecting)
+                    .await
+                    .map_err(|_| timed_out())?
+                    .map_err(ConnectError::from_connection)?;
+                (conn, None)
+            }
+        };
         let alpn = conn
             .handshake_data()
             .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
@@ -181,20 +225,17 @@ impl Link {
                         b"negotiated protection below the device's minimum",
                     );
                 })?;
-        let (send, recv) = conn
-            .open_bi()
-            .await
-            .map_err(ConnectError::from_connection)?;
-        let session = DeviceSession::new(
-            Instant::now(),
-            DeviceSessionConfig {
-                credential: config.token.clone(),
-                sdk: concat!("wakewire-sdk-rust/", env!("CARGO_PKG_VERSION")).into(),
-                keepalive_interval,
-                keepalive_timeout: config.keepalive_timeout,
-                welcome_timeout: config.connect_timeout,
-            },
-        );
+        let zero_rtt = early.is_some();
+        let (send, recv, session) = match early {
+            Some(streams) => streams,
+            None => {
+                let (send, recv) = conn
+                    .open_bi()
+                    .await
+                    .map_err(ConnectError::from_connection)?;
+                (send, recv, new_session())
+            }
+        };
         let mut link = Link {
             info: ConnectionInfo {
                 transport: "QUIC v1",
@@ -206,6 +247,7 @@ impl Link {
                 session_id: String::new(),
                 device_id: String::new(),
                 keepalive_interval,
+                zero_rtt,
             },
             conn,
             send,

@@ -119,6 +119,8 @@ pub(crate) fn client_config(
         .with_root_certificates(roots.clone())
         .with_no_client_auth();
     tls.alpn_protocols = vec![ALPN.to_vec()];
+    // Reconnects resume the TLS session and send the Hello in 0-RTT.
+    tls.enable_early_data = true;
     let probe = Arc::new(SuiteProbe::default());
     tls.key_log = probe.clone();
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)

@@ -17,6 +17,9 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use thiserror::Error;
 use wakewire_proto::ALPN;
 
+/// Resumable TLS sessions kept by the relay (a few hundred bytes each).
+pub const SESSION_CACHE: usize = 262_144;
+
 /// A certificate or key problem.
 #[derive(Debug, Error)]
 pub enum TlsError {
@@ -100,10 +103,14 @@ pub fn server_config(
         .with_single_cert(certs, key)
         .map_err(|e| TlsError::Config(e.to_string()))?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
-    // Stateless session tickets: a reconnecting device resumes its TLS
-    // session (no certificate signature or verification).
-    tls.ticketer =
-        rustls::crypto::ring::Ticketer::new().map_err(|e| TlsError::Config(e.to_string()))?;
+    // Session resumption from a server-side cache (single use, so a
+    // replayed resumption fails at the TLS layer), which also allows 0-RTT:
+    // a reconnecting device skips the certificate signature and check and
+    // sends its Hello in the first flight. rustls allows 0-RTT only with
+    // stateful resumption (RFC 8446 section 8.1). QUIC requires exactly
+    // u32::MAX here.
+    tls.session_storage = rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE);
+    tls.max_early_data_size = u32::MAX;
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| TlsError::Config(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));

@@ -209,3 +209,55 @@ async fn standby_runs_periodic_work_on_keepalive_wakes_and_a_network_change_keep
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_reconnect_sends_its_hello_in_0rtt() -> anyhow::Result<()> {
+    let relay = TestRelay::start().await?;
+    let path = UdpProxy::start(relay.quic_addr(), 5).await?;
+    let (status_cb, mut statuses) = status_sink();
+    let client = relay
+        .client_at("phone", path.addr)
+        .keepalive(KeepalivePolicy::Fixed(Duration::from_millis(300)))
+        .keepalive_timeout(Duration::from_millis(500))
+        .on_status(status_cb)
+        .connect()
+        .await?;
+    assert!(
+        !client.info().expect("connected").zero_rtt,
+        "nothing to resume yet"
+    );
+    let (cb, mut wakes) = wake_sink();
+    let ch = client.channel("calls").on_wake(cb).register().await?;
+
+    // The path dies (tunnel, elevator); the SDK notices and reconnects when
+    // it heals, resuming its TLS session with the Hello in the first flight.
+    path.up.cut.store(true, Ordering::Relaxed);
+    path.down.cut.store(true, Ordering::Relaxed);
+    wait_status(&mut statuses, |s| matches!(s, Status::Disconnected { .. })).await?;
+    path.up.cut.store(false, Ordering::Relaxed);
+    path.down.cut.store(false, Ordering::Relaxed);
+    let connected = wait_status(&mut statuses, |s| matches!(s, Status::Connected(_))).await?;
+    assert!(
+        matches!(&connected, Status::Connected(info) if info.zero_rtt),
+        "{connected:?}"
+    );
+    wait_status(&mut statuses, |s| matches!(s, Status::Reset { .. })).await?;
+
+    let token = relay.publisher_token(&[&ch], &[]);
+    let r = relay
+        .publisher()
+        .await?
+        .publish(authed(
+            PublishRequest {
+                channel_id: ch,
+                payload: b"ring".to_vec(),
+                ..Default::default()
+            },
+            &token,
+        ))
+        .await?
+        .into_inner();
+    assert_eq!(r.status(), DeliveryStatus::Delivered);
+    assert_eq!(recv(&mut wakes).await?.payload, b"ring");
+    Ok(())
+}
