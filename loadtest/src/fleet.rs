@@ -158,7 +158,6 @@ pub struct FleetState {
 
 /// Connects device `i` with the real SDK and registers its channels.
 pub async fn connect_device(
-    i: usize,
     config: Arc<FleetConfig>,
     token: String,
     endpoint: quinn::Endpoint,
@@ -213,7 +212,6 @@ pub async fn connect_device(
         state.channel_ids.lock().map(|mut v| v.push(id)).ok();
     }
     state.clients.lock().map(|mut v| v.push(client)).ok();
-    let _ = i;
     Ok(())
 }
 

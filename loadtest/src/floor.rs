@@ -228,32 +228,11 @@ async fn saturate(server: &Server, outstanding: usize, duration: Duration) -> se
     })
 }
 
-/// The client TLS/transport config: the SDK's settings (TLS 1.3, the same
-/// two AES-GCM suites, ALPN, windows, no PMTUD) with a QUIC keepalive in
-/// place of the SDK's Ping.
+/// The client TLS/transport config: the SDK's own (TLS 1.3, its cipher
+/// suites, ALPN, windows, no PMTUD) with a QUIC keepalive in place of the
+/// SDK's app-level Ping.
 pub fn client_config(ca: &Path, keepalive: Duration) -> anyhow::Result<quinn::ClientConfig> {
-    use rustls::pki_types::pem::PemObject;
-    let base = rustls::crypto::ring::default_provider();
-    let _ = rustls::crypto::CryptoProvider::install_default(base.clone());
-    use rustls::crypto::ring::cipher_suite as cs;
-    let provider = Arc::new(rustls::crypto::CryptoProvider {
-        cipher_suites: vec![cs::TLS13_AES_256_GCM_SHA384, cs::TLS13_AES_128_GCM_SHA256],
-        ..base
-    });
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls::pki_types::CertificateDer::pem_file_iter(ca)? {
-        roots.add(c?)?;
-    }
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![wakewire_proto::ALPN.to_vec()];
-    let mut config = quinn::ClientConfig::new(Arc::new(
-        quinn::crypto::rustls::QuicClientConfig::try_from(tls)?,
-    ));
-    // The SDK's transport settings, with a QUIC keepalive in place of the
-    // SDK's app-level Ping.
+    let mut config = wakewire_sdk::quic_client_config(ca)?;
     let mut t = wakewire_sdk::transport_config();
     t.keep_alive_interval(Some(keepalive));
     config.transport_config(Arc::new(t));

@@ -261,7 +261,6 @@ pub async fn run_relay(opts: &Opts, live: Arc<Live>) -> anyhow::Result<TargetRep
             fleet::connect_phase(opts.devices, opts.concurrency, live_done(&live), move |i| {
                 let token = fleet::device_token(&keys, i, now);
                 fleet::connect_device(
-                    i,
                     config.clone(),
                     token,
                     endpoints[i % endpoints.len()].clone(),

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use rustls::RootCertStore;
 use tokio::sync::{mpsc, oneshot};
@@ -328,25 +327,7 @@ impl ClientBuilder {
             .ok_or_else(|| ConnectError::Config("no device token: call device_token()".into()))?;
         let mut roots = RootCertStore::empty();
         for path in &self.trust_files {
-            let certs = CertificateDer::pem_file_iter(path)
-                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| {
-                    ConnectError::Config(format!(
-                        "cannot read certificates from {}: {e}",
-                        path.display()
-                    ))
-                })?;
-            if certs.is_empty() {
-                return Err(ConnectError::Config(format!(
-                    "no certificate in {}",
-                    path.display()
-                )));
-            }
-            for c in certs {
-                roots.add(c).map_err(|e| {
-                    ConnectError::Config(format!("bad certificate in {}: {e}", path.display()))
-                })?;
-            }
+            crate::tls::add_pem_roots(&mut roots, path)?;
         }
         for c in self.trust_certs {
             roots

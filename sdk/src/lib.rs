@@ -44,6 +44,6 @@ pub use client::{
     ChannelBuilder, Client, ClientBuilder, ConnectionInfo, KeepalivePolicy, Status, WakeEvent,
 };
 pub use error::{ConnectError, RegisterError};
-pub use tls::{transport_config, CipherSuite, Protection};
+pub use tls::{quic_client_config, transport_config, CipherSuite, Protection};
 pub use tuner::{Learned, TunerConfig};
 pub use wakewire_proto::pb::device::Priority;

@@ -8,9 +8,12 @@
 //! names the suite. Nothing is assumed: if the secret was never seen, the
 //! connection is refused.
 
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
 use rustls::{KeyLog, RootCertStore, SupportedCipherSuite};
 use wakewire_proto::ALPN;
 
@@ -147,6 +150,39 @@ pub fn transport_config() -> quinn::TransportConfig {
         .datagram_receive_buffer_size(None)
         .mtu_discovery_config(None);
     transport
+}
+
+/// Adds the certificates of a PEM file to `roots`.
+pub(crate) fn add_pem_roots(roots: &mut RootCertStore, path: &Path) -> Result<(), ConnectError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| {
+            ConnectError::Config(format!(
+                "cannot read certificates from {}: {e}",
+                path.display()
+            ))
+        })?;
+    if certs.is_empty() {
+        return Err(ConnectError::Config(format!(
+            "no certificate in {}",
+            path.display()
+        )));
+    }
+    for c in certs {
+        roots.add(c).map_err(|e| {
+            ConnectError::Config(format!("bad certificate in {}: {e}", path.display()))
+        })?;
+    }
+    Ok(())
+}
+
+/// A QUIC client config with exactly the SDK's TLS and transport settings,
+/// trusting the certificates in `ca_pem`: for tools and tests that speak raw
+/// QUIC to a relay (the load tester's floor client, negative tests).
+pub fn quic_client_config(ca_pem: &Path) -> Result<quinn::ClientConfig, ConnectError> {
+    let mut roots = RootCertStore::empty();
+    add_pem_roots(&mut roots, ca_pem)?;
+    client_config(&roots).map(|(config, _)| config)
 }
 
 /// Checks what a connection negotiated against the minimum.

@@ -4,10 +4,10 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use wakewire_proto::pb::publish::{DeliveryStatus, PublishRequest};
+use wakewire_proto::pb::publish::DeliveryStatus;
 use wakewire_sdk::{KeepalivePolicy, Status, TunerConfig};
 use wakewire_test_support::proxy::UdpProxy;
-use wakewire_test_support::{authed, recv, status_sink, wait_status, wake_sink, TestRelay};
+use wakewire_test_support::{recv, status_sink, wait_status, wake_sink, TestRelay};
 
 /// The default tuner, scaled down ~15x so a 2 s NAT is learned in seconds.
 fn fast_tuner() -> TunerConfig {
@@ -82,20 +82,7 @@ async fn the_tuner_learns_a_2s_nat_and_a_wake_survives_an_expired_binding() -> a
     // cannot reach the device until its next keepalive opens a new binding,
     // and QUIC moves the connection there. Nothing is lost.
     nat.nat.expire_now();
-    let token = relay.publisher_token(&[&ch], &[]);
-    let r = relay
-        .publisher()
-        .await?
-        .publish(authed(
-            PublishRequest {
-                channel_id: ch.clone(),
-                payload: b"while unreachable".to_vec(),
-                ..Default::default()
-            },
-            &token,
-        ))
-        .await?
-        .into_inner();
+    let r = relay.publish_to(&ch, b"while unreachable").await?;
     assert_eq!(
         r.status(),
         DeliveryStatus::Delivered,
@@ -186,20 +173,7 @@ async fn standby_runs_periodic_work_on_keepalive_wakes_and_a_network_change_keep
         observed_addr,
         before.local_addr.map(|a| a.to_string()).unwrap_or_default()
     );
-    let token = relay.publisher_token(&[&ch], &[]);
-    let r = relay
-        .publisher()
-        .await?
-        .publish(authed(
-            PublishRequest {
-                channel_id: ch,
-                payload: b"after the move".to_vec(),
-                ..Default::default()
-            },
-            &token,
-        ))
-        .await?
-        .into_inner();
+    let r = relay.publish_to(&ch, b"after the move").await?;
     assert_eq!(r.status(), DeliveryStatus::Delivered);
     assert_eq!(recv(&mut wakes).await?.payload, b"after the move");
     assert_eq!(
@@ -243,20 +217,7 @@ async fn a_reconnect_sends_its_hello_in_0rtt() -> anyhow::Result<()> {
     );
     wait_status(&mut statuses, |s| matches!(s, Status::Reset { .. })).await?;
 
-    let token = relay.publisher_token(&[&ch], &[]);
-    let r = relay
-        .publisher()
-        .await?
-        .publish(authed(
-            PublishRequest {
-                channel_id: ch,
-                payload: b"ring".to_vec(),
-                ..Default::default()
-            },
-            &token,
-        ))
-        .await?
-        .into_inner();
+    let r = relay.publish_to(&ch, b"ring").await?;
     assert_eq!(r.status(), DeliveryStatus::Delivered);
     assert_eq!(recv(&mut wakes).await?.payload, b"ring");
     Ok(())

@@ -7,7 +7,6 @@ pub mod process;
 pub mod proxy;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::mpsc;
@@ -103,6 +102,27 @@ impl TestRelay {
     pub async fn publisher(&self) -> anyhow::Result<PublisherClient<Channel>> {
         let url = format!("http://{}", self.relay().grpc_addr());
         Ok(PublisherClient::connect(url).await?)
+    }
+
+    /// Publishes `payload` (high priority, default TTL) to `channel` with a
+    /// token scoped to that channel.
+    pub async fn publish_to(
+        &self,
+        channel: &str,
+        payload: &[u8],
+    ) -> anyhow::Result<wakewire_proto::pb::publish::PublishResponse> {
+        let token = self.publisher_token(&[channel], &[]);
+        let req = wakewire_proto::pb::publish::PublishRequest {
+            channel_id: channel.to_owned(),
+            payload: payload.to_vec(),
+            ..Default::default()
+        };
+        Ok(self
+            .publisher()
+            .await?
+            .publish(authed(req, &token))
+            .await?
+            .into_inner())
     }
 
     /// Stops the relay without telling devices.
@@ -213,23 +233,7 @@ pub async fn recv<T>(rx: &mut mpsc::UnboundedReceiver<T>) -> anyhow::Result<T> {
 pub async fn raw_connection(
     relay: &TestRelay,
 ) -> anyhow::Result<(quinn::Endpoint, quinn::Connection)> {
-    use rustls::pki_types::pem::PemObject;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let _ = rustls::crypto::CryptoProvider::install_default((*provider).clone());
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls::pki_types::CertificateDer::pem_file_iter(
-        relay.relay().dev_cert_path().expect("dev mode"),
-    )? {
-        roots.add(c?)?;
-    }
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![wakewire_proto::ALPN.to_vec()];
-    let cfg = quinn::ClientConfig::new(Arc::new(
-        quinn::crypto::rustls::QuicClientConfig::try_from(tls)?,
-    ));
+    let cfg = wakewire_sdk::quic_client_config(relay.relay().dev_cert_path().expect("dev mode"))?;
     let ep = quinn::Endpoint::client(([127, 0, 0, 1], 0).into())?;
     let conn = ep
         .connect_with(cfg, relay.quic_addr(), "localhost")?
