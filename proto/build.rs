@@ -1,26 +1,13 @@
-//! Compiles the `.proto` files with protox (pure Rust: no system `protoc`),
-//! generates prost/tonic code, and writes the encoded descriptor set that the
-//! relay serves through gRPC reflection.
-
-use std::{env, fs, path::PathBuf};
-
-use prost::Message;
+//! Compiles the device wire protocol with protox (pure Rust: no system
+//! `protoc`) into prost types. The publisher gRPC API lives in the
+//! `wakewire-api` crate, so devices do not pull in an HTTP/2 stack.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = [
-        "proto/wakewire/device/v1/device.proto",
-        "proto/wakewire/publish/v1/publisher.proto",
-        "proto/wakewire/store/v1/store.proto",
-    ];
+    let files = ["proto/wakewire/device/v1/device.proto"];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");
     }
     let fds = protox::compile(files, ["proto"])?;
-    let out = PathBuf::from(env::var("OUT_DIR")?);
-    fs::write(out.join("wakewire_descriptor.bin"), fds.encode_to_vec())?;
-    tonic_build::configure()
-        .build_client(true)
-        .build_server(true)
-        .compile_fds(fds)?;
+    prost_build::Config::new().compile_fds(fds)?;
     Ok(())
 }

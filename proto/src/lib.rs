@@ -3,27 +3,36 @@
 //! Everything two wakewire peers must agree on, with no I/O:
 //!
 //! - [`pb`]: the generated protobuf types of the device wire protocol
-//!   (`wakewire.device.v1`) and the publisher gRPC API (`wakewire.publish.v1`),
-//!   compiled from the `.proto` files in `proto/` by protox (no system `protoc`).
+//!   (`wakewire.device.v1`), compiled from `proto/` by protox (no system
+//!   `protoc`). The publisher gRPC API is the `wakewire-api` crate, so
+//!   devices do not pull in an HTTP/2 stack.
 //! - [`codec`]: the length-delimited frame codec of the control stream, with a
 //!   hard maximum frame size.
 //! - [`ErrorCode`]: the QUIC application close codes, in one place.
 //! - [`token`]: Ed25519-signed device and publisher credentials.
 //! - [`ids`]: channel id derivation (HMAC, stable, unguessable) and event ids.
 //! - [`relay_session`] and [`device_session`]: the protocol's sans-IO state
-//!   machines for the two ends. They take input with the time passed in
-//!   (`handle_*`) and yield output (`poll_*`: bytes to write, events, the next
-//!   timeout, a close). They never touch a socket, a runtime or a clock, so
-//!   they are tested on a simulated clock with in-memory pairs, and the relay
-//!   and SDK are thin drivers around them (the design of quinn-proto).
+//!   machines for the two ends (frames, handshake, keepalive).
+//! - [`relay_connection`] and [`device_connection`]: everything each end
+//!   decides around its session: the relay's delivery queue, hold timer,
+//!   in-flight set and ack ownership; the device's channel table,
+//!   re-registration and duplicate suppression.
+//!
+//! All four take input with the time passed in (`handle_*`) and yield output
+//! (`poll_*`: bytes to write, events, the next timeout, a close). They never
+//! touch a socket, a runtime or a clock, so every race is tested on a
+//! simulated clock with in-memory pairs, and the relay and SDK are thin
+//! drivers around them (the design of quinn-proto).
 
 pub mod codec;
+pub mod device_connection;
 pub mod device_session;
 mod error_code;
 pub mod ids;
 pub mod names;
 pub mod pb;
 pub mod probe;
+pub mod relay_connection;
 pub mod relay_session;
 mod session_core;
 pub mod token;

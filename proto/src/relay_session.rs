@@ -167,6 +167,11 @@ impl RelaySession {
         }
     }
 
+    /// Whether `channel_id` is registered on this session.
+    pub fn has_channel(&self, channel_id: &str) -> bool {
+        self.channels.contains_key(channel_id)
+    }
+
     /// Channel ids registered on this session.
     pub fn channel_ids(&self) -> impl Iterator<Item = &str> {
         self.channels.keys().map(String::as_str)

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use thiserror::Error;
+use wakewire_proto::relay_connection::RelayConnectionConfig;
 use wakewire_proto::relay_session::RelaySessionConfig;
 use wakewire_proto::{DEFAULT_GRPC_PORT, DEFAULT_QUIC_PORT, MAX_FRAME_SIZE, MAX_PAYLOAD_SIZE};
 
@@ -77,6 +78,11 @@ pub struct Settings {
     /// Commit concurrent publishes together (one fsync per batch). Turn off
     /// only to measure the difference.
     pub store_group_commit: bool,
+    /// Most wakes one connection tracks at once (sent or waiting, not
+    /// acked); more stay queued and follow as acks come in.
+    pub max_in_flight_per_connection: usize,
+    /// Hours a Publish idempotency key is remembered.
+    pub idempotency_retention_hours: u64,
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info,wakewire_server=debug`.
     pub log: String,
 }
@@ -106,6 +112,8 @@ impl Default for Settings {
             status_retention_secs: 86_400,
             channel_expiry_days: 30,
             store_group_commit: true,
+            max_in_flight_per_connection: 4096,
+            idempotency_retention_hours: 24,
             log: "info".into(),
         }
     }
@@ -279,6 +287,18 @@ impl Settings {
         if self.shutdown_reconnect_rate == 0 {
             return Err(invalid("shutdown_reconnect_rate", "must be at least 1"));
         }
+        if !(1..=1_000_000).contains(&self.max_in_flight_per_connection) {
+            return Err(invalid(
+                "max_in_flight_per_connection",
+                "must be between 1 and 1000000",
+            ));
+        }
+        if !(1..=24 * 365).contains(&self.idempotency_retention_hours) {
+            return Err(invalid(
+                "idempotency_retention_hours",
+                "must be between 1 and 8760",
+            ));
+        }
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("data_dir", "must not be empty"));
         }
@@ -289,13 +309,18 @@ impl Settings {
             probe_listen,
             data_dir: self.data_dir.clone(),
             tls,
-            session: RelaySessionConfig {
-                max_frame_size: MAX_FRAME_SIZE,
-                max_payload_size: MAX_PAYLOAD_SIZE,
-                max_channels: self.max_channels_per_device,
-                hello_timeout: Duration::from_secs(self.hello_timeout_secs),
-                idle_timeout: Duration::from_secs(self.idle_timeout_secs),
-                probe_port: 0,
+            connection: RelayConnectionConfig {
+                session: RelaySessionConfig {
+                    max_frame_size: MAX_FRAME_SIZE,
+                    max_payload_size: MAX_PAYLOAD_SIZE,
+                    max_channels: self.max_channels_per_device,
+                    hello_timeout: Duration::from_secs(self.hello_timeout_secs),
+                    idle_timeout: Duration::from_secs(self.idle_timeout_secs),
+                    probe_port: 0,
+                },
+                max_in_flight: self.max_in_flight_per_connection,
+                normal_max_delay: Duration::from_millis(self.normal_max_delay_ms),
+                ..RelayConnectionConfig::default()
             },
             ack_wait: Duration::from_millis(self.ack_wait_ms),
             max_ttl_secs: self.max_ttl_secs,
@@ -307,9 +332,11 @@ impl Settings {
             store: crate::store::StoreConfig {
                 queue_limit: self.queue_limit,
                 status_retention: Duration::from_secs(self.status_retention_secs),
+                idempotency_retention: Duration::from_secs(
+                    self.idempotency_retention_hours.saturating_mul(3600),
+                ),
                 group_commit: self.store_group_commit,
             },
-            normal_max_delay: Duration::from_millis(self.normal_max_delay_ms),
             channel_expiry: Duration::from_secs(self.channel_expiry_days.saturating_mul(86_400)),
         })
     }
@@ -344,8 +371,8 @@ pub struct RelayConfig {
     pub data_dir: PathBuf,
     /// Certificate source.
     pub tls: TlsSource,
-    /// Per-session limits and timers.
-    pub session: RelaySessionConfig,
+    /// Per-connection limits and timers (session, delivery).
+    pub connection: RelayConnectionConfig,
     /// How long Publish waits for an ack.
     pub ack_wait: Duration,
     /// Largest TTL accepted.
@@ -362,8 +389,6 @@ pub struct RelayConfig {
     pub udp_buffer_bytes: usize,
     /// Store settings.
     pub store: crate::store::StoreConfig,
-    /// Longest hold of a normal-priority event.
-    pub normal_max_delay: Duration,
     /// Channel expiry after its last registration.
     pub channel_expiry: Duration,
 }

@@ -1,35 +1,46 @@
 //! The driver of one device connection: moves bytes between the QUIC
-//! control stream and the sans-IO [`RelaySession`], and carries out what the
-//! session asks (authenticate, register channels, deliver queued events,
-//! record acks, hold normal-priority events for the next radio wake).
+//! control stream and the sans-IO [`RelayConnection`], and carries out what
+//! it decides (authenticate, derive channel ids, read queues, record acks,
+//! answer waiting publishers). It decides nothing about delivery itself.
+//!
+//! Work that waits for the store runs beside the loop, at most
+//! [`MAX_WORK`] jobs at a time; while that many are running the driver
+//! stops reading the control stream, so a device that floods frames is
+//! slowed by QUIC flow control instead of growing the relay's memory.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use metrics::{counter, gauge};
 use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
 use tracing::{debug, info, info_span, warn, Instrument};
 use wakewire_proto::names::validate_device_id;
-use wakewire_proto::pb::device::{GoAwayReason, Priority, Wake};
-use wakewire_proto::pb::store::{StoredChannel, StoredEvent};
-use wakewire_proto::relay_session::{Close, RelayEvent, RelaySession};
+use wakewire_proto::pb::device::{GoAwayReason, Wake};
+use wakewire_proto::relay_connection::{ConnectionEvent, RelayConnection, WakeRefused};
+use wakewire_proto::relay_session::Close;
 use wakewire_proto::token::TokenKind;
 use wakewire_proto::ErrorCode;
 
+use crate::claims::Claim;
 use crate::metrics as m;
-use crate::registry::{ConnCommand, Delivery};
-use crate::relay::{unix_ms, unix_secs, Shared};
+use crate::pb::{StoredChannel, StoredEvent};
+use crate::registry::{ConnCommand, ConnSender, Delivery};
+use crate::state::{clock, Shared};
+use crate::store::{AckItem, StoreError};
 
-/// Most wakes in flight (sent or held, not acked) per connection. Stored
-/// events beyond it stay queued and go out on the next connection.
-const MAX_IN_FLIGHT: usize = 8192;
 /// Commands queued per connection before publishers wait.
 const COMMAND_QUEUE: usize = 64;
+/// Store jobs (queue reads, ack batches, channel writes) running at once
+/// per connection; beyond it the control stream is not read.
+const MAX_WORK: usize = 4;
 /// How long a closing connection may take to flush a GoAway.
 const CLOSE_FLUSH: Duration = Duration::from_secs(2);
+/// How long a closed connection waits for its last store jobs.
+const WORK_DRAIN: Duration = Duration::from_secs(5);
 /// A channel's registration time is persisted again after this long.
 const REGISTRATION_REFRESH_MS: u64 = 3_600_000;
 
@@ -38,7 +49,8 @@ pub(crate) async fn serve(incoming: quinn::Incoming, shared: Arc<Shared>) {
     let remote = incoming.remote_address();
     // A handshake whose client gave up would otherwise hold its admission
     // slot until the idle timeout (minutes): bound it by the hello timeout.
-    let handshake = tokio::time::timeout(shared.config.session.hello_timeout, incoming).await;
+    let handshake =
+        tokio::time::timeout(shared.config.connection.session.hello_timeout, incoming).await;
     shared.handshaking.fetch_sub(1, Ordering::Relaxed);
     let conn = match handshake {
         Ok(Ok(c)) => c,
@@ -58,10 +70,29 @@ pub(crate) async fn serve(incoming: quinn::Incoming, shared: Arc<Shared>) {
     let conn_id = shared.next_conn_id();
     let span = info_span!("device_conn", conn = conn_id, %remote, device = tracing::field::Empty);
     gauge!(m::CONNECTIONS).increment(1.0);
-    let (driver, rx) = Driver::new(conn, shared.clone(), conn_id);
+    let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+    let driver = Driver {
+        conn,
+        shared: shared.clone(),
+        conn_id,
+        device_id: None,
+        tx,
+        claims: HashMap::new(),
+        waiters: HashMap::new(),
+        acks: Vec::new(),
+        ack_writing: false,
+        work: JoinSet::new(),
+    };
     driver.run(rx).instrument(span).await;
     shared.connections.fetch_sub(1, Ordering::Relaxed);
     gauge!(m::CONNECTIONS).decrement(1.0);
+}
+
+/// What a store job reports back to the loop.
+enum Done {
+    Queued(Result<Vec<(StoredEvent, Claim)>, StoreError>),
+    Acked,
+    Other,
 }
 
 struct Driver {
@@ -69,78 +100,89 @@ struct Driver {
     shared: Arc<Shared>,
     conn_id: u64,
     device_id: Option<Arc<str>>,
-    tx: mpsc::Sender<Box<ConnCommand>>,
-    /// Wakes sent or held on this connection and not yet acked, with the
-    /// publisher waiting for each (if any).
-    in_flight: HashMap<String, Option<oneshot::Sender<Delivery>>>,
-    /// Normal-priority wakes waiting for the next radio wake.
-    held: Vec<Wake>,
-    held_until: Option<Instant>,
+    tx: ConnSender,
+    /// Claims on the stored events the connection tracks.
+    claims: HashMap<String, Claim>,
+    /// Publishers waiting for an event's ack.
+    waiters: HashMap<String, oneshot::Sender<Delivery>>,
+    /// Acks not yet handed to the store, with their claims (kept until the
+    /// ack is committed, so the event cannot be dropped meanwhile).
+    acks: Vec<(AckItem, Option<Claim>)>,
+    ack_writing: bool,
+    work: JoinSet<Done>,
 }
 
 impl Driver {
-    fn new(
-        conn: quinn::Connection,
-        shared: Arc<Shared>,
-        conn_id: u64,
-    ) -> (Self, mpsc::Receiver<Box<ConnCommand>>) {
-        let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
-        (
-            Self {
-                conn,
-                shared,
-                conn_id,
-                device_id: None,
-                tx,
-                in_flight: HashMap::new(),
-                held: Vec::new(),
-                held_until: None,
-            },
-            rx,
-        )
-    }
-
     async fn run(mut self, mut rx: mpsc::Receiver<Box<ConnCommand>>) {
-        self.run_inner(&mut rx).await;
-        // Nothing more will be sent on this connection. Waiting publishers
-        // see their reply dropped: stored events stay queued for the next
-        // connection.
-        if let Some(dev) = &self.device_id {
-            self.shared.registry.detach(dev, self.conn_id);
+        let undelivered = self.run_inner(&mut rx).await;
+        // Nothing more is sent on this connection: detach, then give what
+        // the device has not acked to its next connection (or let it go:
+        // stored events stay queued).
+        if let Some(dev) = self.device_id.clone() {
+            self.shared.registry.detach(&dev, self.conn_id);
         }
         rx.close();
+        let mut handover: Vec<ConnCommand> = undelivered
+            .into_iter()
+            .map(|wake| ConnCommand::Deliver {
+                claim: self.claims.remove(&wake.event_id),
+                reply: self.waiters.remove(&wake.event_id),
+                wake,
+                durable: true,
+            })
+            .collect();
+        while let Ok(cmd) = rx.try_recv() {
+            if let ConnCommand::Deliver { durable: true, .. } = *cmd {
+                handover.push(*cmd);
+            }
+        }
+        if let Some(dev) = &self.device_id {
+            hand_over(&self.shared, dev, handover).await;
+        }
+        self.flush_acks();
+        let _ = tokio::time::timeout(WORK_DRAIN, async {
+            while let Some(done) = self.work.join_next().await {
+                if let Ok(Done::Acked) = done {
+                    self.ack_writing = false;
+                    self.flush_acks();
+                }
+            }
+        })
+        .await;
     }
 
-    async fn run_inner(&mut self, rx: &mut mpsc::Receiver<Box<ConnCommand>>) {
-        let config = &self.shared.config.session;
+    /// Serves the connection; returns the durable wakes not acked.
+    async fn run_inner(&mut self, rx: &mut mpsc::Receiver<Box<ConnCommand>>) -> Vec<Wake> {
+        let config = &self.shared.config.connection;
         let (mut send, mut recv) =
-            match tokio::time::timeout(config.hello_timeout, self.conn.accept_bi()).await {
+            match tokio::time::timeout(config.session.hello_timeout, self.conn.accept_bi()).await {
                 Ok(Ok(streams)) => streams,
                 Ok(Err(e)) => {
                     debug!(error = %e, "connection ended before the control stream opened");
-                    return;
+                    return vec![];
                 }
                 Err(_) => {
                     self.close(&Close {
                         code: ErrorCode::HelloTimeout,
                         reason: "no control stream within the hello timeout".into(),
                     });
-                    return;
+                    return vec![];
                 }
             };
-        let mut session = RelaySession::new(Instant::now(), unix_ms(), config.clone());
-        session.set_observed_addr(self.conn.remote_address());
+        let mut rc = RelayConnection::new(clock::now(), clock::unix_ms(), config.clone());
+        rc.set_observed_addr(self.conn.remote_address());
         let mut out = Bytes::new();
         loop {
-            while let Some(ev) = session.poll_event() {
-                self.on_event(&mut session, ev).await;
+            while let Some(ev) = rc.poll_event() {
+                self.on_event(&mut rc, ev);
             }
+            self.flush_acks();
             if out.is_empty() {
-                out = session.poll_transmit().unwrap_or_default();
+                out = rc.poll_transmit().unwrap_or_default();
             }
-            if let Some(close) = session.poll_close() {
+            if let Some(close) = rc.poll_close() {
                 let mut rest = out.to_vec();
-                while let Some(b) = session.poll_transmit() {
+                while let Some(b) = rc.poll_transmit() {
                     rest.extend_from_slice(&b);
                 }
                 if close.code == ErrorCode::GoingAway || close.code == ErrorCode::Replaced {
@@ -153,32 +195,53 @@ impl Driver {
                     .await;
                 }
                 self.close(&close);
-                return;
+                return self.drain(&mut rc);
             }
-            let deadline = session.poll_timeout();
-            let held_until = self.held_until;
+            let deadline = rc.poll_timeout();
+            let readable = self.work.len() < MAX_WORK;
             tokio::select! {
                 r = send.write(&out), if !out.is_empty() => match r {
                     Ok(n) => out.advance(n),
-                    Err(e) => return debug!(error = %e, "control stream write failed"),
-                },
-                r = recv.read_chunk(usize::MAX, true) => match r {
-                    Ok(Some(chunk)) => {
-                        session.set_observed_addr(self.conn.remote_address());
-                        session.handle_data(Instant::now(), &chunk.bytes);
+                    Err(e) => {
+                        debug!(error = %e, "control stream write failed");
+                        return self.drain(&mut rc);
                     }
-                    Ok(None) => session.handle_stream_finished(),
-                    Err(e) => return debug!(error = %e, "control stream read failed"),
+                },
+                r = recv.read_chunk(usize::MAX, true), if readable => match r {
+                    Ok(Some(chunk)) => {
+                        rc.set_observed_addr(self.conn.remote_address());
+                        rc.handle_data(clock::now(), &chunk.bytes);
+                    }
+                    Ok(None) => rc.handle_stream_finished(),
+                    Err(e) => {
+                        debug!(error = %e, "control stream read failed");
+                        return self.drain(&mut rc);
+                    }
                 },
                 cmd = rx.recv() => match cmd {
-                    Some(cmd) => self.on_command(&mut session, *cmd),
-                    None => return,
+                    Some(cmd) => self.on_command(&mut rc, *cmd),
+                    None => return self.drain(&mut rc),
                 },
-                _ = sleep_until(deadline), if deadline.is_some() => session.handle_timeout(Instant::now()),
-                _ = sleep_until(held_until), if held_until.is_some() => self.flush_held(&mut session),
-                e = self.conn.closed() => return debug!(reason = %e, "connection closed"),
+                Some(done) = self.work.join_next(), if !self.work.is_empty() => {
+                    self.on_done(&mut rc, done);
+                }
+                _ = sleep_until(deadline), if deadline.is_some() => rc.handle_timeout(clock::now()),
+                e = self.conn.closed() => {
+                    debug!(reason = %e, "connection closed");
+                    return self.drain(&mut rc);
+                }
             }
         }
+    }
+
+    /// Ends the delivery state: answers waiters of wakes let go, returns the
+    /// durable wakes to hand over.
+    fn drain(&mut self, rc: &mut RelayConnection) -> Vec<Wake> {
+        let undelivered = rc.drain_undelivered();
+        while let Some(ev) = rc.poll_event() {
+            self.on_event(rc, ev);
+        }
+        undelivered
     }
 
     fn close(&self, close: &Close) {
@@ -192,98 +255,73 @@ impl Driver {
             .close(close.code.as_u32().into(), close.reason.as_bytes());
     }
 
-    async fn on_event(&mut self, session: &mut RelaySession, ev: RelayEvent) {
+    fn on_event(&mut self, rc: &mut RelayConnection, ev: ConnectionEvent) {
         match ev {
-            RelayEvent::Hello { credential, sdk } => self.on_hello(session, &credential, &sdk),
-            RelayEvent::Register { request_id, names } => {
+            ConnectionEvent::Hello { credential, sdk } => self.on_hello(rc, &credential, &sdk),
+            ConnectionEvent::Register { request_id, names } => {
+                self.on_register(rc, request_id, names)
+            }
+            ConnectionEvent::Unregister { channel_ids } => {
                 let Some(device) = self.device_id.clone() else {
                     return;
                 };
-                let now = unix_ms();
-                let mut bindings = Vec::with_capacity(names.len());
-                for name in names {
-                    let id = self.shared.keys.channel_ids.derive(&device, &name);
-                    let previous = self
-                        .shared
-                        .registry
-                        .register_channel(&id, &device, &name, now);
-                    // Persisted in the background (refreshed hourly for
-                    // expiry): the device re-registers on every connection,
-                    // so a crash before the commit loses nothing it cannot
-                    // redo; waiting would put a disk flush in every handshake.
-                    if previous.is_none_or(|t| now.saturating_sub(t) > REGISTRATION_REFRESH_MS) {
-                        let record = StoredChannel {
-                            device_id: device.to_string(),
-                            name: name.clone(),
-                            created_at_ms: now,
-                            last_used_ms: now,
-                            ..Default::default()
-                        };
-                        let (store, id) = (self.shared.store.clone(), id.clone());
-                        tokio::spawn(async move {
-                            if let Err(e) = store.put_channel(id.clone(), record).await {
-                                warn!(error = %e, channel = %id, "channel not persisted");
-                            }
-                        });
-                    }
-                    bindings.push((name, id));
-                }
-                let ids: Vec<String> = bindings.iter().map(|b| b.1.clone()).collect();
-                session.registered(request_id, bindings);
-                // Deliver what waited while the device was away (the radio is
-                // on now: normal priority goes out too).
-                for id in ids {
-                    match self.shared.store.queued(&id) {
-                        Ok(events) => {
-                            for ev in events {
-                                self.deliver(session, stored_wake(ev), None, true);
-                            }
-                        }
-                        Err(e) => warn!(error = %e, channel = %id, "cannot read the channel queue"),
-                    }
-                }
-            }
-            RelayEvent::Unregister { channel_ids } => {
                 let reason = "unregistered by its device";
-                for id in channel_ids {
-                    self.shared.registry.channel_gone(&id, reason);
-                    let store = self.shared.store.clone();
-                    tokio::spawn(async move {
-                        if let Err(e) = store.channel_gone(id, reason.into(), unix_ms()).await {
+                for id in &channel_ids {
+                    self.shared.registry.channel_gone(id, &device, reason);
+                }
+                let store = self.shared.store.clone();
+                self.work.spawn(async move {
+                    for id in channel_ids {
+                        if let Err(e) = store.channel_gone(id, reason.into(), clock::unix_ms()).await
+                        {
                             warn!(error = %e, "unregister not persisted");
                         }
-                    });
-                }
-            }
-            RelayEvent::Ack { event_id } => {
-                counter!(m::ACKS).increment(1);
-                if let Some(Some(reply)) = self.in_flight.remove(&event_id) {
-                    let _ = reply.send(Delivery::Delivered);
-                }
-                // The publisher is answered at once; the durable state follows
-                // (if the relay dies first, the event is sent again and the
-                // SDK drops the duplicate).
-                let store = self.shared.store.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = store.ack(event_id, unix_ms()).await {
-                        warn!(error = %e, "ack not persisted");
                     }
+                    Done::Other
                 });
             }
-            RelayEvent::Ping => {
-                counter!(m::KEEPALIVES).increment(1);
-                // The device's radio is awake for its keepalive: piggyback.
-                self.flush_held(session);
+            ConnectionEvent::Sent { .. } => counter!(m::WAKES_SENT).increment(1),
+            ConnectionEvent::Acked {
+                event_id,
+                channel_id,
+                durable,
+            } => {
+                counter!(m::ACKS).increment(1);
+                if let Some(w) = self.waiters.remove(&event_id) {
+                    let _ = w.send(Delivery::Delivered);
+                }
+                if durable {
+                    let claim = self.claims.remove(&event_id);
+                    self.acks.push((
+                        AckItem {
+                            event_id,
+                            channel_id,
+                        },
+                        claim,
+                    ));
+                }
             }
+            ConnectionEvent::Released { event_id, .. } => {
+                self.claims.remove(&event_id);
+                if let Some(w) = self.waiters.remove(&event_id) {
+                    let _ = w.send(Delivery::NotSent);
+                }
+            }
+            ConnectionEvent::IgnoredAck { event_id } => {
+                counter!(m::IGNORED_ACKS).increment(1);
+                debug!(event = %truncate(&event_id), "ack for an event not sent on this connection ignored");
+            }
+            ConnectionEvent::Refill { channel_ids } => self.read_queues(channel_ids),
+            ConnectionEvent::Ping => counter!(m::KEEPALIVES).increment(1),
         }
     }
 
-    fn on_hello(&mut self, session: &mut RelaySession, credential: &str, sdk: &str) {
+    fn on_hello(&mut self, rc: &mut RelayConnection, credential: &str, sdk: &str) {
         let verified = self
             .shared
             .keys
             .verifier
-            .verify(credential, TokenKind::Device, unix_secs())
+            .verify(credential, TokenKind::Device, clock::unix_secs())
             .map_err(|e| e.to_string())
             .and_then(|claims| {
                 let dev = claims.sub.unwrap_or_default();
@@ -295,8 +333,8 @@ impl Driver {
             Ok(device_id) => {
                 tracing::Span::current().record("device", device_id.as_str());
                 let device: Arc<str> = device_id.as_str().into();
-                let session_id = format!("{:x}-{:x}", unix_ms(), self.conn_id);
-                session.accept(Instant::now(), device_id, session_id);
+                let session_id = format!("{:x}-{:x}", clock::unix_ms(), self.conn_id);
+                rc.accept(clock::now(), device_id, session_id);
                 if let Some(old) =
                     self.shared
                         .registry
@@ -313,7 +351,7 @@ impl Driver {
             }
             Err(reason) => {
                 counter!(m::AUTH_FAILURES).increment(1);
-                session.reject(
+                rc.reject(
                     ErrorCode::Unauthorized,
                     format!("device credential refused: {reason}"),
                 );
@@ -321,79 +359,161 @@ impl Driver {
         }
     }
 
-    fn on_command(&mut self, session: &mut RelaySession, cmd: ConnCommand) {
+    fn on_register(&mut self, rc: &mut RelayConnection, request_id: u64, names: Vec<String>) {
+        let Some(device) = self.device_id.clone() else {
+            return;
+        };
+        let now = clock::unix_ms();
+        let mut bindings = Vec::with_capacity(names.len());
+        let mut fresh = Vec::new();
+        for name in names {
+            let id = self.shared.keys.channel_ids.derive(&device, &name);
+            let previous = self
+                .shared
+                .registry
+                .register_channel(&id, &device, &name, now);
+            // Persisted in the background (refreshed hourly for expiry): the
+            // device re-registers on every connection, so a crash before the
+            // commit loses nothing it cannot redo; waiting would put a disk
+            // flush in every handshake.
+            if previous.is_none_or(|t| now.saturating_sub(t) > REGISTRATION_REFRESH_MS) {
+                fresh.push((
+                    id.clone(),
+                    StoredChannel {
+                        device_id: device.to_string(),
+                        name: name.clone(),
+                        created_at_ms: now,
+                        last_used_ms: now,
+                        ..Default::default()
+                    },
+                ));
+            }
+            bindings.push((name, id));
+        }
+        let ids: Vec<String> = bindings.iter().map(|b| b.1.clone()).collect();
+        rc.registered(clock::now(), request_id, bindings);
+        if !fresh.is_empty() {
+            let store = self.shared.store.clone();
+            self.work.spawn(async move {
+                for (id, record) in fresh {
+                    if let Err(e) = store.put_channel(id.clone(), record).await {
+                        warn!(error = %e, channel = %id, "channel not persisted");
+                    }
+                }
+                Done::Other
+            });
+        }
+        // What waited while the device was away goes out now.
+        self.read_queues(ids);
+    }
+
+    fn read_queues(&mut self, channel_ids: Vec<String>) {
+        let store = self.shared.store.clone();
+        self.work
+            .spawn(async move { Done::Queued(store.claim_queued(channel_ids).await) });
+    }
+
+    fn on_done(&mut self, rc: &mut RelayConnection, done: Result<Done, tokio::task::JoinError>) {
+        match done {
+            Ok(Done::Queued(Ok(events))) => {
+                let now = clock::now();
+                for (ev, claim) in events {
+                    let id = ev.event_id.clone();
+                    if rc.handle_wake(now, stored_wake(ev), true).is_ok() {
+                        self.claims.insert(id, claim);
+                    }
+                }
+            }
+            Ok(Done::Queued(Err(e))) => {
+                warn!(error = %e, "cannot read the channel queues; they are sent on the next connection")
+            }
+            Ok(Done::Acked) => self.ack_writing = false,
+            Ok(Done::Other) => {}
+            Err(e) => warn!(error = %e, "store job failed"),
+        }
+    }
+
+    /// Hands the acks collected so far to the store, one batch at a time.
+    fn flush_acks(&mut self) {
+        if self.ack_writing || self.acks.is_empty() {
+            return;
+        }
+        self.ack_writing = true;
+        let batch = std::mem::take(&mut self.acks);
+        let store = self.shared.store.clone();
+        self.work.spawn(async move {
+            let (items, claims): (Vec<AckItem>, Vec<Option<Claim>>) = batch.into_iter().unzip();
+            match store.ack(items, clock::unix_ms()).await {
+                Ok(o) if o.ignored > 0 => debug!(ignored = o.ignored, "acks without effect"),
+                Ok(_) => {}
+                // The events stay queued and are sent again; the SDK acks
+                // the duplicates without running the callback twice.
+                Err(e) => warn!(error = %e, "acks not persisted"),
+            }
+            drop(claims);
+            Done::Acked
+        });
+    }
+
+    fn on_command(&mut self, rc: &mut RelayConnection, cmd: ConnCommand) {
         match cmd {
-            ConnCommand::Deliver { wake, reply } => self.deliver(session, wake, reply, false),
+            ConnCommand::Deliver {
+                wake,
+                durable,
+                claim,
+                reply,
+            } => {
+                let id = wake.event_id.clone();
+                match rc.handle_wake(clock::now(), wake, durable) {
+                    Ok(()) => {
+                        if let Some(c) = claim {
+                            self.claims.insert(id.clone(), c);
+                        }
+                        if let Some(r) = reply {
+                            self.waiters.insert(id, r);
+                        }
+                    }
+                    // Already tracked here (from a queue read, or handed
+                    // over): the publisher waits for the same ack.
+                    Err(WakeRefused::Duplicate) if self.claims.contains_key(&id) => {
+                        if let Some(r) = reply {
+                            self.waiters.insert(id, r);
+                        }
+                    }
+                    Err(why) => {
+                        debug!(?why, event = %id, "wake not taken");
+                        if let Some(r) = reply {
+                            let _ = r.send(Delivery::NotSent);
+                        }
+                    }
+                }
+            }
             ConnCommand::GoAway {
                 reason,
                 reconnect_after,
                 message,
-            } => session.go_away(reason, reconnect_after, message),
+            } => rc.go_away(reason, reconnect_after, message),
         }
     }
+}
 
-    /// Sends a wake, or holds it if it is normal priority and the radio is
-    /// not known to be awake. A wake already in flight is not sent twice.
-    fn deliver(
-        &mut self,
-        session: &mut RelaySession,
-        wake: Wake,
-        reply: Option<oneshot::Sender<Delivery>>,
-        awake: bool,
-    ) {
-        if let Some(slot) = self.in_flight.get_mut(&wake.event_id) {
-            if reply.is_some() {
-                *slot = reply;
-            }
-            return;
-        }
-        if self.in_flight.len() >= MAX_IN_FLIGHT {
-            // Stored events stay queued for the next connection; the
-            // publisher's wait ends without an answer.
-            return;
-        }
-        let id = wake.event_id.clone();
-        if wake.priority == Priority::Normal as i32 && !awake {
-            self.held.push(wake);
-            self.held_until
-                .get_or_insert_with(|| Instant::now() + self.shared.config.normal_max_delay);
-            self.in_flight.insert(id, reply);
-            return;
-        }
-        self.flush_held(session);
-        self.send(session, wake, reply);
+/// Gives wakes of a closed connection to the device's current one; what
+/// cannot be handed over is released (it stays queued in the store).
+async fn hand_over(shared: &Shared, device: &str, wakes: Vec<ConnCommand>) {
+    if wakes.is_empty() {
+        return;
     }
-
-    fn send(
-        &mut self,
-        session: &mut RelaySession,
-        wake: Wake,
-        reply: Option<oneshot::Sender<Delivery>>,
-    ) {
-        let id = wake.event_id.clone();
-        match session.send_wake(wake) {
-            Ok(()) => {
-                counter!(m::WAKES_SENT).increment(1);
-                self.in_flight.insert(id, reply);
-            }
-            Err(e) => {
-                warn!(error = %e, "wake not sent");
-                self.in_flight.remove(&id);
-                if let Some(r) = reply {
-                    let _ = r.send(Delivery::NotConnected);
-                }
-            }
+    let Some(next) = shared.registry.connection(device) else {
+        return;
+    };
+    let n = wakes.len();
+    for cmd in wakes {
+        let sent = tokio::time::timeout(CLOSE_FLUSH, next.send(Box::new(cmd))).await;
+        if !matches!(sent, Ok(Ok(()))) {
+            break;
         }
     }
-
-    /// Sends every held normal-priority wake, in arrival order.
-    fn flush_held(&mut self, session: &mut RelaySession) {
-        self.held_until = None;
-        for wake in std::mem::take(&mut self.held) {
-            let reply = self.in_flight.remove(&wake.event_id).flatten();
-            self.send(session, wake, reply);
-        }
-    }
+    debug!(wakes = n, "handed over to the device's new connection");
 }
 
 /// The wire form of a stored event.
@@ -408,7 +528,15 @@ pub(crate) fn stored_wake(ev: StoredEvent) -> Wake {
     }
 }
 
-async fn sleep_until(deadline: Option<Instant>) {
+/// At most 64 characters of device input, for logs.
+fn truncate(s: &str) -> &str {
+    match s.char_indices().nth(64) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+async fn sleep_until(deadline: Option<std::time::Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d.into()).await,
         None => std::future::pending().await,

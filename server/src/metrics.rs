@@ -18,15 +18,23 @@ pub const PUBLISHES: &str = "wakewire_relay_publishes_total";
 pub const PUBLISH_SECONDS: &str = "wakewire_relay_publish_seconds";
 /// Counter: wake frames written to devices.
 pub const WAKES_SENT: &str = "wakewire_relay_wakes_sent_total";
-/// Counter: acks received from devices.
+/// Counter: acks received from devices for wakes sent on their connection.
 pub const ACKS: &str = "wakewire_relay_acks_total";
+/// Counter: acks ignored because the event was not sent on that connection
+/// (another device's event, a repeated or made-up id).
+pub const IGNORED_ACKS: &str = "wakewire_relay_ignored_acks_total";
+/// Counter: events delivered (acked by their device), counted as committed.
+pub const DELIVERED: &str = "wakewire_relay_delivered_total";
+/// Counter: failed accepts on the gRPC listener (retried).
+pub const ACCEPT_ERRORS: &str = "wakewire_relay_grpc_accept_errors_total";
 /// Counter: keepalive pings answered.
 pub const KEEPALIVES: &str = "wakewire_relay_keepalives_total";
 /// Counter: connection attempts refused by admission control.
 pub const REFUSED: &str = "wakewire_relay_refused_total";
-/// Counter: events expired by their TTL.
+/// Counter: events expired by their TTL, counted as committed.
 pub const EXPIRED: &str = "wakewire_relay_expired_total";
-/// Counter: events dropped, label `reason` (queue_full, collapsed, channel_gone).
+/// Counter: events dropped, label `reason` (queue_full, collapsed,
+/// channel_gone), counted as committed.
 pub const DROPPED: &str = "wakewire_relay_dropped_total";
 /// Counter: events stored for later delivery.
 pub const QUEUED: &str = "wakewire_relay_queued_total";

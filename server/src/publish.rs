@@ -1,42 +1,49 @@
 //! The publisher gRPC service, and the one place where publish errors map
 //! to gRPC statuses.
+//!
+//! A publish runs in its own task: once it has started, a client that
+//! disconnects or cancels cannot stop it half-way (between the commit and
+//! the delivery, say). Publish answers UNAVAILABLE only when the event was
+//! not stored; a client that lost its answer retries with the same
+//! `idempotency_key` and gets the first event's id back.
 
+use std::pin::Pin;
 use std::sync::Arc;
 
 use dashmap::DashMap;
-use std::time::Instant;
-
 use metrics::{counter, histogram};
-use std::pin::Pin;
 use thiserror::Error;
 use tokio::sync::oneshot;
-use tonic::{metadata::MetadataMap, Code, Request, Response, Status};
-use tracing::{debug, info_span, Instrument};
-use wakewire_proto::ids::{event_id, is_channel_id};
-use wakewire_proto::pb::device::{Priority as WirePriority, Wake};
-
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::{Stream, StreamExt};
-use wakewire_proto::pb::publish::{
-    publisher_server::Publisher, DeliveryStatus, EventStatus, GetEventRequest, Priority,
-    PublishBatchRequest, PublishBatchResponse, PublishBatchResult, PublishRequest, PublishResponse,
-    WatchDeliveriesRequest,
+use tonic::{metadata::MetadataMap, Code, Request, Response, Status};
+use tracing::{debug, info_span, Instrument};
+use wakewire_api::pb::{
+    publisher_server::Publisher, DeliveryStatus, EventState, EventStatus, GetEventRequest,
+    Priority, PublishBatchRequest, PublishBatchResponse, PublishBatchResult, PublishRequest,
+    PublishResponse, WatchDeliveriesRequest,
 };
-use wakewire_proto::pb::store::StoredEvent;
+use wakewire_proto::ids::{event_id, is_channel_id};
+use wakewire_proto::pb::device::{Priority as WirePriority, Wake};
 use wakewire_proto::token::{Claims, TokenError, TokenKind};
 use wakewire_proto::MAX_PAYLOAD_SIZE;
 
 use crate::metrics as m;
+use crate::pb::StoredEvent;
 use crate::registry::{ConnCommand, Delivery};
-use crate::relay::{unix_ms, unix_secs, Shared};
-use crate::store::StoreError;
+use crate::state::{clock, Shared};
+use crate::store::{Duplicate, Enqueued, IdempotencyKey, StoreError};
 
 /// Most events in one `PublishBatch`.
 pub const MAX_BATCH: usize = 1000;
+/// Longest collapse key, in bytes.
+pub const MAX_COLLAPSE_KEY: usize = 128;
+/// Longest idempotency key, in bytes.
+pub const MAX_IDEMPOTENCY_KEY: usize = 128;
 
-/// Why a publish was refused. Each maps to one gRPC code in
-/// [`From<PublishError> for Status`].
+/// Why a publisher request was refused. Each maps to one gRPC code in
+/// [`PublishError::code`].
 #[derive(Debug, Error)]
 pub enum PublishError {
     /// No `authorization: Bearer ...` metadata.
@@ -59,20 +66,34 @@ pub enum PublishError {
         /// Why (unregistered, expired).
         reason: String,
     },
-    /// No event with this id (never accepted, or past its retention).
+    /// No event with this id that the caller may see (never accepted,
+    /// past its retention, or another publisher's).
     #[error("event {0} not found (unknown, or finished longer ago than the status retention)")]
     EventNotFound(String),
-    /// The store failed; the event was not accepted. Retrying may help.
-    #[error("{0}; the event was not accepted, retry later")]
-    Store(#[from] StoreError),
+    /// The store failed; the event was not stored. Retrying may help.
+    #[error("{source}; the event was not stored, retry later")]
+    NotStored {
+        /// What failed.
+        source: StoreError,
+        /// Set if the wake was handed to the device's connection anyway
+        /// (it may reach the device): the id is in the
+        /// `wakewire-event-id` trailer.
+        event_id: Option<String>,
+    },
+    /// A read of the store failed.
+    #[error("{0}; retry later")]
+    StoreRead(StoreError),
     /// The token's scope does not include the channel.
     #[error("publisher credential does not allow publishing to channel {0}")]
     PermissionDenied(String),
+    /// The publish task ended unexpectedly.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl PublishError {
-    /// The gRPC code of this error: the one mapping of publish errors to
-    /// statuses.
+    /// The gRPC code of this error: the one mapping of publisher errors to
+    /// statuses (docs/protocol.md lists them).
     pub fn code(&self) -> Code {
         match self {
             PublishError::MissingCredential | PublishError::BadCredential(_) => {
@@ -82,8 +103,9 @@ impl PublishError {
             PublishError::ChannelNotFound(_)
             | PublishError::ChannelGone { .. }
             | PublishError::EventNotFound(_) => Code::NotFound,
-            PublishError::Store(_) => Code::Unavailable,
+            PublishError::NotStored { .. } | PublishError::StoreRead(_) => Code::Unavailable,
             PublishError::PermissionDenied(_) => Code::PermissionDenied,
+            PublishError::Internal(_) => Code::Internal,
         }
     }
 
@@ -95,14 +117,25 @@ impl PublishError {
             Code::NotFound => "not_found",
             Code::PermissionDenied => "permission_denied",
             Code::Unavailable => "unavailable",
-            _ => "other",
+            _ => "internal",
         }
     }
 }
 
 impl From<PublishError> for Status {
     fn from(e: PublishError) -> Self {
-        Status::new(e.code(), e.to_string())
+        let mut status = Status::new(e.code(), e.to_string());
+        if let PublishError::NotStored {
+            event_id: Some(id), ..
+        } = &e
+        {
+            if let Ok(v) = id.parse() {
+                status
+                    .metadata_mut()
+                    .insert(wakewire_api::EVENT_ID_METADATA, v);
+            }
+        }
+        status
     }
 }
 
@@ -138,17 +171,18 @@ impl PublisherService {
             .or_else(|| value.strip_prefix("bearer "))
             .ok_or(PublishError::MissingCredential)?
             .trim();
-        let now = unix_secs();
+        let now = clock::unix_secs();
         if let Some(claims) = self.verified.get(token) {
             if claims.exp > now {
                 return Ok(claims.clone());
             }
         }
-        let claims = Arc::new(self.shared.keys.verifier.verify(
-            token,
-            TokenKind::Publisher,
-            now,
-        )?);
+        let claims = Arc::new(
+            self.shared
+                .keys
+                .verifier
+                .verify(token, TokenKind::Publisher, now)?,
+        );
         if self.verified.len() >= TOKEN_CACHE {
             self.verified.clear();
         }
@@ -156,20 +190,31 @@ impl PublisherService {
         Ok(claims)
     }
 
+    /// Publishes in a task of its own, so that a cancelled request cannot
+    /// stop it half-way.
     async fn publish_one(
         &self,
-        claims: &Claims,
+        claims: Arc<Claims>,
         req: PublishRequest,
+        span: tracing::Span,
     ) -> Result<PublishResponse, PublishError> {
-        let started = Instant::now();
-        let result = self.publish_checked(claims, req).await;
-        let status = match &result {
-            Ok(r) => delivery_label(r.status()),
-            Err(e) => e.label(),
-        };
-        counter!(m::PUBLISHES, "status" => status).increment(1);
-        histogram!(m::PUBLISH_SECONDS).record(started.elapsed().as_secs_f64());
-        result
+        let this = self.clone();
+        let task = tokio::spawn(
+            async move {
+                let started = tokio::time::Instant::now();
+                let result = this.publish_checked(&claims, req).await;
+                let status = match &result {
+                    Ok(r) => delivery_label(r.status()),
+                    Err(e) => e.label(),
+                };
+                counter!(m::PUBLISHES, "status" => status).increment(1);
+                histogram!(m::PUBLISH_SECONDS).record(started.elapsed().as_secs_f64());
+                result
+            }
+            .instrument(span),
+        );
+        task.await
+            .map_err(|e| PublishError::Internal(format!("publish task failed: {e}")))?
     }
 
     async fn publish_checked(
@@ -177,22 +222,34 @@ impl PublisherService {
         claims: &Claims,
         req: PublishRequest,
     ) -> Result<PublishResponse, PublishError> {
+        let config = &self.shared.config;
         if !is_channel_id(&req.channel_id) {
-            return Err(PublishError::InvalidArgument(format!(
+            return Err(invalid(format!(
                 "channel_id {:?} is not a channel id (22 base64url characters)",
                 truncate(&req.channel_id)
             )));
         }
         if req.payload.len() > MAX_PAYLOAD_SIZE {
-            return Err(PublishError::InvalidArgument(format!(
+            return Err(invalid(format!(
                 "payload of {} bytes exceeds the maximum of {MAX_PAYLOAD_SIZE}",
                 req.payload.len()
             )));
         }
-        let config = &self.shared.config;
+        if req.collapse_key.len() > MAX_COLLAPSE_KEY {
+            return Err(invalid(format!(
+                "collapse_key of {} bytes exceeds the maximum of {MAX_COLLAPSE_KEY}",
+                req.collapse_key.len()
+            )));
+        }
+        if req.idempotency_key.len() > MAX_IDEMPOTENCY_KEY {
+            return Err(invalid(format!(
+                "idempotency_key of {} bytes exceeds the maximum of {MAX_IDEMPOTENCY_KEY}",
+                req.idempotency_key.len()
+            )));
+        }
         let ttl_s = req.ttl_s.unwrap_or(config.default_ttl_secs);
         if ttl_s > config.max_ttl_secs {
-            return Err(PublishError::InvalidArgument(format!(
+            return Err(invalid(format!(
                 "ttl_s {ttl_s} exceeds the maximum of {}",
                 config.max_ttl_secs
             )));
@@ -200,12 +257,7 @@ impl PublisherService {
         let priority = match Priority::try_from(req.priority) {
             Ok(Priority::Normal) => WirePriority::Normal,
             Ok(Priority::High | Priority::Unspecified) => WirePriority::High,
-            Err(_) => {
-                return Err(PublishError::InvalidArgument(format!(
-                    "unknown priority {}",
-                    req.priority
-                )));
-            }
+            Err(_) => return Err(invalid(format!("unknown priority {}", req.priority))),
         };
         let Some(channel) = self.shared.registry.channel(&req.channel_id) else {
             return Err(match self.shared.registry.gone_reason(&req.channel_id) {
@@ -219,146 +271,283 @@ impl PublisherService {
         if !claims.allows(&req.channel_id, &channel.device_id) {
             return Err(PublishError::PermissionDenied(req.channel_id));
         }
-        let now_ms = unix_ms();
+        let idempotency = (!req.idempotency_key.is_empty()).then(|| IdempotencyKey {
+            scoped_key: format!("{}:{}", scope_of(claims), req.idempotency_key),
+            request_hash: request_hash(&req, ttl_s),
+        });
+        let now_ms = clock::unix_ms();
         let id = event_id(now_ms, random10());
         tracing::Span::current().record("event", id.as_str());
         let wake = Wake {
             event_id: id.clone(),
-            channel_id: req.channel_id,
-            payload: req.payload,
+            channel_id: req.channel_id.clone(),
+            payload: req.payload.clone(),
             priority: priority as i32,
             created_at_ms: now_ms,
             ttl_s,
         };
-        let connection = self.shared.registry.connection(&channel.device_id);
+        let device = channel.device_id.clone();
         let status = if ttl_s == 0 {
             // Deliver now or drop (like APNs expiration 0): never stored.
-            match connection {
-                None => DeliveryStatus::NotConnected,
-                Some(conn) => match self.send_and_wait(&conn, wake).await {
-                    Some(Delivery::Delivered) => DeliveryStatus::Delivered,
-                    Some(Delivery::SentUnacked) | None => DeliveryStatus::SentUnacked,
-                    Some(Delivery::NotConnected) => DeliveryStatus::NotConnected,
-                },
+            if let Some(key) = &idempotency {
+                let reserved = self
+                    .shared
+                    .store
+                    .reserve_key(key.clone(), id.clone(), now_ms)
+                    .await
+                    .map_err(|source| PublishError::NotStored {
+                        source,
+                        event_id: None,
+                    })?;
+                if let Some(dup) = reserved {
+                    return duplicate_answer(dup);
+                }
             }
+            let status = match self.deliver(&device, wake, false, false).await {
+                Some(Delivery::Delivered) => DeliveryStatus::Delivered,
+                Some(Delivery::NotSent) => DeliveryStatus::NotConnected,
+                None => DeliveryStatus::SentUnacked,
+            };
+            if let Some(key) = idempotency {
+                if let Err(e) = self
+                    .shared
+                    .store
+                    .settle_key(key.scoped_key, status as i32)
+                    .await
+                {
+                    debug!(error = %e, "idempotency answer not recorded");
+                }
+            }
+            status
         } else {
             let stored = StoredEvent {
                 event_id: id.clone(),
-                channel_id: wake.channel_id.clone(),
-                payload: wake.payload.clone(),
-                priority: wake.priority,
+                channel_id: req.channel_id,
+                payload: req.payload,
+                priority: priority as i32,
                 created_at_ms: now_ms,
                 ttl_s,
                 collapse_key: req.collapse_key,
                 ..Default::default()
             };
-            // Commit and deliver at the same time: the publisher is answered
-            // only after the commit (an accepted event is durable), but the
-            // device does not wait for the disk. The ack, if it comes, is
-            // recorded after the enqueue (one writer, in order).
-            let (stored, delivered) = match connection {
-                None => (self.shared.store.enqueue(stored).await, None),
-                Some(conn) => {
-                    let (s, d) = tokio::join!(
-                        self.shared.store.enqueue(stored),
-                        self.send_and_wait(&conn, wake)
-                    );
-                    (s, d)
+            let keyed = idempotency.is_some();
+            // Submitted before the wake goes to the connection: a queue read
+            // that follows the delivery attempt sees this event.
+            let pending = self
+                .shared
+                .store
+                .begin_enqueue(stored, idempotency)
+                .await
+                .map_err(|source| PublishError::NotStored {
+                    source,
+                    event_id: None,
+                })?;
+            if keyed {
+                // A retry must not reach the device twice: deliver only once
+                // the key is known to be new.
+                match pending.enqueued().await {
+                    Ok(Enqueued::Duplicate(dup)) => return duplicate_answer(dup),
+                    Ok(Enqueued::Stored { .. }) => {}
+                    Err(source) => {
+                        return Err(PublishError::NotStored {
+                            source,
+                            event_id: None,
+                        })
+                    }
                 }
-            };
-            let outcome = stored?;
-            counter!(m::QUEUED).increment(1);
-            for ev in &outcome.finished {
-                counter!(m::DROPPED, "reason" => dropped_label(&ev.reason)).increment(1);
-            }
-            match delivered {
-                Some(Delivery::Delivered) => DeliveryStatus::Delivered,
-                _ => DeliveryStatus::Queued,
+                match self.deliver(&device, wake, true, true).await {
+                    Some(Delivery::Delivered) => DeliveryStatus::Delivered,
+                    _ => DeliveryStatus::Queued,
+                }
+            } else {
+                // Commit and deliver at the same time: answered only after
+                // the commit, but the device does not wait for the disk.
+                let (stored, delivered) =
+                    tokio::join!(pending.enqueued(), self.deliver(&device, wake, true, true));
+                match (stored, delivered) {
+                    (Ok(_), Some(Delivery::Delivered)) => DeliveryStatus::Delivered,
+                    (Ok(_), _) => DeliveryStatus::Queued,
+                    // Not stored, but the device has it and its app ran.
+                    (Err(_), Some(Delivery::Delivered)) => DeliveryStatus::Delivered,
+                    (Err(source), delivered) => {
+                        return Err(PublishError::NotStored {
+                            source,
+                            event_id: (delivered.is_none()).then_some(id),
+                        })
+                    }
+                }
             }
         };
+        if status == DeliveryStatus::Queued {
+            counter!(m::QUEUED).increment(1);
+        }
         debug!(?status, "published");
         Ok(PublishResponse {
             event_id: id,
             status: status as i32,
+            duplicate: false,
         })
     }
 
-    /// Hands a wake to the device's connection and waits (up to `ack_wait`)
-    /// for its ack. `None`: no answer in time, or the connection ended.
-    async fn send_and_wait(
+    /// Hands a wake to the device's connection (if connected) and waits up
+    /// to `ack_wait` for its ack. `None`: no answer in time.
+    async fn deliver(
         &self,
-        conn: &crate::registry::ConnSender,
+        device: &str,
         wake: Wake,
+        durable: bool,
+        claim: bool,
     ) -> Option<Delivery> {
+        let Some(conn) = self.shared.registry.connection(device) else {
+            return Some(Delivery::NotSent);
+        };
         let (reply, answer) = oneshot::channel();
-        conn.send(Box::new(ConnCommand::Deliver {
+        let cmd = Box::new(ConnCommand::Deliver {
+            claim: claim.then(|| self.shared.store.claims().claim(&wake.event_id)),
             wake,
+            durable,
             reply: Some(reply),
-        }))
-        .await
-        .ok()?;
-        tokio::time::timeout(self.shared.config.ack_wait, answer)
-            .await
-            .ok()?
-            .ok()
+        });
+        if let Err(back) = conn.send(cmd).await {
+            // That connection just ended: its successor, if any, takes it.
+            let next = self.shared.registry.connection(device)?;
+            next.send(back.0).await.ok()?;
+        }
+        match tokio::time::timeout(self.shared.config.ack_wait, answer).await {
+            Ok(Ok(d)) => Some(d),
+            // The connection ended without answering: handed over or queued.
+            Ok(Err(_)) => Some(Delivery::NotSent),
+            Err(_) => None,
+        }
     }
 
-    fn event_status(&self, claims: &Claims, event_id: &str) -> Result<EventStatus, PublishError> {
+    async fn event_status(
+        &self,
+        claims: &Claims,
+        event_id: &str,
+    ) -> Result<EventStatus, PublishError> {
         if event_id.len() != wakewire_proto::ids::EVENT_ID_LEN
             || !event_id.bytes().all(|b| b.is_ascii_hexdigit())
         {
-            return Err(PublishError::InvalidArgument(format!(
+            return Err(invalid(format!(
                 "event_id {:?} is not an event id (32 hex characters)",
                 truncate(event_id)
             )));
         }
+        let not_found = || PublishError::EventNotFound(event_id.to_owned());
         let ev = self
             .shared
             .store
-            .event(event_id)?
-            .ok_or_else(|| PublishError::EventNotFound(event_id.to_owned()))?;
+            .event(event_id)
+            .await
+            .map_err(PublishError::StoreRead)?
+            .ok_or_else(not_found)?;
+        // Another publisher's event does not exist as far as this one knows.
         if !self.may_see(claims, &ev) {
-            return Err(PublishError::PermissionDenied(ev.channel_id));
+            return Err(not_found());
         }
-        Ok(status_of(ev))
+        Ok(status_of(&ev))
     }
 
     fn may_see(&self, claims: &Claims, ev: &StoredEvent) -> bool {
-        let device = match self.shared.registry.channel(&ev.channel_id) {
-            Some(c) => c.device_id.to_string(),
-            // A gone channel: its device is still on record in the store.
-            None => self
-                .shared
-                .store
-                .channel(&ev.channel_id)
-                .ok()
-                .flatten()
-                .map(|c| c.device_id)
-                .unwrap_or_default(),
-        };
+        let device = self
+            .shared
+            .registry
+            .owner(&ev.channel_id)
+            .map(|d| d.to_string())
+            .unwrap_or_default();
         claims.allows(&ev.channel_id, &device)
     }
 }
 
+fn invalid(message: String) -> PublishError {
+    PublishError::InvalidArgument(message)
+}
+
+/// The answer to a retried Publish.
+fn duplicate_answer(dup: Duplicate) -> Result<PublishResponse, PublishError> {
+    let (event_id, status) = match dup {
+        Duplicate::Mismatch => {
+            return Err(invalid(
+                "idempotency_key was already used for a different request".into(),
+            ))
+        }
+        Duplicate::Stored(ev) => {
+            let status = match EventState::try_from(ev.state).unwrap_or(EventState::Unspecified) {
+                EventState::Delivered => DeliveryStatus::Delivered,
+                EventState::Expired => DeliveryStatus::Expired,
+                EventState::Dropped => DeliveryStatus::Dropped,
+                EventState::Queued | EventState::Unspecified => DeliveryStatus::Queued,
+            };
+            (ev.event_id, status)
+        }
+        Duplicate::NotStored(rec) => {
+            let status = DeliveryStatus::try_from(rec.status)
+                .ok()
+                .filter(|s| *s != DeliveryStatus::Unspecified)
+                .unwrap_or(DeliveryStatus::SentUnacked);
+            (rec.event_id, status)
+        }
+        Duplicate::Forgotten(id) => (id, DeliveryStatus::Unspecified),
+    };
+    counter!(m::PUBLISHES, "status" => "duplicate").increment(1);
+    Ok(PublishResponse {
+        event_id,
+        status: status as i32,
+        duplicate: true,
+    })
+}
+
+/// A publisher's idempotency namespace: a digest of its token's scope.
+fn scope_of(claims: &Claims) -> String {
+    let mut channels = claims.channels.clone();
+    let mut devices = claims.devices.clone();
+    channels.sort_unstable();
+    devices.sort_unstable();
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for c in &channels {
+        ctx.update(b"c");
+        ctx.update(c.as_bytes());
+        ctx.update(&[0]);
+    }
+    for d in &devices {
+        ctx.update(b"d");
+        ctx.update(d.as_bytes());
+        ctx.update(&[0]);
+    }
+    hex(&ctx.finish().as_ref()[..16])
+}
+
+/// Digest of what a Publish asks for, to tell a retry from a reuse.
+fn request_hash(req: &PublishRequest, ttl_s: u32) -> Vec<u8> {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for part in [
+        req.channel_id.as_bytes(),
+        &req.payload,
+        &req.priority.to_le_bytes(),
+        &ttl_s.to_le_bytes(),
+        req.collapse_key.as_bytes(),
+    ] {
+        ctx.update(&(part.len() as u64).to_le_bytes());
+        ctx.update(part);
+    }
+    ctx.finish().as_ref().to_vec()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// The API view of a stored event.
-fn status_of(ev: StoredEvent) -> EventStatus {
+fn status_of(ev: &StoredEvent) -> EventStatus {
     EventStatus {
-        event_id: ev.event_id,
-        channel_id: ev.channel_id,
+        event_id: ev.event_id.clone(),
+        channel_id: ev.channel_id.clone(),
         state: ev.state,
         created_at_ms: ev.created_at_ms,
         updated_at_ms: ev.updated_at_ms,
-        reason: ev.reason,
-        replaced_by: ev.replaced_by,
-    }
-}
-
-fn dropped_label(reason: &str) -> &'static str {
-    match reason {
-        "queue_full" => "queue_full",
-        "collapsed" => "collapsed",
-        "channel_gone" => "channel_gone",
-        _ => "other",
+        reason: ev.reason.clone(),
+        replaced_by: ev.replaced_by.clone(),
     }
 }
 
@@ -375,7 +564,8 @@ impl Publisher for PublisherService {
     ) -> Result<Response<EventStatus>, Status> {
         let claims = self.authenticate(request.metadata())?;
         Ok(Response::new(
-            self.event_status(&claims, &request.get_ref().event_id)?,
+            self.event_status(&claims, &request.get_ref().event_id)
+                .await?,
         ))
     }
 
@@ -387,7 +577,7 @@ impl Publisher for PublisherService {
         let claims = self.authenticate(request.metadata())?;
         let this = self.clone();
         let stream = BroadcastStream::new(self.shared.store.receipts()).filter_map(move |r| match r {
-            Ok(ev) => this.may_see(&claims, &ev).then(|| Ok(status_of(ev))),
+            Ok((ev, _why)) => this.may_see(&claims, &ev).then(|| Ok(status_of(&ev))),
             Err(BroadcastStreamRecvError::Lagged(n)) => Some(Err(Status::data_loss(format!(
                 "{n} receipts were skipped because this watcher fell behind; use GetEvent for the events you track"
             )))),
@@ -400,57 +590,55 @@ impl Publisher for PublisherService {
         request: Request<PublishRequest>,
     ) -> Result<Response<PublishResponse>, Status> {
         let span = info_span!("publish", channel = %truncate(&request.get_ref().channel_id), event = tracing::field::Empty);
-        async {
-            let claims = self.authenticate(request.metadata())?;
-            let r = self.publish_one(&claims, request.into_inner()).await?;
-            Ok(Response::new(r))
-        }
-        .instrument(span)
-        .await
-        .map_err(|e: PublishError| e.into())
+        let claims = self.authenticate(request.metadata())?;
+        let r = self
+            .publish_one(claims, request.into_inner(), span)
+            .await?;
+        Ok(Response::new(r))
     }
 
     async fn publish_batch(
         &self,
         request: Request<PublishBatchRequest>,
     ) -> Result<Response<PublishBatchResponse>, Status> {
-        let claims = self
-            .authenticate(request.metadata())
-            .map_err(Status::from)?;
+        let claims = self.authenticate(request.metadata())?;
         let events = request.into_inner().events;
         if events.len() > MAX_BATCH {
-            return Err(PublishError::InvalidArgument(format!(
+            return Err(invalid(format!(
                 "batch of {} events exceeds the maximum of {MAX_BATCH}",
                 events.len()
             ))
             .into());
         }
-        let mut tasks = tokio::task::JoinSet::new();
-        for (i, ev) in events.into_iter().enumerate() {
-            let this = self.clone();
-            let claims = claims.clone();
-            let span = info_span!("publish", batch_index = i, channel = %truncate(&ev.channel_id), event = tracing::field::Empty);
-            tasks.spawn(async move { (i, this.publish_one(&claims, ev).await) }.instrument(span));
-        }
-        let mut results = vec![PublishBatchResult::default(); tasks.len()];
-        while let Some(joined) = tasks.join_next().await {
-            let (i, r) =
-                joined.map_err(|e| Status::internal(format!("publish task failed: {e}")))?;
-            results[i] = match r {
+        // Each event runs in its own task (see publish_one): detached, so a
+        // cancelled batch still finishes what it started.
+        let tasks: Vec<_> = events
+            .into_iter()
+            .enumerate()
+            .map(|(i, ev)| {
+                let this = self.clone();
+                let claims = claims.clone();
+                let span = info_span!("publish", batch_index = i, channel = %truncate(&ev.channel_id), event = tracing::field::Empty);
+                tokio::spawn(async move { this.publish_one(claims, ev, span).await })
+            })
+            .collect();
+        let mut results = Vec::with_capacity(tasks.len());
+        for task in tasks {
+            let r = task
+                .await
+                .unwrap_or_else(|e| Err(PublishError::Internal(format!("publish task failed: {e}"))));
+            results.push(match r {
                 Ok(resp) => PublishBatchResult {
                     response: Some(resp),
                     error_code: 0,
                     error_message: String::new(),
                 },
-                Err(e) => {
-                    let s = Status::from(e);
-                    PublishBatchResult {
-                        response: None,
-                        error_code: s.code() as i32,
-                        error_message: s.message().to_owned(),
-                    }
-                }
-            };
+                Err(e) => PublishBatchResult {
+                    response: None,
+                    error_code: e.code() as i32,
+                    error_message: e.to_string(),
+                },
+            });
         }
         Ok(Response::new(PublishBatchResponse { results }))
     }
@@ -462,6 +650,8 @@ fn delivery_label(s: DeliveryStatus) -> &'static str {
         DeliveryStatus::SentUnacked => "sent_unacked",
         DeliveryStatus::NotConnected => "not_connected",
         DeliveryStatus::Queued => "queued",
+        DeliveryStatus::Expired => "expired",
+        DeliveryStatus::Dropped => "dropped",
         DeliveryStatus::Unspecified => "unspecified",
     }
 }
@@ -479,7 +669,7 @@ fn random10() -> [u8; 10] {
     // The system RNG failing is not recoverable; fall back to the clock so a
     // publish still gets an id (uniqueness then rests on the timestamp).
     if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).is_err() {
-        b[..8].copy_from_slice(&unix_ms().to_le_bytes());
+        b[..8].copy_from_slice(&clock::unix_ms().to_le_bytes());
     }
     b
 }

@@ -9,6 +9,8 @@ use dashmap::DashMap;
 use tokio::sync::{mpsc, oneshot};
 use wakewire_proto::pb::device::{GoAwayReason, Wake};
 
+use crate::claims::Claim;
+
 /// A registered channel.
 #[derive(Debug, Clone)]
 pub struct ChannelEntry {
@@ -25,19 +27,21 @@ pub struct ChannelEntry {
 pub enum Delivery {
     /// The device acked it.
     Delivered,
-    /// Written, not acked (yet).
-    SentUnacked,
-    /// Not written: the device is not connected.
-    NotConnected,
+    /// The connection let it go without sending it (it stays queued if
+    /// stored).
+    NotSent,
 }
 
 /// Work for a connection task.
 #[derive(Debug)]
 pub(crate) enum ConnCommand {
-    /// Send a wake (unless already in flight on this connection); report
-    /// what became of it if someone waits.
+    /// Deliver a wake (unless already tracked on this connection); report
+    /// what became of it if someone waits. A stored event comes with its
+    /// claim.
     Deliver {
         wake: Wake,
+        durable: bool,
+        claim: Option<Claim>,
         reply: Option<oneshot::Sender<Delivery>>,
     },
     /// Ask the device to leave.
@@ -62,8 +66,8 @@ struct DeviceConn {
 #[derive(Debug, Default)]
 pub struct Registry {
     channels: DashMap<String, ChannelEntry>,
-    /// Channels that are gone (unregistered, expired), with the reason.
-    gone: DashMap<String, String>,
+    /// Channels that are gone (unregistered, expired): reason and device.
+    gone: DashMap<String, (String, Arc<str>)>,
     devices: DashMap<Arc<str>, DeviceConn>,
 }
 
@@ -90,15 +94,24 @@ impl Registry {
         previous
     }
 
-    /// Marks a channel gone.
-    pub fn channel_gone(&self, channel_id: &str, reason: &str) {
+    /// Marks a channel of `device_id` gone.
+    pub fn channel_gone(&self, channel_id: &str, device_id: &Arc<str>, reason: &str) {
         self.channels.remove(channel_id);
-        self.gone.insert(channel_id.to_owned(), reason.to_owned());
+        self.gone
+            .insert(channel_id.to_owned(), (reason.to_owned(), device_id.clone()));
     }
 
     /// Why a channel is gone, if it is.
     pub fn gone_reason(&self, channel_id: &str) -> Option<String> {
-        self.gone.get(channel_id).map(|r| r.value().clone())
+        self.gone.get(channel_id).map(|r| r.value().0.clone())
+    }
+
+    /// The device a channel belongs (or belonged, if gone) to.
+    pub fn owner(&self, channel_id: &str) -> Option<Arc<str>> {
+        match self.channels.get(channel_id) {
+            Some(c) => Some(c.device_id.clone()),
+            None => self.gone.get(channel_id).map(|g| g.value().1.clone()),
+        }
     }
 
     /// Channels last registered before `before_ms` whose device is not
@@ -182,9 +195,10 @@ mod tests {
         assert_eq!(r.register_channel("c", &dev, "mail", 7), Some(5));
         assert_eq!(r.stale_channels(8), vec!["c".to_string()]);
         assert!(r.stale_channels(7).is_empty());
-        r.channel_gone("c", "unregistered");
+        r.channel_gone("c", &dev, "unregistered");
         assert!(r.channel("c").is_none());
         assert_eq!(r.gone_reason("c").as_deref(), Some("unregistered"));
+        assert_eq!(r.owner("c").as_deref(), Some("d"));
         r.register_channel("c", &dev, "mail", 9);
         assert!(r.gone_reason("c").is_none());
     }

@@ -1,53 +1,28 @@
-//! Starting and stopping a relay: the QUIC device endpoint, the gRPC
-//! publisher API (with reflection and health), and the metrics exporter.
+//! Starting and stopping a relay: binds (or takes) its sockets, opens the
+//! data directory and the store, and runs the two front doors
+//! ([`crate::quic`] for devices, [`crate::grpc`] for publishers), the
+//! sweeper and the metrics exporter.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use thiserror::Error;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 use wakewire_proto::pb::device::GoAwayReason;
-use wakewire_proto::pb::publish::publisher_server::PublisherServer;
-use wakewire_proto::pb::FILE_DESCRIPTOR_SET;
 use wakewire_proto::ErrorCode;
 
+use crate::claims::Claims;
 use crate::config::{RelayConfig, TlsSource};
 use crate::data_dir::{DataDir, DataDirError, Keys};
-use crate::publish::PublisherService;
 use crate::registry::{ConnCommand, Registry};
+use crate::state::{clock, Shared};
 use crate::store::{Store, StoreError};
 use crate::tls::{self, TlsError};
-
-/// State shared by every task of a relay.
-#[derive(Debug)]
-pub(crate) struct Shared {
-    pub(crate) config: RelayConfig,
-    pub(crate) keys: Keys,
-    pub(crate) registry: Registry,
-    pub(crate) store: Store,
-    conn_ids: AtomicU64,
-    /// Handshakes in progress (admission control).
-    pub(crate) handshaking: AtomicUsize,
-    /// Established connections.
-    pub(crate) connections: AtomicUsize,
-}
-
-impl Shared {
-    pub(crate) fn next_conn_id(&self) -> u64 {
-        self.conn_ids.fetch_add(1, Ordering::Relaxed)
-    }
-
-    /// Whether a new connection may start its handshake now.
-    fn admit(&self) -> bool {
-        self.handshaking.load(Ordering::Relaxed) < self.config.max_pending_handshakes
-            && self.connections.load(Ordering::Relaxed) < self.config.max_connections
-    }
-}
 
 /// Why the relay could not start. All are configuration or environment
 /// problems: fix and start again.
@@ -85,6 +60,69 @@ pub enum StartError {
     Grpc(String),
 }
 
+/// The sockets a relay serves on, bound by the caller (tests bind port 0
+/// and keep the addresses; a supervisor may pass inherited sockets).
+#[derive(Debug)]
+pub struct Listeners {
+    /// UDP socket of the device endpoint.
+    pub quic: std::net::UdpSocket,
+    /// TCP listener of the publisher gRPC API.
+    pub grpc: std::net::TcpListener,
+    /// UDP socket of the probe service, if on.
+    pub probe: Option<std::net::UdpSocket>,
+}
+
+impl Listeners {
+    /// Binds the addresses of `config`.
+    pub fn bind(config: &RelayConfig) -> Result<Self, StartError> {
+        let quic = bind_udp(config.quic_listen).map_err(|source| StartError::Bind {
+            what: "QUIC (UDP)",
+            addr: config.quic_listen,
+            source,
+        })?;
+        let grpc =
+            std::net::TcpListener::bind(config.grpc_listen).map_err(|source| StartError::Bind {
+                what: "gRPC (TCP)",
+                addr: config.grpc_listen,
+                source,
+            })?;
+        let probe = match config.probe_listen {
+            Some(addr) => Some(bind_udp(addr).map_err(|source| StartError::Bind {
+                what: "probe (UDP)",
+                addr,
+                source,
+            })?),
+            None => None,
+        };
+        Ok(Self { quic, grpc, probe })
+    }
+}
+
+/// A UDP socket; an IPv6 one also takes IPv4.
+fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false).ok();
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
+/// Runs a relay on `listeners` until `shutdown` completes, then stops it
+/// gracefully (GoAway to every device).
+pub async fn run(
+    config: RelayConfig,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StartError> {
+    let relay = start_on(config, listeners).await?;
+    shutdown.await;
+    info!("shutting down");
+    relay.shutdown(Duration::from_secs(1)).await;
+    Ok(())
+}
+
 /// A running relay. Dropping it does not stop it; call [`RelayHandle::shutdown`].
 #[derive(Debug)]
 pub struct RelayHandle {
@@ -100,8 +138,18 @@ pub struct RelayHandle {
     grpc_task: JoinHandle<()>,
 }
 
-/// Starts a relay on the current tokio runtime.
-pub async fn start(mut config: RelayConfig) -> Result<RelayHandle, StartError> {
+/// Binds the configured addresses and starts a relay on the current tokio
+/// runtime.
+pub async fn start(config: RelayConfig) -> Result<RelayHandle, StartError> {
+    let listeners = Listeners::bind(&config)?;
+    start_on(config, listeners).await
+}
+
+/// Starts a relay on already-bound sockets.
+pub async fn start_on(
+    mut config: RelayConfig,
+    listeners: Listeners,
+) -> Result<RelayHandle, StartError> {
     let data_dir = DataDir::open(&config.data_dir)?;
     let keys = data_dir.keys()?;
     let (cert_path, key_path, dev_cert) = match &config.tls {
@@ -112,47 +160,24 @@ pub async fn start(mut config: RelayConfig) -> Result<RelayHandle, StartError> {
         TlsSource::Files { cert, key } => (cert.clone(), key.clone(), None),
     };
     let (certs, key) = tls::load_pem(&cert_path, &key_path)?;
-    let server_config = tls::server_config(certs, key, config.session.idle_timeout)?;
-    let bind_err = |source| StartError::Bind {
-        what: "QUIC (UDP)",
-        addr: config.quic_listen,
-        source,
-    };
-    let socket = udp_socket(config.quic_listen, config.udp_buffer_bytes).map_err(bind_err)?;
-    let runtime = quinn::default_runtime()
-        .ok_or_else(|| bind_err(std::io::Error::other("no async runtime for quinn")))?;
-    let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(keys.reset_key.clone()));
-    // Answer every packet of a connection we no longer know with a stateless
-    // reset (quinn's default allows one per 20 ms): after a crash, devices
-    // whose keepalives arrive together must all learn at once that they
-    // should reconnect. A reset is always smaller than the packet that
-    // caused it, so this cannot amplify traffic.
-    endpoint_config.min_reset_interval(Duration::ZERO);
-    // Connection ids validated with a key that survives restarts: quinn only
-    // answers packets whose id it recognises as its own with a reset.
-    let cid_key = keys.cid_key;
-    endpoint_config.cid_generator(move || {
-        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
-    });
-    let endpoint = quinn::Endpoint::new(endpoint_config, Some(server_config), socket, runtime)
-        .map_err(bind_err)?;
-    let quic_addr = endpoint.local_addr().map_err(|source| StartError::Bind {
-        what: "QUIC (UDP)",
-        addr: config.quic_listen,
-        source,
-    })?;
-    let listener = tokio::net::TcpListener::bind(config.grpc_listen)
-        .await
-        .map_err(|source| StartError::Bind {
-            what: "gRPC (TCP)",
-            addr: config.grpc_listen,
-            source,
-        })?;
-    let grpc_addr = listener.local_addr().map_err(|source| StartError::Bind {
-        what: "gRPC (TCP)",
-        addr: config.grpc_listen,
-        source,
-    })?;
+    let server_config =
+        tls::server_config(certs, key, config.connection.session.idle_timeout)?;
+    let bind_err = |what, addr, source| StartError::Bind { what, addr, source };
+    let quic_addr = listeners
+        .quic
+        .local_addr()
+        .map_err(|e| bind_err("QUIC (UDP)", config.quic_listen, e))?;
+    let endpoint = crate::quic::endpoint(listeners.quic, &keys, server_config, config.udp_buffer_bytes)
+        .map_err(|e| bind_err("QUIC (UDP)", quic_addr, e))?;
+    listeners
+        .grpc
+        .set_nonblocking(true)
+        .map_err(|e| bind_err("gRPC (TCP)", config.grpc_listen, e))?;
+    let listener = tokio::net::TcpListener::from_std(listeners.grpc)
+        .map_err(|e| bind_err("gRPC (TCP)", config.grpc_listen, e))?;
+    let grpc_addr = listener
+        .local_addr()
+        .map_err(|e| bind_err("gRPC (TCP)", config.grpc_listen, e))?;
     if let Some(addr) = config.metrics_listen {
         metrics_exporter_prometheus::PrometheusBuilder::new()
             .with_http_listener(addr)
@@ -163,103 +188,49 @@ pub async fn start(mut config: RelayConfig) -> Result<RelayHandle, StartError> {
             })?;
         info!(%addr, "Prometheus metrics at http://{addr}/metrics");
     }
-
-    let probe = match config.probe_listen {
-        Some(addr) => {
-            let socket =
-                tokio::net::UdpSocket::bind(addr)
-                    .await
-                    .map_err(|source| StartError::Bind {
-                        what: "probe (UDP)",
-                        addr,
-                        source,
-                    })?;
-            let bound = socket.local_addr().map_err(|source| StartError::Bind {
-                what: "probe (UDP)",
-                addr,
-                source,
-            })?;
-            config.session.probe_port = bound.port();
-            Some((bound, tokio::spawn(crate::probe::serve(socket))))
+    let probe = match listeners.probe {
+        Some(socket) => {
+            let addr = socket
+                .local_addr()
+                .map_err(|e| bind_err("probe (UDP)", quic_addr, e))?;
+            socket
+                .set_nonblocking(true)
+                .map_err(|e| bind_err("probe (UDP)", addr, e))?;
+            let socket = tokio::net::UdpSocket::from_std(socket)
+                .map_err(|e| bind_err("probe (UDP)", addr, e))?;
+            config.connection.session.probe_port = addr.port();
+            Some((addr, tokio::spawn(crate::probe::serve(socket))))
         }
         None => None,
     };
-    let store = Store::open(data_dir.path(), config.store.clone())?;
+    let claims = Arc::new(Claims::default());
+    let store = Store::open(data_dir.path(), config.store.clone(), claims)?;
     let registry = Registry::default();
     let mut known = 0usize;
-    for (id, ch) in store.channels()? {
+    let records = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || store.channels_blocking())
+            .await
+            .map_err(|e| StartError::Store(StoreError::Read(e.to_string())))??
+    };
+    for (id, ch) in records {
+        let device: Arc<str> = Arc::from(ch.device_id.as_str());
         if ch.gone_reason.is_empty() {
-            registry.register_channel(
-                &id,
-                &Arc::from(ch.device_id.as_str()),
-                &ch.name,
-                ch.last_used_ms,
-            );
+            registry.register_channel(&id, &device, &ch.name, ch.last_used_ms);
             known += 1;
         } else {
-            registry.channel_gone(&id, &ch.gone_reason);
+            registry.channel_gone(&id, &device, &ch.gone_reason);
         }
     }
     info!(channels = known, "store opened");
-    let shared = Arc::new(Shared {
-        config,
-        keys,
-        registry,
-        store,
-        conn_ids: AtomicU64::new(1),
-        handshaking: AtomicUsize::new(0),
-        connections: AtomicUsize::new(0),
-    });
+    let shared = Arc::new(Shared::new(config, keys, registry, store));
     let (stop, stop_rx) = watch::channel(false);
-
-    let accept_task = {
-        let endpoint = endpoint.clone();
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            while let Some(incoming) = endpoint.accept().await {
-                if !shared.admit() {
-                    // Cheap refusal: the device backs off (with jitter) and retries.
-                    metrics::counter!(crate::metrics::REFUSED).increment(1);
-                    incoming.refuse();
-                    continue;
-                }
-                shared.handshaking.fetch_add(1, Ordering::Relaxed);
-                tokio::spawn(crate::device_conn::serve(incoming, shared.clone()));
-            }
-        })
-    };
-
+    let accept_task = tokio::spawn(crate::quic::accept_loop(endpoint.clone(), shared.clone()));
     let sweeper = tokio::spawn(sweep_loop(shared.clone()));
-
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| StartError::Grpc(e.to_string()))?;
-    let (mut health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<PublisherServer<PublisherService>>()
-        .await;
-    let publisher = PublisherServer::new(PublisherService::new(shared.clone()));
-    let grpc_task = {
-        let mut stop_rx = stop_rx.clone();
-        tokio::spawn(async move {
-            let result = tonic::transport::Server::builder()
-                .add_service(health_service)
-                .add_service(reflection)
-                .add_service(publisher)
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
-                    async move {
-                        let _ = stop_rx.wait_for(|s| *s).await;
-                    },
-                )
-                .await;
-            if let Err(e) = result {
-                warn!(error = %e, "gRPC server stopped with an error");
-            }
-        })
-    };
+    let grpc = crate::grpc::server(listener, shared.clone(), stop_rx)
+        .await
+        .map_err(StartError::Grpc)?;
+    let grpc_task = tokio::spawn(grpc);
     info!(quic = %quic_addr, grpc = %grpc_addr, probe = ?probe.as_ref().map(|p| p.0), data_dir = %shared.config.data_dir.display(), "relay started");
     if let Some(cert) = &dev_cert {
         info!(
@@ -392,11 +363,10 @@ async fn sweep_loop(shared: Arc<Shared>) {
     loop {
         tick.tick().await;
         n += 1;
-        let now = unix_ms();
+        let now = clock::unix_ms();
         match shared.store.sweep(now).await {
-            Ok(out) if !out.finished.is_empty() => {
-                metrics::counter!(crate::metrics::EXPIRED).increment(out.finished.len() as u64);
-                tracing::debug!(expired = out.finished.len(), "swept");
+            Ok(finished) if !finished.is_empty() => {
+                tracing::debug!(finished = finished.len(), "swept");
             }
             Ok(_) => {}
             Err(e) => warn!(error = %e, "sweep failed"),
@@ -408,46 +378,18 @@ async fn sweep_loop(shared: Arc<Shared>) {
                     "expired: its device has not registered it for {} days",
                     shared.config.channel_expiry.as_secs() / 86_400
                 );
+                let Some(device) = shared.registry.owner(&id) else {
+                    continue;
+                };
                 match shared
                     .store
                     .channel_gone(id.clone(), reason.clone(), now)
                     .await
                 {
-                    Ok(_) => shared.registry.channel_gone(&id, &reason),
+                    Ok(_) => shared.registry.channel_gone(&id, &device, &reason),
                     Err(e) => warn!(error = %e, "channel expiry failed"),
                 }
             }
         }
     }
-}
-
-/// A UDP socket with the requested buffer sizes (the kernel may cap them
-/// at net.core.rmem_max / wmem_max; as root we ask to exceed that).
-fn udp_socket(addr: SocketAddr, buffer: usize) -> std::io::Result<std::net::UdpSocket> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(false).ok();
-    }
-    if socket.set_recv_buffer_size(buffer).is_err() {
-        tracing::debug!(buffer, "could not set the UDP receive buffer");
-    }
-    if socket.set_send_buffer_size(buffer).is_err() {
-        tracing::debug!(buffer, "could not set the UDP send buffer");
-    }
-    socket.bind(&addr.into())?;
-    Ok(socket.into())
-}
-
-/// Wall clock, Unix milliseconds.
-pub(crate) fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
-
-/// Wall clock, Unix seconds.
-pub(crate) fn unix_secs() -> u64 {
-    unix_ms() / 1000
 }

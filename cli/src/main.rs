@@ -1,0 +1,141 @@
+//! `wakewire-relay`: run the relay, mint tokens, and try it out (listen as a
+//! device, publish a wake).
+
+mod listen;
+mod publish;
+mod serve;
+mod token;
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+use wakewire_server::data_dir::DataDir;
+
+#[derive(Parser)]
+#[command(
+    name = "wakewire-relay",
+    version,
+    about = "wakewire push relay: wake sleeping devices over QUIC"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the relay. Settings come from --config, then WAKEWIRE_* variables, then flags.
+    Serve(Box<serve::ServeArgs>),
+    /// Mint device or publisher tokens with the key in the data directory.
+    #[command(subcommand)]
+    Token(token::TokenCmd),
+    /// Connect as a device, register channels, and print every wake received.
+    Listen(listen::ListenArgs),
+    /// Publish one wake event to a channel.
+    Publish(publish::PublishArgs),
+}
+
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s.trim().split_at(
+        s.trim()
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(s.trim().len()),
+    );
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a number with a unit, like 30s, 5m, 12h or 365d"))?;
+    let secs = match unit {
+        "ms" => return Ok(Duration::from_millis(n)),
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => {
+            return Err(format!(
+                "{s:?}: unknown unit {unit:?} (use ms, s, m, h or d)"
+            ))
+        }
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+/// Wall clock, Unix seconds (token validity).
+#[allow(clippy::disallowed_methods)] // the CLI's one clock source
+pub(crate) fn unix_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+pub(crate) fn init_logs(filter: &str) -> anyhow::Result<()> {
+    let filter =
+        EnvFilter::try_new(filter).with_context(|| format!("invalid log filter {filter:?}"))?;
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Cmd::Serve(args) => serve::serve(&args).await,
+        Cmd::Token(t) => {
+            println!("{}", token::mint(t)?);
+            Ok(())
+        }
+        Cmd::Listen(args) => listen::listen(args).await,
+        Cmd::Publish(args) => publish::publish(args).await,
+    }
+}
+
+/// The relay keys in `data_dir`, with a clear error when there are none.
+pub(crate) fn keys(data_dir: &Path) -> anyhow::Result<wakewire_server::data_dir::Keys> {
+    if !data_dir
+        .join(wakewire_server::data_dir::SIGNING_KEY_FILE)
+        .exists()
+    {
+        bail!(
+            "no signing key in {}: start the relay once (wakewire-relay serve) or pass --data-dir",
+            data_dir.display()
+        );
+    }
+    Ok(DataDir::open(data_dir)?.keys()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(
+            parse_duration("365d"),
+            Ok(Duration::from_secs(365 * 86_400))
+        );
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5y").is_err());
+    }
+}

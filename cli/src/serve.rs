@@ -1,0 +1,180 @@
+//! `wakewire-relay serve`: settings from file, env and flags; run until
+//! SIGINT or SIGTERM, then drain.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use wakewire_server::{Listeners, Settings};
+
+#[derive(Args)]
+pub(crate) struct ServeArgs {
+    /// TOML config file (keys as the flags below, with underscores).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// UDP address for devices (QUIC) [env: WAKEWIRE_QUIC_LISTEN] [default: 0.0.0.0:4433]
+    #[arg(long)]
+    quic_listen: Option<std::net::SocketAddr>,
+    /// TCP address of the publisher gRPC API [env: WAKEWIRE_GRPC_LISTEN] [default: 0.0.0.0:50051]
+    #[arg(long)]
+    grpc_listen: Option<std::net::SocketAddr>,
+    /// TCP address of the Prometheus /metrics endpoint, or "off" [env: WAKEWIRE_METRICS_LISTEN] [default: 127.0.0.1:9464]
+    #[arg(long)]
+    metrics_listen: Option<String>,
+    /// Directory for keys and the dev certificate [env: WAKEWIRE_DATA_DIR] [default: ./wakewire-data]
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// PEM certificate chain; without it a self-signed localhost certificate is generated (dev mode) [env: WAKEWIRE_TLS_CERT]
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert [env: WAKEWIRE_TLS_KEY]
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Most channels per device [env: WAKEWIRE_MAX_CHANNELS_PER_DEVICE] [default: 64]
+    #[arg(long)]
+    max_channels_per_device: Option<usize>,
+    /// Seconds a connection has to send Hello [env: WAKEWIRE_HELLO_TIMEOUT_SECS] [default: 10]
+    #[arg(long)]
+    hello_timeout_secs: Option<u64>,
+    /// Seconds of silence before a device connection is dropped [env: WAKEWIRE_IDLE_TIMEOUT_SECS] [default: 660]
+    #[arg(long)]
+    idle_timeout_secs: Option<u64>,
+    /// Milliseconds Publish waits for the device's ack [env: WAKEWIRE_ACK_WAIT_MS] [default: 5000]
+    #[arg(long)]
+    ack_wait_ms: Option<u64>,
+    /// Largest TTL accepted, seconds [env: WAKEWIRE_MAX_TTL_SECS] [default: 2419200 = 4 weeks]
+    #[arg(long)]
+    max_ttl_secs: Option<u32>,
+    /// TTL of events published without one, seconds [env: WAKEWIRE_DEFAULT_TTL_SECS] [default: 2419200]
+    #[arg(long)]
+    default_ttl_secs: Option<u32>,
+    /// UDP address of the NAT binding-lifetime probe service, or "off" [env: WAKEWIRE_PROBE_LISTEN] [default: 0.0.0.0:4434]
+    #[arg(long)]
+    probe_listen: Option<String>,
+    /// Most device connections at once [env: WAKEWIRE_MAX_CONNECTIONS] [default: 1000000]
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Most handshakes in progress; more are refused and retried by devices [env: WAKEWIRE_MAX_PENDING_HANDSHAKES] [default: 1024]
+    #[arg(long)]
+    max_pending_handshakes: Option<usize>,
+    /// Devices per second to spread reconnects over after a shutdown [env: WAKEWIRE_SHUTDOWN_RECONNECT_RATE] [default: 1000]
+    #[arg(long)]
+    shutdown_reconnect_rate: Option<u32>,
+    /// UDP socket buffer size to request, bytes [env: WAKEWIRE_UDP_BUFFER_BYTES] [default: 8388608]
+    #[arg(long)]
+    udp_buffer_bytes: Option<usize>,
+    /// Most queued events per channel [env: WAKEWIRE_QUEUE_LIMIT] [default: 100]
+    #[arg(long)]
+    queue_limit: Option<usize>,
+    /// Longest hold of a normal-priority event, ms [env: WAKEWIRE_NORMAL_MAX_DELAY_MS] [default: 60000]
+    #[arg(long)]
+    normal_max_delay_ms: Option<u64>,
+    /// How long finished events stay queryable, s [env: WAKEWIRE_STATUS_RETENTION_SECS] [default: 86400]
+    #[arg(long)]
+    status_retention_secs: Option<u64>,
+    /// Days after which a channel its device no longer registers is gone [env: WAKEWIRE_CHANNEL_EXPIRY_DAYS] [default: 30]
+    #[arg(long)]
+    channel_expiry_days: Option<u64>,
+    /// Group commit of concurrent publishes: true or false [env: WAKEWIRE_STORE_GROUP_COMMIT] [default: true]
+    #[arg(long)]
+    store_group_commit: Option<bool>,
+    /// Most wakes one connection tracks at once [env: WAKEWIRE_MAX_IN_FLIGHT_PER_CONNECTION] [default: 4096]
+    #[arg(long)]
+    max_in_flight_per_connection: Option<usize>,
+    /// Hours a Publish idempotency key is remembered [env: WAKEWIRE_IDEMPOTENCY_RETENTION_HOURS] [default: 24]
+    #[arg(long)]
+    idempotency_retention_hours: Option<u64>,
+    /// Log filter, e.g. "info" or "info,wakewire_server=debug" [env: WAKEWIRE_LOG] [default: info]
+    #[arg(long)]
+    log: Option<String>,
+}
+
+impl ServeArgs {
+    pub(crate) fn settings(
+        &self,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> anyhow::Result<Settings> {
+        let mut s = Settings::load(self.config.as_deref(), env)?;
+        macro_rules! set {
+            ($($f:ident),*) => {$( if let Some(v) = &self.$f { s.$f = v.clone(); } )*};
+        }
+        set!(
+            probe_listen,
+            max_connections,
+            max_pending_handshakes,
+            shutdown_reconnect_rate,
+            udp_buffer_bytes,
+            queue_limit,
+            normal_max_delay_ms,
+            status_retention_secs,
+            channel_expiry_days,
+            store_group_commit,
+            quic_listen,
+            grpc_listen,
+            metrics_listen,
+            data_dir,
+            max_channels_per_device,
+            hello_timeout_secs,
+            idle_timeout_secs,
+            ack_wait_ms,
+            max_ttl_secs,
+            default_ttl_secs,
+            max_in_flight_per_connection,
+            idempotency_retention_hours,
+            log
+        );
+        if self.tls_cert.is_some() {
+            s.tls_cert = self.tls_cert.clone();
+            s.tls_key = self.tls_key.clone();
+        }
+        Ok(s)
+    }
+}
+
+pub(crate) async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
+    let settings = args.settings(std::env::vars())?;
+    crate::init_logs(&settings.log)?;
+    let config = settings.validate()?;
+    let listeners = Listeners::bind(&config)?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let stop = async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    };
+    wakewire_server::run(config, listeners, stop).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        cmd: Cmd,
+    }
+
+    #[derive(clap::Subcommand)]
+    enum Cmd {
+        Serve(ServeArgs),
+    }
+
+    #[test]
+    fn flags_override_env_which_overrides_defaults() {
+        let args = Cli::parse_from(["wakewire-relay", "serve", "--ack-wait-ms", "7"]);
+        let Cmd::Serve(serve) = args.cmd else {
+            panic!()
+        };
+        let s = serve
+            .settings([
+                ("WAKEWIRE_ACK_WAIT_MS".to_string(), "3".to_string()),
+                ("WAKEWIRE_LOG".into(), "debug".into()),
+            ])
+            .unwrap();
+        assert_eq!(s.ack_wait_ms, 7);
+        assert_eq!(s.log, "debug");
+    }
+}

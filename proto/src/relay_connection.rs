@@ -1,0 +1,586 @@
+//! Everything the relay decides about one device connection, as a sans-IO
+//! state machine: the protocol session ([`RelaySession`]) plus the delivery
+//! state around it.
+//!
+//! - **Pending**: a wake for a channel the device has not (yet) registered
+//!   on this connection waits until the Register arrives (an event published
+//!   while the device connects is sent on that same connection), or until
+//!   `register_grace` passes; then it is released and stays queued in the
+//!   relay's store.
+//! - **Held**: a normal-priority wake waits for the device's radio: it goes
+//!   out with the next frame the device sends (keepalive, ack, register) or
+//!   after `normal_max_delay`. A high-priority wake flushes the held ones
+//!   first, so the order is kept.
+//! - **Sent**: written, waiting for the device's Ack.
+//! - An Ack is honoured only for a wake sent on this connection (so only for
+//!   a channel this device registered); any other Ack is ignored and costs
+//!   the connection budget: too many closes it with
+//!   [`ErrorCode::ProtocolViolation`].
+//! - At most `max_in_flight` wakes are tracked; the rest stay in the store
+//!   and are asked for again ([`ConnectionEvent::Refill`]) once there is
+//!   room. A wake is never tracked twice, never sent after its TTL, and a
+//!   wake acked on this connection is not sent again on it.
+//! - When the connection ends, [`RelayConnection::drain_undelivered`] hands
+//!   the durable wakes not yet acked back to the driver, which gives them to
+//!   the device's next connection.
+//!
+//! Inputs take the time (`handle_*(now, ..)`); outputs are polled
+//! (`poll_transmit`, `poll_event`, `poll_timeout`, `poll_close`). No socket,
+//! runtime or clock is touched, so every race is tested on a simulated clock.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use crate::pb::device::{GoAwayReason, Priority, Wake};
+use crate::relay_session::{Close, RelayEvent, RelaySession, RelaySessionConfig};
+use crate::session_core::WallClock;
+use crate::ErrorCode;
+
+/// A device that sent a frame this recently has its radio on: held
+/// normal-priority wakes can go out without waking it.
+const RADIO_AWAKE: Duration = Duration::from_secs(2);
+/// Acked event ids remembered per connection, so a stale copy of an
+/// acked event (from a queue read that raced the ack) is not sent again.
+const RECENT_ACKS: usize = 1024;
+
+/// Limits and timers of a relay connection.
+#[derive(Debug, Clone)]
+pub struct RelayConnectionConfig {
+    /// The protocol session's limits.
+    pub session: RelaySessionConfig,
+    /// Most wakes tracked (pending, held or sent and not acked).
+    pub max_in_flight: usize,
+    /// Longest hold of a normal-priority wake.
+    pub normal_max_delay: Duration,
+    /// How long a wake for a channel not registered on this connection
+    /// waits for its Register.
+    pub register_grace: Duration,
+    /// Acks for events not sent on this connection tolerated before the
+    /// connection is closed (each honoured ack earns one back).
+    pub max_unknown_acks: u32,
+}
+
+impl Default for RelayConnectionConfig {
+    fn default() -> Self {
+        Self {
+            session: RelaySessionConfig::default(),
+            max_in_flight: 4096,
+            normal_max_delay: Duration::from_secs(60),
+            register_grace: Duration::from_secs(30),
+            max_unknown_acks: 64,
+        }
+    }
+}
+
+/// Why [`RelayConnection::handle_wake`] did not take a wake. The caller
+/// still owns it (a durable one stays queued in the store).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WakeRefused {
+    /// The session is not established, or has ended.
+    NotEstablished,
+    /// The same event is already tracked here, or was acked here.
+    Duplicate,
+    /// `max_in_flight` wakes are tracked; a [`ConnectionEvent::Refill`]
+    /// follows when there is room.
+    Full,
+    /// Its TTL has run out.
+    Expired,
+    /// The payload exceeds the session's maximum.
+    PayloadTooLarge,
+    /// A deliver-now-or-never wake (not durable) for a channel that is not
+    /// registered on this connection.
+    NotRegistered,
+}
+
+/// Why a tracked wake was let go without an ack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReleaseReason {
+    /// Its TTL ran out before it could be sent.
+    Expired,
+    /// The device unregistered its channel.
+    Unregistered,
+    /// Its channel was not registered within `register_grace`.
+    NotRegistered,
+    /// The connection ended before it was sent (not durable: dropped).
+    Closed,
+}
+
+/// Something the driver must act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnectionEvent {
+    /// The device said Hello: verify `credential`, then call
+    /// [`RelayConnection::accept`] or [`RelayConnection::reject`].
+    Hello {
+        /// Device credential (token).
+        credential: String,
+        /// SDK description, for logs.
+        sdk: String,
+    },
+    /// The device asks for channel ids for these (valid, distinct) names:
+    /// answer with [`RelayConnection::registered`], then hand the channels'
+    /// queued events to [`RelayConnection::handle_wake`].
+    Register {
+        /// Echo in the answer.
+        request_id: u64,
+        /// Channel names.
+        names: Vec<String>,
+    },
+    /// The device no longer wants these channels (only ids registered on
+    /// this connection are listed); their tracked wakes were released.
+    Unregister {
+        /// Channel ids.
+        channel_ids: Vec<String>,
+    },
+    /// A wake was written to the control stream.
+    Sent {
+        /// Event id.
+        event_id: String,
+    },
+    /// The device acked a wake sent on this connection: record it.
+    Acked {
+        /// Event id.
+        event_id: String,
+        /// Its channel (registered by this device).
+        channel_id: String,
+        /// Whether the event is in the store.
+        durable: bool,
+    },
+    /// A tracked wake will not be sent here.
+    Released {
+        /// Event id.
+        event_id: String,
+        /// Whether the event is in the store (then it stays queued there).
+        durable: bool,
+        /// Why.
+        reason: ReleaseReason,
+    },
+    /// An Ack for an event not sent on this connection was ignored.
+    IgnoredAck {
+        /// The event id the device sent.
+        event_id: String,
+    },
+    /// There is room again: read these channels' queues and hand their
+    /// events to [`RelayConnection::handle_wake`].
+    Refill {
+        /// Channel ids whose events were refused with [`WakeRefused::Full`].
+        channel_ids: Vec<String>,
+    },
+    /// The device sent a keepalive ping (already answered).
+    Ping,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Pending,
+    Held,
+    Sent,
+}
+
+#[derive(Debug)]
+struct Tracked {
+    wake: Wake,
+    durable: bool,
+    stage: Stage,
+    /// Arrival order, to hand wakes over in order.
+    seq: u64,
+}
+
+/// The relay's end of one device connection.
+#[derive(Debug)]
+pub struct RelayConnection {
+    session: RelaySession,
+    config: RelayConnectionConfig,
+    clock: WallClock,
+    tracked: HashMap<String, Tracked>,
+    next_seq: u64,
+    /// Pending wakes by arrival: (give-up time, event id); stale entries
+    /// (no longer pending) are skipped.
+    pending: VecDeque<(Instant, String)>,
+    /// Held wakes in arrival order.
+    held: Vec<String>,
+    held_until: Option<Instant>,
+    recent_acks: VecDeque<String>,
+    recent_ack_set: HashSet<String>,
+    unknown_budget: u32,
+    /// Channels with events refused for lack of room.
+    starved: HashSet<String>,
+    last_rx: Option<Instant>,
+    events: VecDeque<ConnectionEvent>,
+}
+
+impl RelayConnection {
+    /// A new connection at `now`; `unix_ms` is the wall clock at `now`.
+    pub fn new(now: Instant, unix_ms: u64, config: RelayConnectionConfig) -> Self {
+        Self {
+            session: RelaySession::new(now, unix_ms, config.session.clone()),
+            clock: WallClock::new(now, unix_ms),
+            unknown_budget: config.max_unknown_acks,
+            config,
+            tracked: HashMap::new(),
+            next_seq: 0,
+            pending: VecDeque::new(),
+            held: Vec::new(),
+            held_until: None,
+            recent_acks: VecDeque::new(),
+            recent_ack_set: HashSet::new(),
+            starved: HashSet::new(),
+            last_rx: None,
+            events: VecDeque::new(),
+        }
+    }
+
+    /// Records the device's address as the relay sees it (echoed in Pong).
+    pub fn set_observed_addr(&mut self, addr: SocketAddr) {
+        self.session.set_observed_addr(addr);
+    }
+
+    /// The authenticated device id, once established.
+    pub fn device_id(&self) -> Option<&str> {
+        self.session.device_id()
+    }
+
+    /// Number of wakes tracked (pending, held, sent).
+    pub fn in_flight(&self) -> usize {
+        self.tracked.len()
+    }
+
+    /// Whether the connection has ended.
+    pub fn is_closed(&self) -> bool {
+        self.session.is_closed()
+    }
+
+    /// Feeds bytes read from the control stream.
+    pub fn handle_data(&mut self, now: Instant, data: &[u8]) {
+        if self.session.is_closed() {
+            return;
+        }
+        self.last_rx = Some(now);
+        self.session.handle_data(now, data);
+        self.pump();
+        // The device just sent something: its radio is on.
+        if !self.held.is_empty() && self.session.device_id().is_some() {
+            self.flush_held(now);
+        }
+    }
+
+    /// The device finished its side of the control stream.
+    pub fn handle_stream_finished(&mut self) {
+        self.session.handle_stream_finished();
+        self.pump();
+    }
+
+    /// Timer expiry: hello timeout, hold timer, register grace.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.session.handle_timeout(now);
+        if self.held_until.is_some_and(|t| now >= t) {
+            self.flush_held(now);
+        }
+        while let Some((deadline, id)) = self.pending.front() {
+            if *deadline > now {
+                break;
+            }
+            let id = id.clone();
+            self.pending.pop_front();
+            if self.tracked.get(&id).is_some_and(|t| t.stage == Stage::Pending) {
+                self.release(&id, ReleaseReason::NotRegistered);
+            }
+        }
+        self.pump();
+    }
+
+    /// Accepts the Hello: the credential names `device_id`.
+    pub fn accept(&mut self, now: Instant, device_id: String, session_id: String) {
+        self.session.accept(now, device_id, session_id);
+    }
+
+    /// Refuses the session (bad credential...), or closes it.
+    pub fn reject(&mut self, code: ErrorCode, reason: impl Into<String>) {
+        self.session.reject(code, reason);
+    }
+
+    /// Answers a [`ConnectionEvent::Register`] with one channel id per
+    /// name, in request order; wakes pending for them go out now.
+    pub fn registered(&mut self, now: Instant, request_id: u64, bindings: Vec<(String, String)>) {
+        let ids: HashSet<String> = bindings.iter().map(|(_, id)| id.clone()).collect();
+        self.session.registered(request_id, bindings);
+        let mut ready: Vec<(u64, String)> = self
+            .tracked
+            .iter()
+            .filter(|(_, t)| t.stage == Stage::Pending && ids.contains(&t.wake.channel_id))
+            .map(|(id, t)| (t.seq, id.clone()))
+            .collect();
+        ready.sort_unstable();
+        for (_, id) in ready {
+            self.dispatch(now, &id);
+        }
+        self.prune_pending();
+    }
+
+    /// Takes a wake for this device. Durable wakes are in the store (they
+    /// are handed over when the connection ends); others are sent now or
+    /// never. On `Err` the caller keeps the wake.
+    pub fn handle_wake(&mut self, now: Instant, wake: Wake, durable: bool) -> Result<(), WakeRefused> {
+        if self.session.is_closed() {
+            return Err(WakeRefused::NotEstablished);
+        }
+        if self.tracked.contains_key(&wake.event_id) || self.recent_ack_set.contains(&wake.event_id) {
+            return Err(WakeRefused::Duplicate);
+        }
+        if wake.payload.len() > self.config.session.max_payload_size {
+            return Err(WakeRefused::PayloadTooLarge);
+        }
+        if durable && self.expired(now, &wake) {
+            return Err(WakeRefused::Expired);
+        }
+        let registered = self.session.has_channel(&wake.channel_id);
+        if !durable && (!registered || self.session.device_id().is_none()) {
+            return Err(WakeRefused::NotRegistered);
+        }
+        if self.tracked.len() >= self.config.max_in_flight {
+            if durable {
+                self.starved.insert(wake.channel_id);
+            }
+            return Err(WakeRefused::Full);
+        }
+        let id = wake.event_id.clone();
+        self.next_seq += 1;
+        self.tracked.insert(
+            id.clone(),
+            Tracked {
+                wake,
+                durable,
+                stage: Stage::Pending,
+                seq: self.next_seq,
+            },
+        );
+        if registered {
+            self.dispatch(now, &id);
+        } else {
+            self.pending
+                .push_back((now + self.config.register_grace, id));
+        }
+        Ok(())
+    }
+
+    /// Asks the device to leave, then closes with [`ErrorCode::GoingAway`]
+    /// (or [`ErrorCode::Replaced`]).
+    pub fn go_away(&mut self, reason: GoAwayReason, reconnect_after: Duration, message: &str) {
+        self.session.go_away(reason, reconnect_after, message);
+    }
+
+    /// Ends the connection's delivery state: returns the durable wakes not
+    /// acked, in arrival order, for the device's next connection; wakes
+    /// that are not durable are released ([`ReleaseReason::Closed`]).
+    pub fn drain_undelivered(&mut self) -> Vec<Wake> {
+        let mut all: Vec<Tracked> = self.tracked.drain().map(|(_, t)| t).collect();
+        all.sort_unstable_by_key(|t| t.seq);
+        self.pending.clear();
+        self.held.clear();
+        self.held_until = None;
+        let mut out = Vec::new();
+        for t in all {
+            if t.durable {
+                out.push(t.wake);
+            } else {
+                self.events.push_back(ConnectionEvent::Released {
+                    event_id: t.wake.event_id,
+                    durable: false,
+                    reason: ReleaseReason::Closed,
+                });
+            }
+        }
+        out
+    }
+
+    /// Bytes to write on the control stream.
+    pub fn poll_transmit(&mut self) -> Option<bytes::Bytes> {
+        self.session.poll_transmit()
+    }
+
+    /// Next event for the driver.
+    pub fn poll_event(&mut self) -> Option<ConnectionEvent> {
+        self.events.pop_front()
+    }
+
+    /// When [`RelayConnection::handle_timeout`] must be called next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.session.is_closed() {
+            return None;
+        }
+        let pending = self.pending.front().map(|(t, _)| *t);
+        [self.session.poll_timeout(), self.held_until, pending]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// The close to perform, yielded once.
+    pub fn poll_close(&mut self) -> Option<Close> {
+        self.session.poll_close()
+    }
+
+    /// Moves the session's events into ours, deciding on acks, unregisters
+    /// and pings on the way.
+    fn pump(&mut self) {
+        while let Some(ev) = self.session.poll_event() {
+            match ev {
+                RelayEvent::Hello { credential, sdk } => {
+                    self.events.push_back(ConnectionEvent::Hello { credential, sdk })
+                }
+                RelayEvent::Register { request_id, names } => {
+                    self.events.push_back(ConnectionEvent::Register { request_id, names })
+                }
+                RelayEvent::Unregister { channel_ids } => {
+                    let gone: HashSet<&String> = channel_ids.iter().collect();
+                    let mut ids: Vec<(u64, String)> = self
+                        .tracked
+                        .iter()
+                        .filter(|(_, t)| gone.contains(&t.wake.channel_id))
+                        .map(|(id, t)| (t.seq, id.clone()))
+                        .collect();
+                    ids.sort_unstable();
+                    for (_, id) in ids {
+                        self.release(&id, ReleaseReason::Unregistered);
+                    }
+                    for id in &channel_ids {
+                        self.starved.remove(id);
+                    }
+                    self.held.retain(|id| self.tracked.contains_key(id));
+                    self.events
+                        .push_back(ConnectionEvent::Unregister { channel_ids });
+                }
+                RelayEvent::Ack { event_id } => self.handle_ack(event_id),
+                RelayEvent::Ping => self.events.push_back(ConnectionEvent::Ping),
+            }
+        }
+        self.maybe_refill();
+    }
+
+    fn handle_ack(&mut self, event_id: String) {
+        let sent = self
+            .tracked
+            .get(&event_id)
+            .is_some_and(|t| t.stage == Stage::Sent);
+        if !sent {
+            self.events
+                .push_back(ConnectionEvent::IgnoredAck { event_id });
+            self.unknown_budget = self.unknown_budget.saturating_sub(1);
+            if self.unknown_budget == 0 {
+                self.session.reject(
+                    ErrorCode::ProtocolViolation,
+                    format!(
+                        "more than {} acks for events not sent on this connection",
+                        self.config.max_unknown_acks
+                    ),
+                );
+            }
+            return;
+        }
+        let Some(t) = self.tracked.remove(&event_id) else {
+            return;
+        };
+        self.unknown_budget = (self.unknown_budget + 1).min(self.config.max_unknown_acks);
+        if self.recent_ack_set.insert(event_id.clone()) {
+            self.recent_acks.push_back(event_id.clone());
+            if self.recent_acks.len() > RECENT_ACKS {
+                if let Some(old) = self.recent_acks.pop_front() {
+                    self.recent_ack_set.remove(&old);
+                }
+            }
+        }
+        self.events.push_back(ConnectionEvent::Acked {
+            event_id,
+            channel_id: t.wake.channel_id,
+            durable: t.durable,
+        });
+    }
+
+    /// Sends a tracked wake now, or holds it for the radio.
+    fn dispatch(&mut self, now: Instant, id: &str) {
+        let Some(t) = self.tracked.get_mut(id) else {
+            return;
+        };
+        let normal = t.wake.priority == Priority::Normal as i32;
+        let awake = self
+            .last_rx
+            .is_some_and(|at| now.saturating_duration_since(at) < RADIO_AWAKE);
+        if normal && t.durable && !awake {
+            t.stage = Stage::Held;
+            self.held.push(id.to_owned());
+            self.held_until
+                .get_or_insert(now + self.config.normal_max_delay);
+            return;
+        }
+        // Keep the order: what was held goes first.
+        self.flush_held(now);
+        self.send(now, id);
+    }
+
+    fn flush_held(&mut self, now: Instant) {
+        self.held_until = None;
+        for id in std::mem::take(&mut self.held) {
+            self.send(now, &id);
+        }
+    }
+
+    fn send(&mut self, now: Instant, id: &str) {
+        let Some(t) = self.tracked.get(id) else {
+            return;
+        };
+        if t.durable && self.expired(now, &t.wake) {
+            self.release(id, ReleaseReason::Expired);
+            return;
+        }
+        let wake = t.wake.clone();
+        match self.session.send_wake(wake) {
+            Ok(()) => {
+                if let Some(t) = self.tracked.get_mut(id) {
+                    t.stage = Stage::Sent;
+                }
+                self.events.push_back(ConnectionEvent::Sent {
+                    event_id: id.to_owned(),
+                });
+            }
+            // Not established or closing: the wake is handed over or
+            // released when the connection ends.
+            Err(_) => {}
+        }
+    }
+
+    fn release(&mut self, id: &str, reason: ReleaseReason) {
+        if let Some(t) = self.tracked.remove(id) {
+            self.events.push_back(ConnectionEvent::Released {
+                event_id: t.wake.event_id,
+                durable: t.durable,
+                reason,
+            });
+        }
+    }
+
+    fn expired(&self, now: Instant, wake: &Wake) -> bool {
+        wake.ttl_s > 0
+            && self.clock.unix_ms(now)
+                >= wake
+                    .created_at_ms
+                    .saturating_add(u64::from(wake.ttl_s) * 1000)
+    }
+
+    fn prune_pending(&mut self) {
+        let tracked = &self.tracked;
+        self.pending
+            .retain(|(_, id)| tracked.get(id).is_some_and(|t| t.stage == Stage::Pending));
+    }
+
+    fn maybe_refill(&mut self) {
+        if !self.starved.is_empty()
+            && !self.session.is_closed()
+            && self.tracked.len() <= self.config.max_in_flight / 2
+        {
+            let mut channel_ids: Vec<String> = self.starved.drain().collect();
+            channel_ids.sort_unstable();
+            self.events
+                .push_back(ConnectionEvent::Refill { channel_ids });
+        }
+    }
+}

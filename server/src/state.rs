@@ -1,0 +1,73 @@
+//! What every task of a relay shares, and the relay's one clock source.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Instant;
+
+use crate::config::RelayConfig;
+use crate::data_dir::Keys;
+use crate::registry::Registry;
+use crate::store::Store;
+
+/// State shared by every task of a relay.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) config: RelayConfig,
+    pub(crate) keys: Keys,
+    pub(crate) registry: Registry,
+    pub(crate) store: Store,
+    conn_ids: AtomicU64,
+    /// Handshakes in progress (admission control).
+    pub(crate) handshaking: AtomicUsize,
+    /// Established connections.
+    pub(crate) connections: AtomicUsize,
+}
+
+impl Shared {
+    pub(crate) fn new(config: RelayConfig, keys: Keys, registry: Registry, store: Store) -> Self {
+        Self {
+            config,
+            keys,
+            registry,
+            store,
+            conn_ids: AtomicU64::new(1),
+            handshaking: AtomicUsize::new(0),
+            connections: AtomicUsize::new(0),
+        }
+    }
+
+    pub(crate) fn next_conn_id(&self) -> u64 {
+        self.conn_ids.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Whether a new connection may start its handshake now.
+    pub(crate) fn admit(&self) -> bool {
+        self.handshaking.load(Ordering::Relaxed) < self.config.max_pending_handshakes
+            && self.connections.load(Ordering::Relaxed) < self.config.max_connections
+    }
+}
+
+/// The relay's clock: the only place its drivers read the time. Monotonic
+/// time comes from tokio, so tests can run the relay on a paused clock.
+pub(crate) mod clock {
+    use super::*;
+
+    /// Monotonic now.
+    #[allow(clippy::disallowed_methods)] // the one clock source
+    pub(crate) fn now() -> Instant {
+        tokio::time::Instant::now().into_std()
+    }
+
+    /// Wall clock, Unix milliseconds.
+    #[allow(clippy::disallowed_methods)] // the one clock source
+    pub(crate) fn unix_ms() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0)
+    }
+
+    /// Wall clock, Unix seconds.
+    pub(crate) fn unix_secs() -> u64 {
+        unix_ms() / 1000
+    }
+}

@@ -1,0 +1,442 @@
+//! The embedded durable store (redb): channels, events, per-channel
+//! queues, idempotency keys, and the TTL / retention index.
+//!
+//! Every operation goes through one writer thread that **group-commits**: it
+//! takes the first waiting operation plus everything queued behind it (up
+//! to 1024), applies them in one write transaction, and commits once (one
+//! fsync for the batch). An operation is answered only after that commit,
+//! so a Publish that returned OK survives `kill -9`. The writer is also the
+//! one place that decides what happens to a stored event (queued, dropped,
+//! expired, delivered), and it counts each final state once, as it commits.
+//!
+//! Queue reads for delivery ([`Store::claim_queued`]) go through the same
+//! thread: they see every operation submitted before them (so an event
+//! whose enqueue was submitted before a device's Register is never missed),
+//! and they claim what they return ([`crate::claims`]) in the thread that
+//! decides drops, so an event on its way to a device is never reported
+//! dropped or expired. Other reads (GetEvent) use redb's MVCC snapshots on
+//! tokio's blocking pool, never on the async workers.
+//!
+//! Tables:
+//! - `channels`: channel id -> `StoredChannel`
+//! - `events`: event id -> `StoredEvent` (kept after delivery for
+//!   `status_retention`, so GetEvent can answer)
+//! - `queue`: (channel id, seq) -> event id, arrival order per channel
+//! - `collapse`: (channel id, collapse key) -> event id
+//! - `sweep`: (due ms, event id) -> (): TTL expiry of queued events and the
+//!   end of retention of finished ones
+//! - `idempotency`: scoped key -> `StoredIdempotency`, and
+//!   `idempotency_sweep`: (due ms, scoped key) -> ()
+//! - `meta`: counters
+
+mod writer;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use redb::{Database, ReadableTable};
+use thiserror::Error;
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::claims::{Claim, Claims};
+use crate::pb::{StoredChannel, StoredEvent, StoredIdempotency};
+use writer::{Op, Writer, CHANNELS, EVENTS};
+
+/// File name of the database in the data directory.
+pub const DB_FILE: &str = "wakewire.redb";
+
+/// A store failure. The operation did not take effect.
+#[derive(Debug, Clone, Error)]
+pub enum StoreError {
+    /// The database failed (I/O error, disk full, corruption): see the
+    /// source. Retrying later may help for I/O errors.
+    #[error("store: {0}")]
+    Database(Arc<redb::Error>),
+    /// A record could not be decoded: the file is damaged or from an
+    /// incompatible version.
+    #[error("store: corrupt record in table {table}: {source}")]
+    Corrupt {
+        /// Table name.
+        table: &'static str,
+        /// Decoder error.
+        source: prost::DecodeError,
+    },
+    /// The writer thread has stopped (the relay is shutting down).
+    #[error("store: the writer has stopped")]
+    WriterStopped,
+    /// The writer thread could not be started.
+    #[error("store: cannot start the writer thread: {0}")]
+    Thread(Arc<std::io::Error>),
+    /// A blocking read could not run (the runtime is shutting down).
+    #[error("store: read task failed: {0}")]
+    Read(String),
+}
+
+impl StoreError {
+    /// Whether trying the same operation again later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, StoreError::Corrupt { .. })
+    }
+}
+
+/// Wraps any redb error.
+pub(crate) fn db<E: Into<redb::Error>>(e: E) -> StoreError {
+    StoreError::Database(Arc::new(e.into()))
+}
+
+/// Decodes a record of `table`.
+pub(crate) fn decode<M: prost::Message + Default>(
+    table: &'static str,
+    bytes: &[u8],
+) -> Result<M, StoreError> {
+    M::decode(bytes).map_err(|source| StoreError::Corrupt { table, source })
+}
+
+/// Why a stored event reached a final state: counted once, where the store
+/// commits, and reported in receipts as `EventStatus.state` and `.reason`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FinishReason {
+    /// Its device acked it.
+    Delivered,
+    /// Its TTL ran out before any ack.
+    Expired,
+    /// Dropped to make room in its channel's full queue.
+    QueueFull,
+    /// Replaced by a newer event with the same collapse key.
+    Collapsed {
+        /// The newer event.
+        by: String,
+    },
+    /// Its channel is gone (unregistered or expired).
+    ChannelGone,
+}
+
+impl FinishReason {
+    /// The API state and reason string of this final state.
+    pub fn state_and_reason(&self) -> (wakewire_api::pb::EventState, &'static str) {
+        use wakewire_api::pb::EventState;
+        match self {
+            FinishReason::Delivered => (EventState::Delivered, ""),
+            FinishReason::Expired => (EventState::Expired, "ttl"),
+            FinishReason::QueueFull => (EventState::Dropped, "queue_full"),
+            FinishReason::Collapsed { .. } => (EventState::Dropped, "collapsed"),
+            FinishReason::ChannelGone => (EventState::Dropped, "channel_gone"),
+        }
+    }
+
+    /// Metric label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            FinishReason::Delivered => "delivered",
+            FinishReason::Expired => "expired",
+            FinishReason::QueueFull => "queue_full",
+            FinishReason::Collapsed { .. } => "collapsed",
+            FinishReason::ChannelGone => "channel_gone",
+        }
+    }
+}
+
+/// Store settings.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// Most queued events per channel; the oldest non-collapsible event not
+    /// on its way to the device is dropped to make room.
+    pub queue_limit: usize,
+    /// How long finished events stay queryable.
+    pub status_retention: Duration,
+    /// How long a Publish idempotency key is remembered.
+    pub idempotency_retention: Duration,
+    /// Commit many operations per fsync (true) or one each (false: only to
+    /// measure what group commit saves).
+    pub group_commit: bool,
+}
+
+/// A Publish idempotency key, scoped to its publisher.
+#[derive(Debug, Clone)]
+pub struct IdempotencyKey {
+    /// Publisher scope and key, joined.
+    pub scoped_key: String,
+    /// SHA-256 of the request content.
+    pub request_hash: Vec<u8>,
+}
+
+/// What [`Store::enqueue`] did.
+#[derive(Debug)]
+pub enum Enqueued {
+    /// The event is stored and queued; `displaced` reached a final state to
+    /// make room (queue full, collapsed).
+    Stored {
+        /// The event as stored.
+        event: StoredEvent,
+        /// Events it displaced.
+        displaced: Vec<(StoredEvent, FinishReason)>,
+    },
+    /// The idempotency key was used before: nothing was stored.
+    Duplicate(Duplicate),
+}
+
+/// An earlier Publish with the same idempotency key.
+#[derive(Debug, Clone)]
+pub enum Duplicate {
+    /// The earlier event, as stored now (its current state).
+    Stored(StoredEvent),
+    /// The earlier event was never stored (ttl 0): its first answer.
+    NotStored(StoredIdempotency),
+    /// The earlier event is stored but past its retention.
+    Forgotten(String),
+    /// The same key came with a different request.
+    Mismatch,
+}
+
+/// One ack to record.
+#[derive(Debug, Clone)]
+pub struct AckItem {
+    /// Event id.
+    pub event_id: String,
+    /// The channel the acking connection delivered it on.
+    pub channel_id: String,
+}
+
+/// What [`Store::ack`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct AckOutcome {
+    /// Events now delivered.
+    pub delivered: usize,
+    /// Acks ignored: unknown event, not queued, or not of that channel.
+    pub ignored: usize,
+}
+
+/// An operation's result, as the writer hands it back.
+pub(crate) enum Reply {
+    Enqueued(Enqueued),
+    Acked(AckOutcome),
+    Finished(Vec<(StoredEvent, FinishReason)>),
+    Queued(Vec<(StoredEvent, Claim)>),
+    Reserved(Option<Duplicate>),
+    Done,
+}
+
+pub(crate) struct Job {
+    pub(crate) op: Op,
+    pub(crate) reply: oneshot::Sender<Result<Reply, StoreError>>,
+}
+
+/// Handle to the store; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    db: Arc<Database>,
+    jobs: mpsc::Sender<Job>,
+    receipts: broadcast::Sender<(StoredEvent, FinishReason)>,
+    claims: Arc<Claims>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+/// An operation submitted to the writer, not yet answered. Everything
+/// submitted after it is applied after it.
+pub struct Pending(oneshot::Receiver<Result<Reply, StoreError>>);
+
+impl Pending {
+    async fn reply(self) -> Result<Reply, StoreError> {
+        self.0.await.map_err(|_| StoreError::WriterStopped)?
+    }
+
+    /// Waits for the enqueue this was submitted for.
+    pub async fn enqueued(self) -> Result<Enqueued, StoreError> {
+        match self.reply().await? {
+            Reply::Enqueued(e) => Ok(e),
+            _ => Err(StoreError::Read("unexpected store reply".into())),
+        }
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the database in `dir` and starts the writer
+    /// thread. Events claimed in `claims` are never dropped or expired.
+    pub fn open(dir: &Path, config: StoreConfig, claims: Arc<Claims>) -> Result<Self, StoreError> {
+        let database = Arc::new(Database::create(dir.join(DB_FILE)).map_err(db)?);
+        let (receipts, _) = broadcast::channel(65_536);
+        let writer = Writer::open(database.clone(), config, receipts.clone(), claims.clone())?;
+        let (jobs, rx) = mpsc::channel(65_536);
+        std::thread::Builder::new()
+            .name("wakewire-store".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| StoreError::Thread(Arc::new(e)))?;
+        Ok(Self {
+            db: database,
+            jobs,
+            receipts,
+            claims,
+        })
+    }
+
+    /// The claim table the writer respects.
+    pub fn claims(&self) -> &Arc<Claims> {
+        &self.claims
+    }
+
+    /// Hands an operation to the writer; answers once it is queued there.
+    async fn begin(&self, op: Op) -> Result<Pending, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.jobs
+            .send(Job { op, reply })
+            .await
+            .map_err(|_| StoreError::WriterStopped)?;
+        Ok(Pending(answer))
+    }
+
+    async fn submit(&self, op: Op) -> Result<Reply, StoreError> {
+        self.begin(op).await?.reply().await
+    }
+
+    /// Submits a new event (collapsing and bounding its channel's queue),
+    /// deduplicated by `idempotency` if given. Await the returned
+    /// [`Pending::enqueued`] for the commit.
+    pub async fn begin_enqueue(
+        &self,
+        event: StoredEvent,
+        idempotency: Option<IdempotencyKey>,
+    ) -> Result<Pending, StoreError> {
+        self.begin(Op::Enqueue(Box::new(event), idempotency)).await
+    }
+
+    /// Stores a new event and waits for the commit.
+    pub async fn enqueue(
+        &self,
+        event: StoredEvent,
+        idempotency: Option<IdempotencyKey>,
+    ) -> Result<Enqueued, StoreError> {
+        self.begin_enqueue(event, idempotency).await?.enqueued().await
+    }
+
+    /// Records an idempotency key for an event that is not stored (ttl 0);
+    /// `Some` if the key was used before.
+    pub async fn reserve_key(
+        &self,
+        key: IdempotencyKey,
+        event_id: String,
+        now_ms: u64,
+    ) -> Result<Option<Duplicate>, StoreError> {
+        match self
+            .submit(Op::Reserve {
+                key,
+                event_id,
+                now_ms,
+            })
+            .await?
+        {
+            Reply::Reserved(d) => Ok(d),
+            _ => Err(StoreError::Read("unexpected store reply".into())),
+        }
+    }
+
+    /// Records the first answer to a not-stored event's idempotency key.
+    pub async fn settle_key(&self, scoped_key: String, status: i32) -> Result<(), StoreError> {
+        self.submit(Op::Settle { scoped_key, status })
+            .await
+            .map(|_| ())
+    }
+
+    /// Marks events delivered. An ack counts only for a queued event of
+    /// the named channel.
+    pub async fn ack(&self, acks: Vec<AckItem>, at_ms: u64) -> Result<AckOutcome, StoreError> {
+        match self.submit(Op::Ack { acks, at_ms }).await? {
+            Reply::Acked(o) => Ok(o),
+            _ => Err(StoreError::Read("unexpected store reply".into())),
+        }
+    }
+
+    /// Expires unclaimed queued events past their TTL, deletes finished
+    /// events past their retention, forgets old idempotency keys.
+    pub async fn sweep(&self, now_ms: u64) -> Result<Vec<(StoredEvent, FinishReason)>, StoreError> {
+        match self.submit(Op::Sweep { now_ms }).await? {
+            Reply::Finished(f) => Ok(f),
+            _ => Err(StoreError::Read("unexpected store reply".into())),
+        }
+    }
+
+    /// Records a channel.
+    pub async fn put_channel(&self, id: String, channel: StoredChannel) -> Result<(), StoreError> {
+        self.submit(Op::PutChannel { id, channel }).await.map(|_| ())
+    }
+
+    /// Marks a channel gone and drops its queue.
+    pub async fn channel_gone(
+        &self,
+        id: String,
+        reason: String,
+        at_ms: u64,
+    ) -> Result<Vec<(StoredEvent, FinishReason)>, StoreError> {
+        match self.submit(Op::ChannelGone { id, reason, at_ms }).await? {
+            Reply::Finished(f) => Ok(f),
+            _ => Err(StoreError::Read("unexpected store reply".into())),
+        }
+    }
+
+    /// The queued events of these channels, oldest first per channel, each
+    /// claimed for the caller. Sees every operation submitted before it.
+    pub async fn claim_queued(
+        &self,
+        channel_ids: Vec<String>,
+    ) -> Result<Vec<(StoredEvent, Claim)>, StoreError> {
+        match self.submit(Op::ClaimQueued { channel_ids }).await? {
+            Reply::Queued(q) => Ok(q),
+            _ => Err(StoreError::Read("unexpected store reply".into())),
+        }
+    }
+
+    /// Receipts of events reaching a final state, as they are committed.
+    pub fn receipts(&self) -> broadcast::Receiver<(StoredEvent, FinishReason)> {
+        self.receipts.subscribe()
+    }
+
+    /// Every channel record (blocking: call at start or from a blocking
+    /// task).
+    pub fn channels_blocking(&self) -> Result<Vec<(String, StoredChannel)>, StoreError> {
+        let txn = self.db.begin_read().map_err(db)?;
+        let table = txn.open_table(CHANNELS).map_err(db)?;
+        let mut out = vec![];
+        for row in table.iter().map_err(db)? {
+            let (k, v) = row.map_err(db)?;
+            out.push((k.value().to_owned(), decode("channels", v.value())?));
+        }
+        Ok(out)
+    }
+
+    /// One channel record.
+    pub async fn channel(&self, channel_id: &str) -> Result<Option<StoredChannel>, StoreError> {
+        let (database, id) = (self.db.clone(), channel_id.to_owned());
+        blocking(move || {
+            let txn = database.begin_read().map_err(db)?;
+            let table = txn.open_table(CHANNELS).map_err(db)?;
+            let found = table.get(id.as_str()).map_err(db)?;
+            found.map(|v| decode("channels", v.value())).transpose()
+        })
+        .await
+    }
+
+    /// One event.
+    pub async fn event(&self, event_id: &str) -> Result<Option<StoredEvent>, StoreError> {
+        let (database, id) = (self.db.clone(), event_id.to_owned());
+        blocking(move || {
+            let txn = database.begin_read().map_err(db)?;
+            let table = txn.open_table(EVENTS).map_err(db)?;
+            let found = table.get(id.as_str()).map_err(db)?;
+            found.map(|v| decode("events", v.value())).transpose()
+        })
+        .await
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StoreError::Read(e.to_string()))?
+}

@@ -1,0 +1,609 @@
+//! The store's writer thread: applies operations in batches, one write
+//! transaction and one commit per batch, and decides every event's fate.
+
+use std::sync::Arc;
+
+use metrics::counter;
+use prost::Message;
+use redb::{Database, ReadableTable, TableDefinition, WriteTransaction};
+use tokio::sync::{broadcast, mpsc};
+use wakewire_api::pb::EventState;
+
+use super::{
+    db, decode, AckItem, AckOutcome, Duplicate, Enqueued, FinishReason, IdempotencyKey, Job,
+    Reply, StoreConfig, StoreError,
+};
+use crate::claims::Claims;
+use crate::metrics as m;
+use crate::pb::{StoredChannel, StoredEvent, StoredIdempotency};
+
+pub(crate) const CHANNELS: TableDefinition<&str, &[u8]> = TableDefinition::new("channels");
+pub(crate) const EVENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("events");
+const QUEUE: TableDefinition<(&str, u64), &str> = TableDefinition::new("queue");
+const COLLAPSE: TableDefinition<(&str, &str), &str> = TableDefinition::new("collapse");
+const SWEEP: TableDefinition<(u64, &str), ()> = TableDefinition::new("sweep");
+const IDEMPOTENCY: TableDefinition<&str, &[u8]> = TableDefinition::new("idempotency");
+const IDEMPOTENCY_SWEEP: TableDefinition<(u64, &str), ()> =
+    TableDefinition::new("idempotency_sweep");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// Most operations committed together.
+const MAX_BATCH: usize = 1024;
+/// Most sweep entries handled per sweep.
+const MAX_SWEEP: usize = 10_000;
+
+/// An operation for the writer.
+pub(crate) enum Op {
+    Enqueue(Box<StoredEvent>, Option<IdempotencyKey>),
+    Reserve {
+        key: IdempotencyKey,
+        event_id: String,
+        now_ms: u64,
+    },
+    Settle {
+        scoped_key: String,
+        status: i32,
+    },
+    Ack {
+        acks: Vec<AckItem>,
+        at_ms: u64,
+    },
+    Sweep {
+        now_ms: u64,
+    },
+    PutChannel {
+        id: String,
+        channel: StoredChannel,
+    },
+    ChannelGone {
+        id: String,
+        reason: String,
+        at_ms: u64,
+    },
+    ClaimQueued {
+        channel_ids: Vec<String>,
+    },
+}
+
+type Finished = Vec<(StoredEvent, FinishReason)>;
+
+pub(crate) struct Writer {
+    db: Arc<Database>,
+    config: StoreConfig,
+    next_seq: u64,
+    receipts: broadcast::Sender<(StoredEvent, FinishReason)>,
+    claims: Arc<Claims>,
+}
+
+impl Writer {
+    /// Creates the tables if needed and reads the queue sequence.
+    pub(crate) fn open(
+        db: Arc<Database>,
+        config: StoreConfig,
+        receipts: broadcast::Sender<(StoredEvent, FinishReason)>,
+        claims: Arc<Claims>,
+    ) -> Result<Self, StoreError> {
+        let txn = db.begin_write().map_err(super::db)?;
+        let next_seq = {
+            let t = Tables::open(&txn)?;
+            let meta = txn.open_table(META).map_err(super::db)?;
+            drop(t);
+            let seq = meta
+                .get("next_seq")
+                .map_err(super::db)?
+                .map_or(1, |v| v.value());
+            seq
+        };
+        txn.commit().map_err(super::db)?;
+        Ok(Self {
+            db,
+            config,
+            next_seq,
+            receipts,
+            claims,
+        })
+    }
+
+    pub(crate) fn run(mut self, mut rx: mpsc::Receiver<Job>) {
+        while let Some(first) = rx.blocking_recv() {
+            let mut batch = vec![first];
+            while self.config.group_commit && batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+            if batch.iter().all(|j| matches!(j.op, Op::ClaimQueued { .. })) {
+                self.read_only(batch);
+            } else {
+                self.commit(batch);
+            }
+        }
+    }
+
+    /// Queue reads only: one read snapshot, no commit.
+    fn read_only(&self, batch: Vec<Job>) {
+        let snapshot = (|| {
+            let txn = self.db.begin_read().map_err(db)?;
+            let queue = txn.open_table(QUEUE).map_err(db)?;
+            let events = txn.open_table(EVENTS).map_err(db)?;
+            Ok::<_, StoreError>((queue, events))
+        })();
+        for job in batch {
+            let result = match (&snapshot, &job.op) {
+                (Ok((queue, events)), Op::ClaimQueued { channel_ids }) => {
+                    self.claim_queued(queue, events, channel_ids)
+                }
+                (Err(e), _) => Err(e.clone()),
+                _ => Err(StoreError::Read("not a read".into())),
+            };
+            let _ = job.reply.send(result);
+        }
+    }
+
+    fn claim_queued(
+        &self,
+        queue: &impl ReadableTable<(&'static str, u64), &'static str>,
+        events: &impl ReadableTable<&'static str, &'static [u8]>,
+        channel_ids: &[String],
+    ) -> Result<Reply, StoreError> {
+        let mut out = vec![];
+        for ch in channel_ids {
+            for row in queue
+                .range((ch.as_str(), 0)..=(ch.as_str(), u64::MAX))
+                .map_err(db)?
+            {
+                let (_, id) = row.map_err(db)?;
+                if let Some(v) = events.get(id.value()).map_err(db)? {
+                    let ev: StoredEvent = decode("events", v.value())?;
+                    let claim = self.claims.claim(&ev.event_id);
+                    out.push((ev, claim));
+                }
+            }
+        }
+        Ok(Reply::Queued(out))
+    }
+
+    fn commit(&mut self, batch: Vec<Job>) {
+        let seq_before = self.next_seq;
+        let attempt = (|| -> Result<Vec<Result<(Reply, Finished), StoreError>>, StoreError> {
+            let txn = self.db.begin_write().map_err(db)?;
+            let results = batch.iter().map(|job| self.apply(&txn, &job.op)).collect();
+            txn.open_table(META)
+                .map_err(db)?
+                .insert("next_seq", self.next_seq)
+                .map_err(db)?;
+            txn.commit().map_err(db)?;
+            Ok(results)
+        })();
+        match attempt {
+            Ok(results) => {
+                for (job, result) in batch.into_iter().zip(results) {
+                    let reply = result.map(|(reply, finished)| {
+                        for (ev, why) in finished {
+                            count(&why);
+                            let _ = self.receipts.send((ev, why));
+                        }
+                        reply
+                    });
+                    let _ = job.reply.send(reply);
+                }
+            }
+            Err(e) => {
+                self.next_seq = seq_before;
+                tracing::error!(error = %e, "store commit failed");
+                for job in batch {
+                    let _ = job.reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+
+    fn apply(&mut self, txn: &WriteTransaction, op: &Op) -> Result<(Reply, Finished), StoreError> {
+        let mut t = Tables::open(txn)?;
+        let retention = millis(self.config.status_retention);
+        match op {
+            Op::Enqueue(ev, idempotency) => {
+                if let Some(key) = idempotency {
+                    if let Some(dup) = t.duplicate(key)? {
+                        return Ok((Reply::Enqueued(Enqueued::Duplicate(dup)), vec![]));
+                    }
+                    t.remember_key(key, &ev.event_id, ev.created_at_ms, true, self.idem_retention())?;
+                }
+                let (event, displaced) = self.enqueue(&mut t, (**ev).clone(), retention)?;
+                let reply = Reply::Enqueued(Enqueued::Stored {
+                    event,
+                    displaced: displaced.clone(),
+                });
+                Ok((reply, displaced))
+            }
+            Op::Reserve {
+                key,
+                event_id,
+                now_ms,
+            } => {
+                if let Some(dup) = t.duplicate(key)? {
+                    return Ok((Reply::Reserved(Some(dup)), vec![]));
+                }
+                t.remember_key(key, event_id, *now_ms, false, self.idem_retention())?;
+                Ok((Reply::Reserved(None), vec![]))
+            }
+            Op::Settle { scoped_key, status } => {
+                let found = t
+                    .idempotency
+                    .get(scoped_key.as_str())
+                    .map_err(db)?
+                    .map(|v| decode::<StoredIdempotency>("idempotency", v.value()));
+                if let Some(rec) = found {
+                    let mut rec = rec?;
+                    rec.status = *status;
+                    t.idempotency
+                        .insert(scoped_key.as_str(), rec.encode_to_vec().as_slice())
+                        .map_err(db)?;
+                }
+                Ok((Reply::Done, vec![]))
+            }
+            Op::Ack { acks, at_ms } => {
+                let mut outcome = AckOutcome::default();
+                let mut finished = vec![];
+                for a in acks {
+                    match t.event(&a.event_id)? {
+                        Some(ev)
+                            if ev.state == EventState::Queued as i32
+                                && ev.channel_id == a.channel_id =>
+                        {
+                            finished.push(t.finish(
+                                ev,
+                                FinishReason::Delivered,
+                                *at_ms,
+                                retention,
+                            )?);
+                            outcome.delivered += 1;
+                        }
+                        _ => outcome.ignored += 1,
+                    }
+                }
+                Ok((Reply::Acked(outcome), finished))
+            }
+            Op::Sweep { now_ms } => {
+                let finished = self.sweep(&mut t, *now_ms, retention)?;
+                Ok((Reply::Finished(finished.clone()), finished))
+            }
+            Op::PutChannel { id, channel } => {
+                t.channels
+                    .insert(id.as_str(), channel.encode_to_vec().as_slice())
+                    .map_err(db)?;
+                Ok((Reply::Done, vec![]))
+            }
+            Op::ChannelGone { id, reason, at_ms } => {
+                let existing = t
+                    .channels
+                    .get(id.as_str())
+                    .map_err(db)?
+                    .map(|v| decode::<StoredChannel>("channels", v.value()));
+                if let Some(ch) = existing {
+                    let mut ch = ch?;
+                    ch.gone_reason = reason.clone();
+                    ch.gone_at_ms = *at_ms;
+                    t.channels
+                        .insert(id.as_str(), ch.encode_to_vec().as_slice())
+                        .map_err(db)?;
+                }
+                let mut finished = vec![];
+                // The device no longer has the channel: nothing it holds
+                // can be acked, so claims do not keep these events.
+                for ev in t.queued(id)? {
+                    finished.push(t.finish(ev, FinishReason::ChannelGone, *at_ms, retention)?);
+                }
+                Ok((Reply::Finished(finished.clone()), finished))
+            }
+            Op::ClaimQueued { channel_ids } => {
+                let reply = self.claim_queued(&t.queue, &t.events, channel_ids)?;
+                Ok((reply, vec![]))
+            }
+        }
+    }
+
+    fn idem_retention(&self) -> u64 {
+        millis(self.config.idempotency_retention)
+    }
+
+    fn enqueue(
+        &mut self,
+        t: &mut Tables<'_>,
+        mut ev: StoredEvent,
+        retention: u64,
+    ) -> Result<(StoredEvent, Finished), StoreError> {
+        let mut finished = vec![];
+        let ch = ev.channel_id.clone();
+        if !ev.collapse_key.is_empty() {
+            let old = t
+                .collapse
+                .get((ch.as_str(), ev.collapse_key.as_str()))
+                .map_err(db)?
+                .map(|v| v.value().to_owned());
+            if let Some(old) = old {
+                match t.event(&old)? {
+                    // An older event on its way to the device is delivered
+                    // as well: it cannot be taken back.
+                    Some(old)
+                        if old.state == EventState::Queued as i32
+                            && !self.claims.is_claimed(&old.event_id) =>
+                    {
+                        finished.push(t.finish(
+                            old,
+                            FinishReason::Collapsed {
+                                by: ev.event_id.clone(),
+                            },
+                            ev.created_at_ms,
+                            retention,
+                        )?);
+                    }
+                    _ => {}
+                }
+            }
+            t.collapse
+                .insert(
+                    (ch.as_str(), ev.collapse_key.as_str()),
+                    ev.event_id.as_str(),
+                )
+                .map_err(db)?;
+        }
+        let queued = t.queued_ids(&ch)?;
+        let mut excess = (queued.len() + 1).saturating_sub(self.config.queue_limit.max(1));
+        if excess > 0 {
+            let mut plain = vec![];
+            let mut collapsible = vec![];
+            for id in queued.iter().filter(|id| !self.claims.is_claimed(id)) {
+                if let Some(e) = t.event(id)? {
+                    if e.collapse_key.is_empty() {
+                        plain.push(e);
+                    } else {
+                        collapsible.push(e);
+                    }
+                }
+            }
+            // Oldest non-collapsible first; collapsible ones only if nothing
+            // else is left. Events on their way to the device are never
+            // dropped: the queue may then exceed its limit for a while.
+            for victim in plain.into_iter().chain(collapsible) {
+                if excess == 0 {
+                    break;
+                }
+                finished.push(t.finish(
+                    victim,
+                    FinishReason::QueueFull,
+                    ev.created_at_ms,
+                    retention,
+                )?);
+                excess -= 1;
+            }
+        }
+        ev.seq = self.next_seq;
+        self.next_seq += 1;
+        ev.state = EventState::Queued as i32;
+        ev.updated_at_ms = ev.created_at_ms;
+        t.put(&ev)?;
+        t.queue
+            .insert((ch.as_str(), ev.seq), ev.event_id.as_str())
+            .map_err(db)?;
+        t.sweep
+            .insert((expiry(&ev), ev.event_id.as_str()), ())
+            .map_err(db)?;
+        Ok((ev, finished))
+    }
+
+    fn sweep(&self, t: &mut Tables<'_>, now_ms: u64, retention: u64) -> Result<Finished, StoreError> {
+        let mut finished = vec![];
+        let due: Vec<(u64, String)> = t
+            .sweep
+            .range((0, "")..=(now_ms, "\u{10ffff}"))
+            .map_err(db)?
+            .take(MAX_SWEEP)
+            .map(|r| r.map(|(k, _)| (k.value().0, k.value().1.to_owned())))
+            .collect::<Result<_, _>>()
+            .map_err(db)?;
+        for (at, id) in due {
+            let Some(ev) = t.event(&id)? else {
+                t.sweep.remove((at, id.as_str())).map_err(db)?;
+                continue;
+            };
+            if ev.state == EventState::Queued as i32 {
+                if expiry(&ev) != at {
+                    t.sweep.remove((at, id.as_str())).map_err(db)?;
+                } else if !self.claims.is_claimed(&id) {
+                    // (finish removes the entry). A claimed event may be
+                    // on the device already: it stays until its ack or the
+                    // claim ends, and is looked at again next sweep.
+                    finished.push(t.finish(ev, FinishReason::Expired, now_ms, retention)?);
+                }
+            } else {
+                t.sweep.remove((at, id.as_str())).map_err(db)?;
+                if ev.updated_at_ms.saturating_add(retention) == at {
+                    t.forget(&ev)?;
+                }
+            }
+        }
+        let keys: Vec<(u64, String)> = t
+            .idempotency_sweep
+            .range((0, "")..=(now_ms, "\u{10ffff}"))
+            .map_err(db)?
+            .take(MAX_SWEEP)
+            .map(|r| r.map(|(k, _)| (k.value().0, k.value().1.to_owned())))
+            .collect::<Result<_, _>>()
+            .map_err(db)?;
+        for (at, key) in keys {
+            t.idempotency_sweep
+                .remove((at, key.as_str()))
+                .map_err(db)?;
+            t.idempotency.remove(key.as_str()).map_err(db)?;
+        }
+        Ok(finished)
+    }
+}
+
+fn count(why: &FinishReason) {
+    match why {
+        FinishReason::Delivered => counter!(m::DELIVERED).increment(1),
+        FinishReason::Expired => counter!(m::EXPIRED).increment(1),
+        other => counter!(m::DROPPED, "reason" => other.label()).increment(1),
+    }
+}
+
+fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// When a queued event expires, Unix ms.
+fn expiry(ev: &StoredEvent) -> u64 {
+    ev.created_at_ms.saturating_add(u64::from(ev.ttl_s) * 1000)
+}
+
+struct Tables<'t> {
+    channels: redb::Table<'t, &'static str, &'static [u8]>,
+    events: redb::Table<'t, &'static str, &'static [u8]>,
+    queue: redb::Table<'t, (&'static str, u64), &'static str>,
+    collapse: redb::Table<'t, (&'static str, &'static str), &'static str>,
+    sweep: redb::Table<'t, (u64, &'static str), ()>,
+    idempotency: redb::Table<'t, &'static str, &'static [u8]>,
+    idempotency_sweep: redb::Table<'t, (u64, &'static str), ()>,
+}
+
+impl<'t> Tables<'t> {
+    fn open(txn: &'t WriteTransaction) -> Result<Self, StoreError> {
+        Ok(Self {
+            channels: txn.open_table(CHANNELS).map_err(db)?,
+            events: txn.open_table(EVENTS).map_err(db)?,
+            queue: txn.open_table(QUEUE).map_err(db)?,
+            collapse: txn.open_table(COLLAPSE).map_err(db)?,
+            sweep: txn.open_table(SWEEP).map_err(db)?,
+            idempotency: txn.open_table(IDEMPOTENCY).map_err(db)?,
+            idempotency_sweep: txn.open_table(IDEMPOTENCY_SWEEP).map_err(db)?,
+        })
+    }
+
+    fn event(&self, id: &str) -> Result<Option<StoredEvent>, StoreError> {
+        let found = self.events.get(id).map_err(db)?;
+        found.map(|v| decode("events", v.value())).transpose()
+    }
+
+    fn put(&mut self, ev: &StoredEvent) -> Result<(), StoreError> {
+        self.events
+            .insert(ev.event_id.as_str(), ev.encode_to_vec().as_slice())
+            .map_err(db)?;
+        Ok(())
+    }
+
+    fn queued_ids(&self, channel: &str) -> Result<Vec<String>, StoreError> {
+        self.queue
+            .range((channel, 0)..=(channel, u64::MAX))
+            .map_err(db)?
+            .map(|r| r.map(|(_, id)| id.value().to_owned()))
+            .collect::<Result<_, _>>()
+            .map_err(db)
+    }
+
+    fn queued(&self, channel: &str) -> Result<Vec<StoredEvent>, StoreError> {
+        let mut out = vec![];
+        for id in self.queued_ids(channel)? {
+            if let Some(ev) = self.event(&id)? {
+                out.push(ev);
+            }
+        }
+        Ok(out)
+    }
+
+    /// An earlier use of an idempotency key, if any.
+    fn duplicate(&self, key: &IdempotencyKey) -> Result<Option<Duplicate>, StoreError> {
+        let found = self
+            .idempotency
+            .get(key.scoped_key.as_str())
+            .map_err(db)?
+            .map(|v| decode::<StoredIdempotency>("idempotency", v.value()));
+        let Some(rec) = found else { return Ok(None) };
+        let rec = rec?;
+        if rec.request_hash != key.request_hash {
+            return Ok(Some(Duplicate::Mismatch));
+        }
+        if !rec.stored {
+            return Ok(Some(Duplicate::NotStored(rec)));
+        }
+        Ok(Some(match self.event(&rec.event_id)? {
+            Some(ev) => Duplicate::Stored(ev),
+            None => Duplicate::Forgotten(rec.event_id),
+        }))
+    }
+
+    fn remember_key(
+        &mut self,
+        key: &IdempotencyKey,
+        event_id: &str,
+        now_ms: u64,
+        stored: bool,
+        retention: u64,
+    ) -> Result<(), StoreError> {
+        let rec = StoredIdempotency {
+            event_id: event_id.to_owned(),
+            request_hash: key.request_hash.clone(),
+            created_at_ms: now_ms,
+            status: 0,
+            stored,
+        };
+        self.idempotency
+            .insert(key.scoped_key.as_str(), rec.encode_to_vec().as_slice())
+            .map_err(db)?;
+        self.idempotency_sweep
+            .insert(
+                (now_ms.saturating_add(retention), key.scoped_key.as_str()),
+                (),
+            )
+            .map_err(db)?;
+        Ok(())
+    }
+
+    /// Deletes a finished event past its retention.
+    fn forget(&mut self, ev: &StoredEvent) -> Result<(), StoreError> {
+        self.events.remove(ev.event_id.as_str()).map_err(db)?;
+        let key = (ev.channel_id.as_str(), ev.collapse_key.as_str());
+        let points_here = self
+            .collapse
+            .get(key)
+            .map_err(db)?
+            .is_some_and(|v| v.value() == ev.event_id);
+        if points_here {
+            self.collapse.remove(key).map_err(db)?;
+        }
+        Ok(())
+    }
+
+    /// Moves a queued event to a final state: out of the queue and the TTL
+    /// index, into the retention index.
+    fn finish(
+        &mut self,
+        mut ev: StoredEvent,
+        why: FinishReason,
+        at_ms: u64,
+        retention: u64,
+    ) -> Result<(StoredEvent, FinishReason), StoreError> {
+        self.queue
+            .remove((ev.channel_id.as_str(), ev.seq))
+            .map_err(db)?;
+        self.sweep
+            .remove((expiry(&ev), ev.event_id.as_str()))
+            .map_err(db)?;
+        let (state, reason) = why.state_and_reason();
+        ev.state = state as i32;
+        ev.reason = reason.to_owned();
+        ev.replaced_by = match &why {
+            FinishReason::Collapsed { by } => by.clone(),
+            _ => String::new(),
+        };
+        ev.updated_at_ms = at_ms;
+        ev.payload.clear();
+        self.put(&ev)?;
+        self.sweep
+            .insert((at_ms.saturating_add(retention), ev.event_id.as_str()), ())
+            .map_err(db)?;
+        Ok((ev, why))
+    }
+}
