@@ -34,6 +34,11 @@ pub(crate) struct ListenArgs {
     /// Keepalive interval, e.g. 25s.
     #[arg(long, default_value = "25s", value_parser = parse_duration)]
     keepalive: Duration,
+    /// File remembering the wakes already printed, so one delivered again
+    /// (its ack was lost, the listener restarted) is printed once
+    /// [default: <data-dir>/listen-<device-id>.dedup]; "off" keeps it in memory.
+    #[arg(long)]
+    dedup_store: Option<String>,
     /// Exit after this many wakes (default: run until Ctrl-C).
     #[arg(long)]
     count: Option<u64>,
@@ -60,6 +65,16 @@ pub(crate) async fn listen(args: ListenArgs) -> anyhow::Result<()> {
         });
     if let Some(n) = args.server_name {
         builder = builder.server_name(n);
+    }
+    match args.dedup_store.as_deref() {
+        Some("off") => {}
+        Some(path) => builder = builder.dedup_store(path),
+        // Next to the relay's data (the usual demo); elsewhere in memory.
+        None if args.data_dir.is_dir() => {
+            let file = format!("listen-{}.dedup", args.device_id);
+            builder = builder.dedup_store(args.data_dir.join(file));
+        }
+        None => {}
     }
     let client = builder.connect().await?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -96,4 +111,3 @@ pub(crate) async fn listen(args: ListenArgs) -> anyhow::Result<()> {
     client.close().await;
     Ok(())
 }
-

@@ -40,6 +40,10 @@ pub(crate) struct PublishArgs {
     /// Collapse key.
     #[arg(long, default_value = "")]
     collapse_key: String,
+    /// Idempotency key: publishing again with the same key returns the
+    /// first event instead of creating another (safe retries).
+    #[arg(long, default_value = "")]
+    idempotency_key: String,
 }
 
 pub(crate) async fn publish(args: PublishArgs) -> anyhow::Result<()> {
@@ -55,29 +59,32 @@ pub(crate) async fn publish(args: PublishArgs) -> anyhow::Result<()> {
     let mut client = PublisherClient::connect(args.grpc.clone())
         .await
         .with_context(|| format!("cannot reach the publisher API at {}", args.grpc))?;
-    let mut req = tonic::Request::new(PublishRequest {
-        channel_id: args.channel,
-        payload: args.payload.into_bytes(),
-        priority: match args.priority {
-            PriorityArg::High => Priority::High,
-            PriorityArg::Normal => Priority::Normal,
-        } as i32,
-        ttl_s: args.ttl,
-        collapse_key: args.collapse_key,
-    });
-    req.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {token}")
-            .parse()
-            .context("token is not ASCII")?,
-    );
+    let req = wakewire_api::with_token(
+        PublishRequest {
+            channel_id: args.channel,
+            payload: args.payload.into_bytes(),
+            priority: match args.priority {
+                PriorityArg::High => Priority::High,
+                PriorityArg::Normal => Priority::Normal,
+            } as i32,
+            ttl_s: args.ttl,
+            collapse_key: args.collapse_key,
+            idempotency_key: args.idempotency_key,
+        },
+        &token,
+    )
+    .context("token is not ASCII")?;
     match client.publish(req).await {
         Ok(r) => {
             let r = r.into_inner();
-            println!("event={} status={}", r.event_id, r.status().as_str_name());
+            let dup = if r.duplicate { " duplicate=true" } else { "" };
+            println!(
+                "event={} status={}{dup}",
+                r.event_id,
+                r.status().as_str_name()
+            );
             Ok(())
         }
         Err(s) => bail!("publish refused: {:?}: {}", s.code(), s.message()),
     }
 }
-

@@ -165,9 +165,7 @@ mod tests {
     #[test]
     fn flags_override_env_which_overrides_defaults() {
         let args = Cli::parse_from(["wakewire-relay", "serve", "--ack-wait-ms", "7"]);
-        let Cmd::Serve(serve) = args.cmd else {
-            panic!()
-        };
+        let Cmd::Serve(serve) = args.cmd;
         let s = serve
             .settings([
                 ("WAKEWIRE_ACK_WAIT_MS".to_string(), "3".to_string()),

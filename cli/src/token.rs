@@ -70,4 +70,3 @@ pub(crate) fn mint(cmd: TokenCmd) -> anyhow::Result<String> {
         }
     }
 }
-

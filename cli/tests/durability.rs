@@ -8,8 +8,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use tonic::transport::Channel;
-use wakewire_proto::pb::publish::publisher_client::PublisherClient;
-use wakewire_proto::pb::publish::{DeliveryStatus, PublishRequest};
+use wakewire_api::pb::publisher_client::PublisherClient;
+use wakewire_api::pb::{DeliveryStatus, PublishRequest};
 use wakewire_sdk::ClientBuilder;
 use wakewire_server::data_dir::{DataDir, Keys, DEV_CERT_FILE};
 use wakewire_test_support::process::RelayProcess;
@@ -49,7 +49,7 @@ async fn every_accepted_event_survives_kill_9_and_arrives_exactly_once() -> anyh
 
     // The device registers its channel, then goes offline.
     let client = device(&data, &keys, &relay).connect().await?;
-    let channel = client.channel("inbox").register().await?;
+    let channel = client.channel("inbox").register().await?.into_string();
     client.close().await;
     let token = keys.publisher_token(
         std::slice::from_ref(&channel),
@@ -111,7 +111,12 @@ async fn every_accepted_event_survives_kill_9_and_arrives_exactly_once() -> anyh
     // queue_full would still be reported, not lost).
     let (cb, mut wakes) = wake_sink();
     let client = device(&data, &keys, &relay).connect().await?;
-    client.channel("inbox").on_wake(cb).register().await?;
+    client
+        .channel("inbox")
+        .on_wake(cb)
+        .register()
+        .await?
+        .into_string();
     let mut p = publisher(&relay).await?;
     let marker = p
         .publish(authed(
@@ -143,14 +148,14 @@ async fn every_accepted_event_survives_kill_9_and_arrives_exactly_once() -> anyh
         }
         let status = p
             .get_event(authed(
-                wakewire_proto::pb::publish::GetEventRequest {
+                wakewire_api::pb::GetEventRequest {
                     event_id: id.clone(),
                 },
                 &token,
             ))
             .await?
             .into_inner();
-        if !(status.state() == wakewire_proto::pb::publish::EventState::Dropped
+        if !(status.state() == wakewire_api::pb::EventState::Dropped
             && status.reason == "queue_full")
         {
             missing.push((id.clone(), status));

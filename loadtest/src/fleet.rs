@@ -208,7 +208,8 @@ pub async fn connect_device(
                 s.received.fetch_add(1, Ordering::Relaxed);
             })
             .register()
-            .await?;
+            .await?
+            .into_string();
         state.channel_ids.lock().map(|mut v| v.push(id)).ok();
     }
     state.clients.lock().map(|mut v| v.push(client)).ok();

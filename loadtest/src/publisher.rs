@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio::sync::Semaphore;
 use tonic::transport::Channel;
-use wakewire_proto::pb::publish::{
+use wakewire_api::pb::{
     publisher_client::PublisherClient, DeliveryStatus, PublishBatchRequest, PublishRequest,
     PublishResponse,
 };

@@ -37,9 +37,6 @@ use crate::relay_session::{Close, RelayEvent, RelaySession, RelaySessionConfig};
 use crate::session_core::WallClock;
 use crate::ErrorCode;
 
-/// A device that sent a frame this recently has its radio on: held
-/// normal-priority wakes can go out without waking it.
-const RADIO_AWAKE: Duration = Duration::from_secs(2);
 /// Acked event ids remembered per connection, so a stale copy of an
 /// acked event (from a queue read that raced the ack) is not sent again.
 const RECENT_ACKS: usize = 1024;
@@ -59,6 +56,9 @@ pub struct RelayConnectionConfig {
     /// Acks for events not sent on this connection tolerated before the
     /// connection is closed (each honoured ack earns one back).
     pub max_unknown_acks: u32,
+    /// A device that sent a frame this recently has its radio on: a
+    /// normal-priority wake goes out at once instead of being held.
+    pub radio_awake: Duration,
 }
 
 impl Default for RelayConnectionConfig {
@@ -69,6 +69,7 @@ impl Default for RelayConnectionConfig {
             normal_max_delay: Duration::from_secs(60),
             register_grace: Duration::from_secs(30),
             max_unknown_acks: 64,
+            radio_awake: Duration::from_secs(2),
         }
     }
 }
@@ -205,6 +206,10 @@ pub struct RelayConnection {
     unknown_budget: u32,
     /// Channels with events refused for lack of room.
     starved: HashSet<String>,
+    /// Registered channels whose stored queue has not been handed in yet
+    /// ([`RelayConnection::handle_queued`]), with the time to stop waiting:
+    /// new wakes for them wait, so the queue goes out first, in order.
+    loading: HashMap<String, Instant>,
     last_rx: Option<Instant>,
     events: VecDeque<ConnectionEvent>,
 }
@@ -225,6 +230,7 @@ impl RelayConnection {
             recent_acks: VecDeque::new(),
             recent_ack_set: HashSet::new(),
             starved: HashSet::new(),
+            loading: HashMap::new(),
             last_rx: None,
             events: VecDeque::new(),
         }
@@ -276,13 +282,30 @@ impl RelayConnection {
         if self.held_until.is_some_and(|t| now >= t) {
             self.flush_held(now);
         }
+        let overdue: Vec<String> = self
+            .loading
+            .iter()
+            .filter(|(_, t)| **t <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        if !overdue.is_empty() {
+            // The queue never came (a store failure): send what waits.
+            for id in &overdue {
+                self.loading.remove(id);
+            }
+            self.dispatch_ready(now, &overdue);
+        }
         while let Some((deadline, id)) = self.pending.front() {
             if *deadline > now {
                 break;
             }
             let id = id.clone();
             self.pending.pop_front();
-            if self.tracked.get(&id).is_some_and(|t| t.stage == Stage::Pending) {
+            if self
+                .tracked
+                .get(&id)
+                .is_some_and(|t| t.stage == Stage::Pending)
+            {
                 self.release(&id, ReleaseReason::NotRegistered);
             }
         }
@@ -300,18 +323,56 @@ impl RelayConnection {
     }
 
     /// Answers a [`ConnectionEvent::Register`] with one channel id per
-    /// name, in request order; wakes pending for them go out now.
+    /// name, in request order. Their stored queues are expected next
+    /// ([`RelayConnection::handle_queued`]); wakes for them wait until then
+    /// (at most `register_grace`), so older events go out first.
     pub fn registered(&mut self, now: Instant, request_id: u64, bindings: Vec<(String, String)>) {
-        let ids: HashSet<String> = bindings.iter().map(|(_, id)| id.clone()).collect();
+        for (_, id) in &bindings {
+            self.loading
+                .insert(id.clone(), now + self.config.register_grace);
+        }
         self.session.registered(request_id, bindings);
-        let mut ready: Vec<(u64, String)> = self
+    }
+
+    /// Hands in stored events of `channel_ids` (read after their Register,
+    /// or after a [`ConnectionEvent::Refill`]); the channels' waiting wakes
+    /// then go out, oldest first. Returns, per wake, whether it was taken:
+    /// the caller keeps the ones that were not (they stay in the store).
+    pub fn handle_queued(
+        &mut self,
+        now: Instant,
+        channel_ids: &[String],
+        wakes: Vec<Wake>,
+    ) -> Vec<(String, Result<(), WakeRefused>)> {
+        let results = wakes
+            .into_iter()
+            .map(|w| {
+                let id = w.event_id.clone();
+                (id, self.track(now, w, true))
+            })
+            .collect();
+        for id in channel_ids {
+            self.loading.remove(id);
+        }
+        self.dispatch_ready(now, channel_ids);
+        results
+    }
+
+    /// Sends (or holds) the pending wakes of these channels that can go
+    /// now, oldest first.
+    fn dispatch_ready(&mut self, now: Instant, channel_ids: &[String]) {
+        let ready: HashSet<&String> = channel_ids
+            .iter()
+            .filter(|id| self.session.has_channel(id) && !self.loading.contains_key(*id))
+            .collect();
+        let mut due: Vec<(u64, u64, String)> = self
             .tracked
             .iter()
-            .filter(|(_, t)| t.stage == Stage::Pending && ids.contains(&t.wake.channel_id))
-            .map(|(id, t)| (t.seq, id.clone()))
+            .filter(|(_, t)| t.stage == Stage::Pending && ready.contains(&t.wake.channel_id))
+            .map(|(id, t)| (t.wake.created_at_ms, t.seq, id.clone()))
             .collect();
-        ready.sort_unstable();
-        for (_, id) in ready {
+        due.sort_unstable();
+        for (_, _, id) in due {
             self.dispatch(now, &id);
         }
         self.prune_pending();
@@ -320,11 +381,29 @@ impl RelayConnection {
     /// Takes a wake for this device. Durable wakes are in the store (they
     /// are handed over when the connection ends); others are sent now or
     /// never. On `Err` the caller keeps the wake.
-    pub fn handle_wake(&mut self, now: Instant, wake: Wake, durable: bool) -> Result<(), WakeRefused> {
+    pub fn handle_wake(
+        &mut self,
+        now: Instant,
+        wake: Wake,
+        durable: bool,
+    ) -> Result<(), WakeRefused> {
+        let id = wake.event_id.clone();
+        let channel = wake.channel_id.clone();
+        self.track(now, wake, durable)?;
+        if self.session.has_channel(&channel) && !self.loading.contains_key(&channel) {
+            self.dispatch(now, &id);
+            self.prune_pending();
+        }
+        Ok(())
+    }
+
+    /// Starts tracking a wake as pending.
+    fn track(&mut self, now: Instant, wake: Wake, durable: bool) -> Result<(), WakeRefused> {
         if self.session.is_closed() {
             return Err(WakeRefused::NotEstablished);
         }
-        if self.tracked.contains_key(&wake.event_id) || self.recent_ack_set.contains(&wake.event_id) {
+        if self.tracked.contains_key(&wake.event_id) || self.recent_ack_set.contains(&wake.event_id)
+        {
             return Err(WakeRefused::Duplicate);
         }
         if wake.payload.len() > self.config.session.max_payload_size {
@@ -333,8 +412,10 @@ impl RelayConnection {
         if durable && self.expired(now, &wake) {
             return Err(WakeRefused::Expired);
         }
-        let registered = self.session.has_channel(&wake.channel_id);
-        if !durable && (!registered || self.session.device_id().is_none()) {
+        let ready = self.session.device_id().is_some()
+            && self.session.has_channel(&wake.channel_id)
+            && !self.loading.contains_key(&wake.channel_id);
+        if !durable && !ready {
             return Err(WakeRefused::NotRegistered);
         }
         if self.tracked.len() >= self.config.max_in_flight {
@@ -354,12 +435,8 @@ impl RelayConnection {
                 seq: self.next_seq,
             },
         );
-        if registered {
-            self.dispatch(now, &id);
-        } else {
-            self.pending
-                .push_back((now + self.config.register_grace, id));
-        }
+        self.pending
+            .push_back((now + self.config.register_grace, id));
         Ok(())
     }
 
@@ -376,6 +453,7 @@ impl RelayConnection {
         let mut all: Vec<Tracked> = self.tracked.drain().map(|(_, t)| t).collect();
         all.sort_unstable_by_key(|t| t.seq);
         self.pending.clear();
+        self.loading.clear();
         self.held.clear();
         self.held_until = None;
         let mut out = Vec::new();
@@ -409,10 +487,16 @@ impl RelayConnection {
             return None;
         }
         let pending = self.pending.front().map(|(t, _)| *t);
-        [self.session.poll_timeout(), self.held_until, pending]
-            .into_iter()
-            .flatten()
-            .min()
+        let loading = self.loading.values().min().copied();
+        [
+            self.session.poll_timeout(),
+            self.held_until,
+            pending,
+            loading,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// The close to perform, yielded once.
@@ -425,12 +509,12 @@ impl RelayConnection {
     fn pump(&mut self) {
         while let Some(ev) = self.session.poll_event() {
             match ev {
-                RelayEvent::Hello { credential, sdk } => {
-                    self.events.push_back(ConnectionEvent::Hello { credential, sdk })
-                }
-                RelayEvent::Register { request_id, names } => {
-                    self.events.push_back(ConnectionEvent::Register { request_id, names })
-                }
+                RelayEvent::Hello { credential, sdk } => self
+                    .events
+                    .push_back(ConnectionEvent::Hello { credential, sdk }),
+                RelayEvent::Register { request_id, names } => self
+                    .events
+                    .push_back(ConnectionEvent::Register { request_id, names }),
                 RelayEvent::Unregister { channel_ids } => {
                     let gone: HashSet<&String> = channel_ids.iter().collect();
                     let mut ids: Vec<(u64, String)> = self
@@ -445,6 +529,7 @@ impl RelayConnection {
                     }
                     for id in &channel_ids {
                         self.starved.remove(id);
+                        self.loading.remove(id);
                     }
                     self.held.retain(|id| self.tracked.contains_key(id));
                     self.events
@@ -504,7 +589,7 @@ impl RelayConnection {
         let normal = t.wake.priority == Priority::Normal as i32;
         let awake = self
             .last_rx
-            .is_some_and(|at| now.saturating_duration_since(at) < RADIO_AWAKE);
+            .is_some_and(|at| now.saturating_duration_since(at) < self.config.radio_awake);
         if normal && t.durable && !awake {
             t.stage = Stage::Held;
             self.held.push(id.to_owned());

@@ -2,164 +2,20 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::pki_types::CertificateDer;
 use rustls::RootCertStore;
 use tokio::sync::{mpsc, oneshot};
 use wakewire_proto::names::validate_channel_name;
-use wakewire_proto::pb::device::Priority;
 
-use crate::driver::{self, Command};
-use crate::error::{ConnectError, RegisterError};
-use crate::tls::{CipherSuite, Protection};
-
-/// A wake event handed to a channel's callback.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WakeEvent {
-    /// Unique event id (the SDK acks it after the callback returns).
-    pub event_id: String,
-    /// Channel id.
-    pub channel_id: String,
-    /// Channel name, as registered.
-    pub channel: String,
-    /// Publisher's payload (at most 4 KiB).
-    pub payload: Vec<u8>,
-    /// Priority.
-    pub priority: Priority,
-    /// When the relay accepted it, Unix ms.
-    pub created_at_ms: u64,
-    /// Time to live from `created_at_ms`, seconds.
-    pub ttl_s: u32,
-}
-
-/// Connection state changes, in the spirit of ControlChannelTrigger's
-/// status and reset triggers.
-#[derive(Debug, Clone)]
-pub enum Status {
-    /// A connection attempt is starting.
-    Connecting {
-        /// 1 for the first attempt after a loss.
-        attempt: u32,
-    },
-    /// Connected and authenticated.
-    Connected(ConnectionInfo),
-    /// The connection is gone; `retry_in` is the backoff before the next
-    /// attempt, `None` when the SDK has given up (the error is not retryable
-    /// or the client was closed).
-    Disconnected {
-        /// What happened.
-        error: ConnectError,
-        /// Delay before the next attempt.
-        retry_in: Option<Duration>,
-    },
-    /// The channels had to be re-established on a new connection (their ids
-    /// are unchanged). Events sent while disconnected were not delivered.
-    Reset {
-        /// Channel names re-registered.
-        channels: Vec<String>,
-    },
-    /// A keepalive round trip completed.
-    KeepaliveCompleted {
-        /// Round-trip time of the Ping.
-        rtt: Duration,
-        /// The device's address and port as the relay saw them.
-        observed_addr: String,
-    },
-    /// The adaptive keepalive changed the interval (ControlChannelTrigger's
-    /// CurrentKeepAliveIntervalInMinutes).
-    KeepaliveInterval {
-        /// New interval.
-        interval: Duration,
-        /// Why ("learned", "binding lost: stepping down", ...).
-        reason: &'static str,
-    },
-    /// The adaptive keepalive finished learning this network.
-    KeepaliveConverged {
-        /// Network id.
-        network: String,
-        /// Interval in use.
-        interval: Duration,
-        /// NAT timeout bounds learned.
-        learned: crate::tuner::Learned,
-    },
-    /// The NAT had dropped the connection's binding (seen after `after_idle`
-    /// of silence); QUIC moved to the new one, nothing was lost.
-    BindingLost {
-        /// Silence after which it was gone.
-        after_idle: Duration,
-    },
-}
-
-/// What a connection actually negotiated.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConnectionInfo {
-    /// Transport ("QUIC v1").
-    pub transport: &'static str,
-    /// TLS version ("TLSv1.3").
-    pub tls_version: &'static str,
-    /// Negotiated cipher suite.
-    pub cipher_suite: CipherSuite,
-    /// Negotiated ALPN.
-    pub alpn: String,
-    /// Relay address connected to.
-    pub relay_addr: SocketAddr,
-    /// Local socket address.
-    pub local_addr: Option<SocketAddr>,
-    /// Relay's session id.
-    pub session_id: String,
-    /// Device id the relay authenticated.
-    pub device_id: String,
-    /// Keepalive interval in use.
-    pub keepalive_interval: Duration,
-    /// Whether the Hello went out in 0-RTT (a resumed reconnect).
-    pub zero_rtt: bool,
-}
-
-/// How the SDK keeps the network path alive.
-#[derive(Debug, Clone, PartialEq)]
-pub enum KeepalivePolicy {
-    /// A Ping after this long without sending anything.
-    Fixed(Duration),
-    /// Learn the NAT's binding timeout on each network and keep alive just
-    /// below it (see [`crate::tuner`]).
-    Adaptive(crate::tuner::TunerConfig),
-}
-
-impl Default for KeepalivePolicy {
-    fn default() -> Self {
-        KeepalivePolicy::Fixed(Duration::from_secs(25))
-    }
-}
-
-pub(crate) type WakeCallback = Arc<dyn Fn(&WakeEvent) + Send + Sync>;
-pub(crate) type PeriodicCallback = Arc<dyn Fn() + Send + Sync>;
-pub(crate) type StatusCallback = Arc<dyn Fn(&Status) + Send + Sync>;
-
-/// Everything the driver needs to (re)connect.
-pub(crate) struct Config {
-    pub(crate) relay: String,
-    pub(crate) server_name: String,
-    /// QUIC/TLS client config, built once: reconnects reuse it (and its TLS
-    /// session cache, so they resume instead of verifying the certificate
-    /// again). Attempts are sequential, so one suite probe serves them all.
-    pub(crate) tls: quinn::ClientConfig,
-    pub(crate) suite_probe: Arc<crate::tls::SuiteProbe>,
-    pub(crate) token: String,
-    pub(crate) min_protection: Protection,
-    pub(crate) keepalive: KeepalivePolicy,
-    pub(crate) keepalive_timeout: Duration,
-    pub(crate) connect_timeout: Duration,
-    pub(crate) backoff: (Duration, Duration),
-    pub(crate) on_status: Option<StatusCallback>,
-    pub(crate) endpoint: Option<quinn::Endpoint>,
-    pub(crate) dedup_file: Option<PathBuf>,
-    pub(crate) dedup_window: usize,
-    pub(crate) network_id: String,
-    pub(crate) network_memory: Option<PathBuf>,
-    pub(crate) probe_addr: Option<SocketAddr>,
-}
+use crate::config::{Config, Shared, StatusCallback};
+use crate::driver::{self, Command, Sink};
+use crate::error::{ClientClosed, ConnectError, RegisterError};
+use crate::stream::{WakeStream, STREAM_BUFFER};
+use crate::tls::Protection;
+use crate::types::{ChannelId, ConnectionInfo, KeepalivePolicy, Status, WakeEvent};
 
 /// Builds a [`Client`].
 pub struct ClientBuilder {
@@ -208,7 +64,7 @@ impl ClientBuilder {
             on_status: None,
             endpoint: None,
             dedup_file: None,
-            dedup_window: crate::dedup::DEFAULT_WINDOW,
+            dedup_window: wakewire_proto::device_connection::DEFAULT_DEDUP_WINDOW,
             network_id: "default".into(),
             network_memory: None,
             probe_addr: None,
@@ -380,12 +236,6 @@ fn host_of(addr: &str) -> String {
         .to_owned()
 }
 
-/// State the driver publishes for the app to read.
-#[derive(Debug, Default)]
-pub(crate) struct Shared {
-    pub(crate) info: Mutex<Option<ConnectionInfo>>,
-}
-
 /// A connected wakewire client. Cheap to clone; all clones share one
 /// connection. The connection is closed by [`Client::close`] or when every
 /// clone is dropped.
@@ -411,11 +261,11 @@ impl Client {
     }
 
     /// Stops receiving wakes on a channel.
-    pub async fn unregister(&self, channel_id: &str) -> Result<(), RegisterError> {
+    pub async fn unregister(&self, channel_id: &ChannelId) -> Result<(), RegisterError> {
         let (reply, answer) = oneshot::channel();
         self.cmd
             .send(Command::Unregister {
-                channel_id: channel_id.to_owned(),
+                channel_id: channel_id.as_str().to_owned(),
                 reply,
             })
             .map_err(|_| closed())?;
@@ -425,41 +275,56 @@ impl Client {
     /// Standby (true) aligns periodic work with the keepalive so the radio
     /// wakes as rarely as possible; false runs periodic work on its own
     /// schedule.
-    pub fn set_standby(&self, standby: bool) {
-        let _ = self.cmd.send(Command::SetStandby(standby));
+    pub fn set_standby(&self, standby: bool) -> Result<(), ClientClosed> {
+        self.send(Command::SetStandby(standby))
     }
 
     /// The app saw its own server time out: keep alive more often
     /// (ControlChannelTrigger's DecreaseNetworkKeepAliveInterval).
-    pub fn decrease_keepalive(&self) {
-        let _ = self.cmd.send(Command::DecreaseKeepalive);
+    pub fn decrease_keepalive(&self) -> Result<(), ClientClosed> {
+        self.send(Command::DecreaseKeepalive)
     }
 
     /// Switches the keepalive policy (e.g. to a fixed interval).
-    pub fn set_keepalive(&self, policy: KeepalivePolicy) {
-        let _ = self.cmd.send(Command::SetKeepalive(policy));
+    pub fn set_keepalive(&self, policy: KeepalivePolicy) -> Result<(), ClientClosed> {
+        self.send(Command::SetKeepalive(policy))
     }
 
     /// The device moved to another network: the keepalive switches to what
     /// it learned there (or starts learning), and the connection moves to a
     /// new local socket (QUIC migration) instead of reconnecting.
-    pub fn network_changed(&self, network_id: impl Into<String>) {
-        let _ = self.cmd.send(Command::NetworkChanged(network_id.into()));
+    pub fn network_changed(&self, network_id: impl Into<String>) -> Result<(), ClientClosed> {
+        self.send(Command::NetworkChanged(network_id.into()))
     }
 
     /// Runs `cb` every `period` (ControlChannelTrigger's KeepAliveTrigger
     /// for the app's own server). In standby it runs at the keepalive at or
     /// before its due time, never waking the radio on its own.
-    pub fn add_periodic(&self, period: Duration, cb: impl Fn() + Send + Sync + 'static) {
-        let _ = self.cmd.send(Command::AddPeriodic(period, Arc::new(cb)));
+    pub fn add_periodic(
+        &self,
+        period: Duration,
+        cb: impl Fn() + Send + Sync + 'static,
+    ) -> Result<(), ClientClosed> {
+        self.send(Command::AddPeriodic(period, Arc::new(cb)))
     }
 
-    /// Closes the connection and stops reconnecting.
+    /// Whether the client has been closed (by [`Client::close`] or for
+    /// good after an error that retrying cannot fix).
+    pub fn is_closed(&self) -> bool {
+        self.cmd.is_closed()
+    }
+
+    /// Closes the connection (flushing pending acks) and stops
+    /// reconnecting. Closing a closed client does nothing.
     pub async fn close(&self) {
         let (reply, answer) = oneshot::channel();
         if self.cmd.send(Command::Close { reply }).is_ok() {
             let _ = answer.await;
         }
+    }
+
+    fn send(&self, cmd: Command) -> Result<(), ClientClosed> {
+        self.cmd.send(cmd).map_err(|_| ClientClosed)
     }
 }
 
@@ -471,12 +336,13 @@ fn closed() -> RegisterError {
 pub struct ChannelBuilder<'a> {
     client: &'a Client,
     name: String,
-    on_wake: Option<WakeCallback>,
+    on_wake: Option<crate::config::WakeCallback>,
 }
 
 impl ChannelBuilder<'_> {
     /// The callback for this channel's wake events. It runs on the SDK's
-    /// task; the event is acked when it returns (not if it panics).
+    /// task, so keep it short (or use [`ChannelBuilder::subscribe`]); the
+    /// event is acked when it returns, not if it panics.
     pub fn on_wake(mut self, cb: impl Fn(&WakeEvent) + Send + Sync + 'static) -> Self {
         self.on_wake = Some(Arc::new(cb));
         self
@@ -484,16 +350,27 @@ impl ChannelBuilder<'_> {
 
     /// Registers the channel and returns its id, which is stable for this
     /// device and name. While disconnected, waits for the next connection.
-    pub async fn register(self) -> Result<String, RegisterError> {
-        validate_channel_name(&self.name)?;
+    pub async fn register(self) -> Result<ChannelId, RegisterError> {
+        let sink = Sink::Callback(self.on_wake.unwrap_or_else(|| Arc::new(|_: &WakeEvent| {})));
+        Self::add(self.client, self.name, sink).await
+    }
+
+    /// Registers the channel and returns its id and a stream of its wakes,
+    /// each acked by the app with [`crate::Wake::ack`] when it is done. The
+    /// SDK's task never waits for the app: keepalives and other channels go
+    /// on while a wake is being handled.
+    pub async fn subscribe(self) -> Result<(ChannelId, WakeStream), RegisterError> {
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let id = Self::add(self.client, self.name, Sink::Stream(tx)).await?;
+        Ok((id, WakeStream::new(rx)))
+    }
+
+    async fn add(client: &Client, name: String, sink: Sink) -> Result<ChannelId, RegisterError> {
+        validate_channel_name(&name)?;
         let (reply, answer) = oneshot::channel();
-        self.client
+        client
             .cmd
-            .send(Command::Register {
-                name: self.name,
-                callback: self.on_wake.unwrap_or_else(|| Arc::new(|_: &WakeEvent| {})),
-                reply,
-            })
+            .send(Command::Register { name, sink, reply })
             .map_err(|_| closed())?;
         answer.await.map_err(|_| closed())?
     }

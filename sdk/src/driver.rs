@@ -1,45 +1,58 @@
 //! The SDK's background task: a thin driver around the sans-IO
-//! [`DeviceSession`]. It owns the QUIC connection, runs the app's
-//! callbacks, acks, and reconnects with backoff after a loss, re-registering
-//! every channel (whose ids stay the same).
+//! [`DeviceConnection`]. It owns the link to the relay, runs the app's
+//! callbacks (or feeds its wake streams), persists the dedup window, and
+//! reconnects with backoff after a loss. Which wakes reach the app, what is
+//! acked and what is registered again is decided by the core.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use bytes::{Buf, Bytes};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
-use wakewire_proto::device_session::{Close, DeviceEvent, DeviceSession, DeviceSessionConfig};
-use wakewire_proto::pb::device::{GoAwayReason, Priority};
-use wakewire_proto::ErrorCode;
+use wakewire_proto::device_connection::{AddChannelError, DeviceConnection, DeviceConnectionEvent};
+use wakewire_proto::pb::device::Wake as WireWake;
 
 use crate::backoff::Backoff;
-use crate::client::{
-    Config, ConnectionInfo, KeepalivePolicy, PeriodicCallback, Shared, Status, WakeCallback,
-    WakeEvent,
-};
-use crate::dedup::Seen;
+use crate::clock::{self, random_u64, sleep_until};
+use crate::config::{Config, PeriodicCallback, Shared, WakeCallback};
+use crate::dedup::DedupFile;
 use crate::error::{ConnectError, RegisterError};
 use crate::keepalive::Keepalive;
-use crate::tls;
+use crate::link::{Endpoints, Link};
+use crate::stream::Wake;
+use crate::types::{ChannelId, KeepalivePolicy, Priority, Status, WakeEvent};
 
 /// Upper bound of the extra spread after the relay refused a connection
 /// (never above the backoff cap).
 const BUSY_RETRY_MAX: Duration = Duration::from_secs(15);
 
-/// Requests from [`crate::Client`] handles.
+/// Where a channel's wakes go.
+pub(crate) enum Sink {
+    /// A callback run on the driver's task; acked when it returns.
+    Callback(WakeCallback),
+    /// A stream the app reads; acked by [`Wake::ack`].
+    Stream(mpsc::Sender<Wake>),
+}
+
+/// Requests from [`crate::Client`] handles and wakes.
 pub(crate) enum Command {
     Register {
         name: String,
-        callback: WakeCallback,
-        reply: oneshot::Sender<Result<String, RegisterError>>,
+        sink: Sink,
+        reply: oneshot::Sender<Result<ChannelId, RegisterError>>,
     },
     Unregister {
         channel_id: String,
         reply: oneshot::Sender<Result<(), RegisterError>>,
+    },
+    Ack {
+        event_id: String,
+    },
+    Abandon {
+        event_id: String,
     },
     Close {
         reply: oneshot::Sender<()>,
@@ -56,353 +69,56 @@ pub(crate) async fn start(
     config: Arc<Config>,
     shared: Arc<Shared>,
 ) -> Result<mpsc::UnboundedSender<Command>, ConnectError> {
-    let mut endpoints = Endpoints {
-        shared: config.endpoint.clone(),
-        ..Endpoints::default()
-    };
+    let mut endpoints = Endpoints::new(config.endpoint.clone());
     let keepalive = Keepalive::new(
         config.keepalive.clone(),
         config.network_id.clone(),
         config.network_memory.clone(),
     );
-    let link = Link::establish(&config, &mut endpoints, keepalive.interval()).await?;
-    let seen = Seen::open(config.dedup_file.clone(), config.dedup_window)
-        .map_err(|e| ConnectError::Config(format!("cannot open the dedup store: {e}")))?;
+    let (dedup, handled) = match &config.dedup_file {
+        Some(path) => {
+            let (f, ids) = DedupFile::open(path.clone())
+                .map_err(|e| ConnectError::Config(format!("cannot open the dedup store: {e}")))?;
+            (Some(f), ids)
+        }
+        None => (None, vec![]),
+    };
+    let mut core = DeviceConnection::new(config.dedup_window, handled);
+    let mut link =
+        Link::establish(&config, &mut endpoints, &mut core, keepalive.interval()).await?;
     let (tx, cmd_rx) = mpsc::unbounded_channel();
     let mut driver = Driver {
         keepalive,
-        seen,
+        dedup,
+        core,
         config,
         shared,
         endpoints,
+        cmd_tx: tx.downgrade(),
         cmd_rx,
-        channels: HashMap::new(),
-        by_id: HashMap::new(),
-        requests: HashMap::new(),
-        reregister: None,
+        sinks: HashMap::new(),
+        waiters: HashMap::new(),
     };
-    let mut link = link;
     driver.on_connected(&mut link);
     tokio::spawn(driver.run(link));
     Ok(tx)
 }
 
-/// One client UDP socket per address family, reused across reconnects.
-#[derive(Default)]
-struct Endpoints {
-    shared: Option<quinn::Endpoint>,
-    v4: Option<quinn::Endpoint>,
-    v6: Option<quinn::Endpoint>,
-}
-
-impl Endpoints {
-    fn for_addr(&mut self, addr: SocketAddr) -> Result<&quinn::Endpoint, ConnectError> {
-        if let Some(ep) = &self.shared {
-            return Ok(ep);
-        }
-        let (slot, bind): (_, SocketAddr) = if addr.is_ipv4() {
-            (&mut self.v4, ([0, 0, 0, 0], 0).into())
-        } else {
-            (&mut self.v6, ([0u16; 8], 0).into())
-        };
-        if slot.is_none() {
-            let ep = quinn::Endpoint::client(bind).map_err(|e| {
-                ConnectError::Unreachable(format!("cannot open a UDP socket on {bind}: {e}"))
-            })?;
-            *slot = Some(ep);
-        }
-        slot.as_ref()
-            .ok_or_else(|| ConnectError::Unreachable("no UDP socket".into()))
-    }
-}
-
-async fn resolve(relay: &str) -> Result<SocketAddr, ConnectError> {
-    let dns = |message: String| ConnectError::Dns {
-        host: relay.to_owned(),
-        message,
-    };
-    tokio::net::lookup_host(relay)
-        .await
-        .map_err(|e| dns(e.to_string()))?
-        .next()
-        .ok_or_else(|| dns("no addresses".into()))
-}
-
-/// One established connection and its session.
-struct Link {
-    conn: quinn::Connection,
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
-    session: DeviceSession,
-    out: Bytes,
-    go_away: Option<(GoAwayReason, Duration, String)>,
-    info: ConnectionInfo,
-    /// The relay's probe service port (0 = none).
-    probe_port: u16,
-}
-
-impl Link {
-    async fn establish(
-        config: &Config,
-        endpoints: &mut Endpoints,
-        keepalive_interval: Duration,
-    ) -> Result<Link, ConnectError> {
-        let addr = resolve(&config.relay).await?;
-        let endpoint = endpoints.for_addr(addr)?;
-        let probe = &config.suite_probe;
-        probe.reset();
-        let connecting = endpoint
-            .connect_with(config.tls.clone(), addr, &config.server_name)
-            .map_err(|e| match e {
-                quinn::ConnectError::InvalidServerName(n) => {
-                    ConnectError::Config(format!("invalid server name {n:?}"))
-                }
-                other => ConnectError::Unreachable(other.to_string()),
-            })?;
-        let deadline = tokio::time::Instant::now() + config.connect_timeout;
-        let timed_out = || {
-            ConnectError::TimedOut(format!(
-                "no QUIC handshake with {addr} within {:?}",
-                config.connect_timeout
-            ))
-        };
-        let new_session = || {
-            DeviceSession::new(
-                Instant::now(),
-                DeviceSessionConfig {
-                    credential: config.token.clone(),
-                    sdk: concat!("wakewire-sdk-rust/", env!("CARGO_PKG_VERSION")).into(),
-                    keepalive_interval,
-                    keepalive_timeout: config.keepalive_timeout,
-                    welcome_timeout: config.connect_timeout,
-                },
-            )
-        };
-        // Reconnecting with a resumable TLS session, the Hello travels in
-        // 0-RTT, in the first flight: one round trip less of radio-on time.
-        // That is replay-safe: Hello and Register are idempotent, and the
-        // relay reads nothing before the handshake is complete. Nothing is
-        // trusted here before it is complete either.
-        let (conn, early) = match connecting.into_0rtt() {
-            Ok((conn, accepted)) => {
-                let mut early = None;
-                if let Ok((mut send, recv)) = conn.open_bi().await {
-                    let mut session = new_session();
-                    let mut sent = true;
-                    while let Some(b) = session.poll_transmit() {
-                        sent &= send.write_all(&b).await.is_ok();
-                    }
-                    if sent {
-                        early = Some((send, recv, session));
-                    }
-                }
-                let accepted = tokio::time::timeout_at(deadline, accepted)
-                    .await
-                    .map_err(|_| timed_out())?;
-                if let Some(e) = conn.close_reason() {
-                    return Err(ConnectError::from_connection(e));
-                }
-                // Rejected 0-RTT data is lost: start over on a new stream.
-                (conn, if accepted { early } else { None })
-            }
-            Err(connecting) => {
-                let conn = tokio::time::timeout_at(deadline, connecting)
-                    .await
-                    .map_err(|_| timed_out())?
-                    .map_err(ConnectError::from_connection)?;
-                (conn, None)
-            }
-        };
-        let alpn = conn
-            .handshake_data()
-            .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
-            .and_then(|h| h.protocol);
-        let suite =
-            tls::check_protection(probe.negotiated(), alpn.as_deref(), config.min_protection)
-                .inspect_err(|_| {
-                    conn.close(
-                        ErrorCode::NoError.as_u32().into(),
-                        b"negotiated protection below the device's minimum",
-                    );
-                })?;
-        let zero_rtt = early.is_some();
-        let (send, recv, session) = match early {
-            Some(streams) => streams,
-            None => {
-                let (send, recv) = conn
-                    .open_bi()
-                    .await
-                    .map_err(ConnectError::from_connection)?;
-                (send, recv, new_session())
-            }
-        };
-        let mut link = Link {
-            info: ConnectionInfo {
-                transport: "QUIC v1",
-                tls_version: "TLSv1.3",
-                cipher_suite: suite,
-                alpn: String::from_utf8_lossy(wakewire_proto::ALPN).into_owned(),
-                relay_addr: addr,
-                local_addr: endpoint.local_addr().ok(),
-                session_id: String::new(),
-                device_id: String::new(),
-                keepalive_interval,
-                zero_rtt,
-            },
-            conn,
-            send,
-            recv,
-            session,
-            out: Bytes::new(),
-            go_away: None,
-            probe_port: 0,
-        };
-        match tokio::time::timeout_at(deadline, link.next_event()).await {
-            Err(_) => {
-                link.close(ErrorCode::HelloTimeout, "no Welcome in time");
-                Err(ConnectError::TimedOut(
-                    "the relay did not answer Hello in time".into(),
-                ))
-            }
-            Ok(Err(e)) => Err(e),
-            Ok(Ok(DeviceEvent::Welcome {
-                session_id,
-                device_id,
-                limits,
-                ..
-            })) => {
-                link.info.session_id = session_id;
-                link.info.device_id = device_id;
-                link.probe_port = u16::try_from(limits.probe_port).unwrap_or(0);
-                Ok(link)
-            }
-            Ok(Ok(other)) => Err(ConnectError::ProtocolViolation(format!(
-                "expected Welcome, got {other:?}"
-            ))),
-        }
-    }
-
-    /// Runs the session until it has an event. Cancel-safe: every await is
-    /// cancel-safe and all state lives in `self`.
-    async fn next_event(&mut self) -> Result<DeviceEvent, ConnectError> {
-        loop {
-            if let Some(ev) = self.session.poll_event() {
-                return Ok(ev);
-            }
-            if let Some(close) = self.session.poll_close() {
-                self.close(close.code, &close.reason);
-                return Err(self.explain(local_close(close)));
-            }
-            if self.out.is_empty() {
-                self.out = self.session.poll_transmit().unwrap_or_default();
-            }
-            let deadline = self.session.poll_timeout();
-            tokio::select! {
-                r = self.send.write(&self.out), if !self.out.is_empty() => match r {
-                    Ok(n) => self.out.advance(n),
-                    Err(e) => return Err(self.explain(write_error(e))),
-                },
-                r = self.recv.read_chunk(usize::MAX, true) => match r {
-                    Ok(Some(chunk)) => self.session.handle_data(Instant::now(), &chunk.bytes),
-                    Ok(None) => self.session.handle_stream_finished(),
-                    Err(e) => return Err(self.explain(read_error(e))),
-                },
-                _ = sleep_until(deadline), if deadline.is_some() => self.session.handle_timeout(Instant::now()),
-            }
-        }
-    }
-
-    fn close(&self, code: ErrorCode, reason: &str) {
-        self.conn.close(code.as_u32().into(), reason.as_bytes());
-    }
-
-    /// Orderly close: flushes what the session still has to send (acks
-    /// above all), waits (bounded) for the relay to receive it, then closes.
-    async fn close_gracefully(&mut self, reason: &str) {
-        let mut rest = std::mem::take(&mut self.out).to_vec();
-        while let Some(b) = self.session.poll_transmit() {
-            rest.extend_from_slice(&b);
-        }
-        let send = &mut self.send;
-        let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            send.write_all(&rest).await.ok()?;
-            send.finish().ok()?;
-            send.stopped().await.ok()
-        })
-        .await;
-        self.close(ErrorCode::NoError, reason);
-    }
-
-    /// Adds what a GoAway said to the error that followed it.
-    fn explain(&self, e: ConnectError) -> ConnectError {
-        match (&self.go_away, e) {
-            (
-                Some((reason, after, msg)),
-                ConnectError::RelayGoingAway { .. }
-                | ConnectError::Replaced(_)
-                | ConnectError::ConnectionLost(_),
-            ) => {
-                if *reason == GoAwayReason::Replaced {
-                    ConnectError::Replaced(msg.clone())
-                } else {
-                    ConnectError::RelayGoingAway {
-                        reconnect_after: *after,
-                        message: msg.clone(),
-                    }
-                }
-            }
-            (_, e) => e,
-        }
-    }
-}
-
-fn local_close(c: Close) -> ConnectError {
-    ConnectError::from_close_code(Some(c.code), c.reason)
-}
-
-fn write_error(e: quinn::WriteError) -> ConnectError {
-    match e {
-        quinn::WriteError::ConnectionLost(c) => ConnectError::from_connection(c),
-        other => ConnectError::ConnectionLost(format!("control stream: {other}")),
-    }
-}
-
-fn read_error(e: quinn::ReadError) -> ConnectError {
-    match e {
-        quinn::ReadError::ConnectionLost(c) => ConnectError::from_connection(c),
-        other => ConnectError::ConnectionLost(format!("control stream: {other}")),
-    }
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d.into()).await,
-        None => std::future::pending().await,
-    }
-}
-
-struct ChannelState {
-    callback: WakeCallback,
-    id: Option<String>,
-    waiters: Vec<oneshot::Sender<Result<String, RegisterError>>>,
-}
-
 struct Driver {
     keepalive: Keepalive,
-    /// Event ids already handed to the app.
-    seen: Seen,
+    dedup: Option<DedupFile>,
+    core: DeviceConnection,
     config: Arc<Config>,
     shared: Arc<Shared>,
     endpoints: Endpoints,
+    /// For the acks of streamed wakes (weak: the driver ends when every
+    /// client handle is gone).
+    cmd_tx: mpsc::WeakUnboundedSender<Command>,
     cmd_rx: mpsc::UnboundedReceiver<Command>,
-    /// Channel name -> state.
-    channels: HashMap<String, ChannelState>,
-    /// Channel id -> name.
-    by_id: HashMap<String, String>,
-    /// Register request id -> names asked for.
-    requests: HashMap<u64, Vec<String>>,
-    /// The request that re-registers channels after a reconnect.
-    reregister: Option<u64>,
+    /// Channel name -> where its wakes go.
+    sinks: HashMap<String, Sink>,
+    /// Channel name -> register calls waiting for its id.
+    waiters: HashMap<String, Vec<oneshot::Sender<Result<ChannelId, RegisterError>>>>,
 }
 
 impl Driver {
@@ -411,6 +127,7 @@ impl Driver {
         let mut backoff = Backoff::new(initial, max);
         loop {
             let mut error = self.serve(&mut link).await;
+            self.core.disconnected();
             self.set_info(None);
             if !error.is_retryable() {
                 let why = error.to_string();
@@ -451,7 +168,8 @@ impl Driver {
                     return self.fail_all("the client was closed");
                 }
                 self.emit(&Status::Connecting { attempt });
-                match Link::establish(&self.config, &mut self.endpoints, self.keepalive.interval())
+                let interval = self.keepalive.interval();
+                match Link::establish(&self.config, &mut self.endpoints, &mut self.core, interval)
                     .await
                 {
                     Ok(l) => break l,
@@ -474,26 +192,28 @@ impl Driver {
     /// Serves one connection until it fails or the app closes the client.
     async fn serve(&mut self, link: &mut Link) -> ConnectError {
         loop {
+            while let Some(ev) = self.core.poll_event() {
+                self.on_event(link, ev);
+            }
             self.sync_keepalive(link);
             let deadline = self.keepalive.deadline();
             tokio::select! {
-                Some(id) = self.keepalive.replies.recv() => self.keepalive.on_probe_reply(Instant::now(), id),
-                _ = sleep_until(deadline), if deadline.is_some() => self.keepalive.on_timer(Instant::now()),
+                Some(id) = self.keepalive.replies.recv() => self.keepalive.on_probe_reply(clock::now(), id),
+                _ = sleep_until(deadline), if deadline.is_some() => self.keepalive.on_timer(clock::now()),
                 cmd = self.cmd_rx.recv() => match cmd {
                     None => {
-                        link.close_gracefully("client dropped").await;
+                        link.close_gracefully(&mut self.core, "client dropped").await;
                         return ConnectError::Closed;
                     }
                     Some(Command::Close { reply }) => {
-                        link.close_gracefully("client closed").await;
+                        link.close_gracefully(&mut self.core, "client closed").await;
                         let _ = reply.send(());
                         return ConnectError::Closed;
                     }
                     Some(cmd) => self.on_command(cmd, Some(link)),
                 },
-                ev = link.next_event() => match ev {
-                    Ok(ev) => self.on_event(link, ev),
-                    Err(e) => return e,
+                r = link.step(&mut self.core) => if let Err(e) = r {
+                    return e;
                 },
             }
         }
@@ -524,14 +244,16 @@ impl Driver {
             (link.probe_port != 0)
                 .then(|| SocketAddr::new(link.info.relay_addr.ip(), link.probe_port))
         });
-        for status in self.keepalive.poll(Instant::now(), probe_addr) {
+        for status in self.keepalive.poll(clock::now(), probe_addr) {
             self.emit(&status);
         }
         let interval = self.keepalive.interval();
-        if link.session.keepalive_interval() != interval {
-            link.session.set_keepalive_interval(interval);
-            link.info.keepalive_interval = interval;
-            self.set_info(Some(link.info.clone()));
+        if let Some(session) = self.core.session_mut() {
+            if session.keepalive_interval() != interval {
+                session.set_keepalive_interval(interval);
+                link.info.keepalive_interval = interval;
+                self.set_info(Some(link.info.clone()));
+            }
         }
     }
 
@@ -539,62 +261,55 @@ impl Driver {
         info!(relay = %link.info.relay_addr, session = %link.info.session_id, suite = link.info.cipher_suite.name(), "connected");
         self.set_info(Some(link.info.clone()));
         self.emit(&Status::Connected(link.info.clone()));
-        self.requests.clear();
-        if !self.channels.is_empty() {
-            let names: Vec<String> = self.channels.keys().cloned().collect();
-            let request = link.session.register(Instant::now(), names.clone());
-            self.requests.insert(request, names);
-            self.reregister = Some(request);
-        }
     }
 
     fn on_command(&mut self, cmd: Command, link: Option<&mut Link>) {
+        let now = clock::now();
         match cmd {
-            Command::Register {
-                name,
-                callback,
-                reply,
-            } => {
-                if self.channels.contains_key(&name) {
-                    let _ = reply.send(Err(RegisterError::AlreadyRegistered(name)));
-                    return;
-                }
-                self.channels.insert(
-                    name.clone(),
-                    ChannelState {
-                        callback,
-                        id: None,
-                        waiters: vec![reply],
-                    },
-                );
-                // Offline: registered with the others on the next connection.
-                if let Some(link) = link {
-                    let request = link.session.register(Instant::now(), vec![name.clone()]);
-                    self.requests.insert(request, vec![name]);
+            Command::Register { name, sink, reply } => {
+                match self.core.register(now, name.clone()) {
+                    Ok(()) => {
+                        self.sinks.insert(name.clone(), sink);
+                        self.waiters.entry(name).or_default().push(reply);
+                    }
+                    Err(AddChannelError::AlreadyRegistered(n)) => {
+                        let _ = reply.send(Err(RegisterError::AlreadyRegistered(n)));
+                    }
                 }
             }
             Command::Unregister { channel_id, reply } => {
-                if let Some(name) = self.by_id.remove(&channel_id) {
-                    self.channels.remove(&name);
-                    if let Some(link) = link {
-                        link.session.unregister(Instant::now(), vec![channel_id]);
-                    }
+                if let Some(name) = self.core.unregister(now, &channel_id) {
+                    self.sinks.remove(&name);
                 }
                 let _ = reply.send(Ok(()));
             }
+            Command::Ack { event_id } => self.handled(&event_id),
+            Command::Abandon { event_id } => self.core.abandoned(&event_id),
             Command::Close { reply } => {
                 let _ = reply.send(());
             }
             Command::SetStandby(on) => self.keepalive.set_standby(on),
-            Command::DecreaseKeepalive => self.keepalive.decrease(Instant::now()),
-            Command::SetKeepalive(policy) => self.keepalive.set_policy(policy, Instant::now()),
-            Command::AddPeriodic(period, cb) => {
-                self.keepalive.add_periodic(period, cb, Instant::now())
-            }
+            Command::DecreaseKeepalive => self.keepalive.decrease(now),
+            Command::SetKeepalive(policy) => self.keepalive.set_policy(policy, now),
+            Command::AddPeriodic(period, cb) => self.keepalive.add_periodic(period, cb, now),
             Command::NetworkChanged(network) => {
-                self.keepalive.network_changed(network, Instant::now());
+                self.keepalive.network_changed(network, now);
                 if let Some(link) = link {
                     self.migrate(link);
+                }
+            }
+        }
+    }
+
+    /// The app is done with an event: remember it (persisted first, if a
+    /// dedup store is used), then the core acks it.
+    fn handled(&mut self, event_id: &str) {
+        if self.core.handled(clock::now(), event_id) {
+            if let Some(f) = &mut self.dedup {
+                if let Err(e) =
+                    f.append(event_id, self.config.dedup_window, self.core.handled_ids())
+                {
+                    warn!(error = %e, "cannot persist the handled event id");
                 }
             }
         }
@@ -626,97 +341,45 @@ impl Driver {
                 }
             }
         }
-        link.session.ping(Instant::now());
+        if let Some(s) = self.core.session_mut() {
+            s.ping(clock::now());
+        }
     }
 
-    fn on_event(&mut self, link: &mut Link, ev: DeviceEvent) {
+    fn on_event(&mut self, link: &mut Link, ev: DeviceConnectionEvent) {
         match ev {
-            DeviceEvent::Registered { request_id, result } => {
-                let names = self.requests.remove(&request_id).unwrap_or_default();
-                match result {
-                    Ok(bindings) => {
-                        for b in bindings {
-                            let Some(state) = self.channels.get_mut(&b.name) else {
-                                continue;
-                            };
-                            if let Some(old) = state.id.as_ref().filter(|old| **old != b.channel_id)
-                            {
-                                warn!(channel = %b.name, %old, new = %b.channel_id, "channel id changed");
-                                self.by_id.remove(old);
-                            }
-                            state.id = Some(b.channel_id.clone());
-                            for w in state.waiters.drain(..) {
-                                let _ = w.send(Ok(b.channel_id.clone()));
-                            }
-                            self.by_id.insert(b.channel_id, b.name);
-                        }
-                        if self.reregister == Some(request_id) {
-                            self.reregister = None;
-                            self.emit(&Status::Reset { channels: names });
-                        }
+            DeviceConnectionEvent::Registered { name, channel_id } => {
+                for w in self.waiters.remove(&name).unwrap_or_default() {
+                    let _ = w.send(Ok(ChannelId::new(channel_id.clone())));
+                }
+            }
+            DeviceConnectionEvent::RegisterRefused { names, refused } => {
+                warn!(?names, code = refused.code, message = %refused.message, "registration refused");
+                for name in names {
+                    if self.core.channel_id(&name).is_none() {
+                        self.sinks.remove(&name);
                     }
-                    Err(refused) => {
-                        warn!(?names, code = refused.code, message = %refused.message, "registration refused");
-                        for name in names {
-                            let fresh = self.channels.get(&name).is_some_and(|s| s.id.is_none());
-                            if let Some(state) = self.channels.get_mut(&name) {
-                                for w in state.waiters.drain(..) {
-                                    let _ = w.send(Err(RegisterError::Refused {
-                                        code: refused.code,
-                                        message: refused.message.clone(),
-                                    }));
-                                }
-                            }
-                            if fresh {
-                                self.channels.remove(&name);
-                            }
-                        }
+                    for w in self.waiters.remove(&name).unwrap_or_default() {
+                        let _ = w.send(Err(RegisterError::refused(&refused)));
                     }
                 }
             }
-            DeviceEvent::Wake(w) => {
-                if self.seen.contains(&w.event_id) {
-                    debug!(event = %w.event_id, "duplicate wake: already handled, acking again");
-                    link.session.ack(Instant::now(), w.event_id);
-                    return;
-                }
-                let Some(name) = self.by_id.get(&w.channel_id) else {
-                    warn!(channel = %w.channel_id, event = %w.event_id, "wake for a channel this client does not have; not acked");
-                    return;
-                };
-                let Some(state) = self.channels.get(name) else {
-                    return;
-                };
-                let event = WakeEvent {
-                    priority: Priority::try_from(w.priority).unwrap_or(Priority::High),
-                    event_id: w.event_id,
-                    channel_id: w.channel_id,
-                    channel: name.clone(),
-                    payload: w.payload,
-                    created_at_ms: w.created_at_ms,
-                    ttl_s: w.ttl_s,
-                };
-                let cb = state.callback.clone();
-                if catch_unwind(AssertUnwindSafe(|| cb(&event))).is_ok() {
-                    if let Err(e) = self.seen.insert(&event.event_id) {
-                        warn!(error = %e, "cannot persist the handled event id");
-                    }
-                    link.session.ack(Instant::now(), event.event_id);
-                } else {
-                    warn!(event = %event.event_id, "wake callback panicked; event not acked");
-                }
+            DeviceConnectionEvent::Reset { channels } => self.emit(&Status::Reset { channels }),
+            DeviceConnectionEvent::Wake { channel, wake } => self.on_wake(channel, wake),
+            DeviceConnectionEvent::UnknownChannel { wake } => {
+                warn!(channel = %wake.channel_id, event = %wake.event_id, "wake for a channel this client does not have; not acked");
             }
-            DeviceEvent::KeepaliveCompleted {
+            DeviceConnectionEvent::KeepaliveCompleted {
                 rtt,
                 observed_addr,
                 idle,
             } => {
                 debug!(?rtt, %observed_addr, ?idle, "keepalive");
                 self.keepalive
-                    .on_keepalive(Instant::now(), idle, &observed_addr);
+                    .on_keepalive(clock::now(), idle, &observed_addr);
                 self.emit(&Status::KeepaliveCompleted { rtt, observed_addr });
             }
-            DeviceEvent::GoAway {
+            DeviceConnectionEvent::GoAway {
                 reason,
                 reconnect_after,
                 message,
@@ -724,11 +387,47 @@ impl Driver {
                 info!(?reason, ?reconnect_after, %message, "relay going away");
                 link.go_away = Some((reason, reconnect_after, message));
             }
-            DeviceEvent::Welcome { .. } => {}
+            DeviceConnectionEvent::Welcome { .. } => {}
         }
     }
 
-    fn set_info(&self, info: Option<ConnectionInfo>) {
+    fn on_wake(&mut self, channel: String, w: WireWake) {
+        let event = WakeEvent {
+            priority: Priority::from_wire(w.priority),
+            event_id: w.event_id,
+            channel_id: ChannelId::new(w.channel_id),
+            channel,
+            payload: w.payload,
+            created_at_ms: w.created_at_ms,
+            ttl_s: w.ttl_s,
+        };
+        match self.sinks.get(&event.channel) {
+            Some(Sink::Callback(cb)) => {
+                let cb = cb.clone();
+                if catch_unwind(AssertUnwindSafe(|| cb(&event))).is_ok() {
+                    self.handled(&event.event_id);
+                } else {
+                    warn!(event = %event.event_id, "wake callback panicked; event not acked");
+                    self.core.abandoned(&event.event_id);
+                }
+            }
+            Some(Sink::Stream(tx)) => {
+                let Some(cmd) = self.cmd_tx.upgrade() else {
+                    return self.core.abandoned(&event.event_id);
+                };
+                let id = event.event_id.clone();
+                if let Err(e) = tx.try_send(Wake::new(event, cmd)) {
+                    // The app does not read (or dropped) the stream: not
+                    // acked, so the relay sends it again later.
+                    debug!(event = %id, "wake stream full or closed; not acked");
+                    drop(e);
+                }
+            }
+            None => self.core.abandoned(&event.event_id),
+        }
+    }
+
+    fn set_info(&self, info: Option<crate::types::ConnectionInfo>) {
         if let Ok(mut i) = self.shared.info.lock() {
             *i = info;
         }
@@ -743,24 +442,11 @@ impl Driver {
     }
 
     fn fail_all(&mut self, why: &str) {
-        for (_, state) in self.channels.drain() {
-            for w in state.waiters {
+        for (_, waiters) in self.waiters.drain() {
+            for w in waiters {
                 let _ = w.send(Err(RegisterError::Closed(why.to_owned())));
             }
         }
+        self.sinks.clear();
     }
-}
-
-fn random_u64() -> u64 {
-    let mut b = [0u8; 8];
-    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).is_err() {
-        // Jitter only: the clock's low bits will do.
-        return u64::from(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.subsec_nanos())
-                .unwrap_or(0),
-        );
-    }
-    u64::from_le_bytes(b)
 }

@@ -4,7 +4,11 @@
 use std::time::Duration;
 
 use thiserror::Error;
+use wakewire_proto::device_session::RegisterRefused;
 use wakewire_proto::names::NameError;
+use wakewire_proto::relay_session::{
+    REGISTER_ERROR_INVALID_NAME, REGISTER_ERROR_TOO_MANY_CHANNELS,
+};
 use wakewire_proto::ErrorCode;
 
 /// Why a connection to the relay could not be made or was lost.
@@ -171,11 +175,11 @@ pub enum RegisterError {
     /// The name is not a valid channel name (checked before sending).
     #[error(transparent)]
     InvalidName(#[from] NameError),
-    /// The relay refused (see `REGISTER_ERROR_*` codes).
-    #[error("relay refused the registration (code {code}): {message}")]
+    /// The relay refused.
+    #[error("relay refused the registration ({reason:?}): {message}")]
     Refused {
-        /// Refusal code.
-        code: u32,
+        /// Why.
+        reason: RegisterRefusal,
         /// The relay's message.
         message: String,
     },
@@ -186,6 +190,37 @@ pub enum RegisterError {
     #[error("client closed: {0}")]
     Closed(String),
 }
+
+impl RegisterError {
+    pub(crate) fn refused(r: &RegisterRefused) -> Self {
+        let reason = match r.code {
+            REGISTER_ERROR_INVALID_NAME => RegisterRefusal::InvalidName,
+            REGISTER_ERROR_TOO_MANY_CHANNELS => RegisterRefusal::TooManyChannels,
+            other => RegisterRefusal::Other(other),
+        };
+        RegisterError::Refused {
+            reason,
+            message: r.message.clone(),
+        }
+    }
+}
+
+/// Why the relay refused to register a channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegisterRefusal {
+    /// The relay considers the name invalid.
+    InvalidName,
+    /// The device would exceed the relay's channel limit.
+    TooManyChannels,
+    /// A code this SDK version does not know.
+    Other(u32),
+}
+
+/// The client has been closed (by the app, or for good after an error
+/// that retrying cannot fix): the call had no effect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+#[error("the client is closed")]
+pub struct ClientClosed;
 
 #[cfg(test)]
 mod tests {

@@ -12,9 +12,10 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 use wakewire_proto::probe::Probe;
 
-use crate::client::{KeepalivePolicy, PeriodicCallback, Status};
+use crate::config::PeriodicCallback;
 use crate::memory::NetworkMemory;
 use crate::tuner::{ProbeRequest, Tuner, TunerEvent};
+use crate::types::{KeepalivePolicy, Status};
 
 struct Periodic {
     period: Duration,
@@ -47,7 +48,7 @@ impl Keepalive {
             standby: false,
             periodic: vec![],
         };
-        k.set_policy(policy, Instant::now());
+        k.set_policy(policy, crate::clock::now());
         k
     }
 

@@ -11,39 +11,59 @@
 //!     .on_status(|s| println!("status: {s:?}"))
 //!     .connect()
 //!     .await?;
-//! let channel_id = client
+//! // A short callback, acked when it returns...
+//! let mail = client
 //!     .channel("mail")
 //!     .on_wake(|w| println!("wake {} on {}: {:?}", w.event_id, w.channel, w.payload))
 //!     .register()
 //!     .await?;
-//! println!("publish to channel {channel_id}");
+//! // ...or a stream, for work that takes time: ack when done.
+//! let (chat, mut wakes) = client.channel("chat").subscribe().await?;
+//! println!("publish to channels {mail} and {chat}");
+//! while let Some(wake) = wakes.next().await {
+//!     println!("chat: {:?}", wake.payload);
+//!     wake.ack();
+//! }
 //! # Ok(()) }
 //! ```
 //!
-//! Design: the protocol logic is the sans-IO
-//! [`wakewire_proto::device_session::DeviceSession`]; this crate is the thin
-//! driver that owns the socket, runs callbacks, acks after each callback
-//! returns, and reconnects with capped exponential backoff and full jitter,
-//! re-registering channels (their ids are stable). [`Client::info`] reports
-//! what was negotiated; a connection below [`Protection`] is refused.
+//! Design: what the device decides lives in the sans-IO
+//! [`wakewire_proto::device_connection::DeviceConnection`] (channel table,
+//! re-registration after a reconnect, which wakes reach the app, acks) and
+//! the sans-IO keepalive [`tuner`]; this crate is the driver that owns the
+//! socket, runs callbacks, persists the dedup window, and reconnects with
+//! capped exponential backoff and full jitter. [`Client::info`] reports what
+//! was negotiated; a connection below [`Protection`] is refused.
+//!
+//! Feature `testing` adds what simulations and tests need: the standby
+//! simulation ([`sim`]), the radio energy model ([`energy`]) and a raw QUIC
+//! client configuration ([`quic_client_config`]).
 
 mod backoff;
 mod client;
+mod clock;
+mod config;
 mod dedup;
 mod driver;
+#[cfg(feature = "testing")]
 pub mod energy;
 mod error;
 mod keepalive;
+mod link;
 mod memory;
+#[cfg(feature = "testing")]
 pub mod sim;
+mod stream;
 mod tls;
 pub mod tuner;
+mod types;
 
 pub use backoff::Backoff;
-pub use client::{
-    ChannelBuilder, Client, ClientBuilder, ConnectionInfo, KeepalivePolicy, Status, WakeEvent,
-};
-pub use error::{ConnectError, RegisterError};
-pub use tls::{quic_client_config, transport_config, CipherSuite, Protection};
-pub use tuner::{Learned, TunerConfig};
-pub use wakewire_proto::pb::device::Priority;
+pub use client::{ChannelBuilder, Client, ClientBuilder};
+pub use error::{ClientClosed, ConnectError, RegisterError, RegisterRefusal};
+pub use stream::{Wake, WakeStream};
+#[cfg(feature = "testing")]
+pub use tls::quic_client_config;
+pub use tls::{transport_config, CipherSuite, Protection};
+pub use tuner::{IntervalReason, Learned, TunerConfig};
+pub use types::{ChannelId, ConnectionInfo, KeepalivePolicy, Priority, Status, WakeEvent};

@@ -179,6 +179,7 @@ pub(crate) fn add_pem_roots(roots: &mut RootCertStore, path: &Path) -> Result<()
 /// A QUIC client config with exactly the SDK's TLS and transport settings,
 /// trusting the certificates in `ca_pem`: for tools and tests that speak raw
 /// QUIC to a relay (the load tester's floor client, negative tests).
+#[cfg(feature = "testing")]
 pub fn quic_client_config(ca_pem: &Path) -> Result<quinn::ClientConfig, ConnectError> {
     let mut roots = RootCertStore::empty();
     add_pem_roots(&mut roots, ca_pem)?;

@@ -92,6 +92,17 @@ pub struct ProbeRequest {
     pub delay: Duration,
 }
 
+/// Why the keepalive interval changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IntervalReason {
+    /// Probes bracketed the NAT timeout: the interval moved just below it.
+    Learned,
+    /// The NAT dropped the connection's binding: the interval stepped down.
+    BindingLost,
+    /// The app asked for a shorter interval (`Client::decrease_keepalive`).
+    DecreasedByApp,
+}
+
 /// Something worth telling the app.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TunerEvent {
@@ -100,7 +111,7 @@ pub enum TunerEvent {
         /// New interval.
         interval: Duration,
         /// Why.
-        reason: &'static str,
+        reason: IntervalReason,
     },
     /// The bracket is tight: learning is done for this network.
     Converged {
@@ -208,7 +219,7 @@ impl Tuner {
         self.upper = Some(self.upper.map_or(self.interval, |u| u.min(self.interval)));
         self.lower = self.lower.min(cut);
         self.converged = false;
-        self.set_interval(cut, "decreased by the app");
+        self.set_interval(cut, IntervalReason::DecreasedByApp);
         self.plan(now);
     }
 
@@ -232,7 +243,7 @@ impl Tuner {
             self.to_send.clear();
             self.converged = false;
             let step = floor.max(self.cfg.min_interval);
-            self.set_interval(step, "binding lost: stepping down");
+            self.set_interval(step, IntervalReason::BindingLost);
             self.plan(now);
         } else if idle > self.lower {
             self.alive(now, idle);
@@ -367,7 +378,7 @@ impl Tuner {
         // the bound fell.
         let target = self.target();
         if !self.lower.is_zero() && target != self.interval {
-            self.set_interval(target, "learned");
+            self.set_interval(target, IntervalReason::Learned);
         }
         // Probes that can no longer narrow the bracket are forgotten.
         let (lower, upper) = (self.lower, self.upper);
@@ -435,7 +446,7 @@ impl Tuner {
         }
     }
 
-    fn set_interval(&mut self, interval: Duration, reason: &'static str) {
+    fn set_interval(&mut self, interval: Duration, reason: IntervalReason) {
         if interval != self.interval {
             self.interval = interval;
             self.events

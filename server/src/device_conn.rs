@@ -90,7 +90,7 @@ pub(crate) async fn serve(incoming: quinn::Incoming, shared: Arc<Shared>) {
 
 /// What a store job reports back to the loop.
 enum Done {
-    Queued(Result<Vec<(StoredEvent, Claim)>, StoreError>),
+    Queued(Vec<String>, Result<Vec<(StoredEvent, Claim)>, StoreError>),
     Acked,
     Other,
 }
@@ -272,7 +272,9 @@ impl Driver {
                 let store = self.shared.store.clone();
                 self.work.spawn(async move {
                     for id in channel_ids {
-                        if let Err(e) = store.channel_gone(id, reason.into(), clock::unix_ms()).await
+                        if let Err(e) = store
+                            .channel_gone(id, reason.into(), clock::unix_ms())
+                            .await
                         {
                             warn!(error = %e, "unregister not persisted");
                         }
@@ -409,23 +411,32 @@ impl Driver {
 
     fn read_queues(&mut self, channel_ids: Vec<String>) {
         let store = self.shared.store.clone();
-        self.work
-            .spawn(async move { Done::Queued(store.claim_queued(channel_ids).await) });
+        self.work.spawn(async move {
+            let read = store.claim_queued(channel_ids.clone()).await;
+            Done::Queued(channel_ids, read)
+        });
     }
 
     fn on_done(&mut self, rc: &mut RelayConnection, done: Result<Done, tokio::task::JoinError>) {
         match done {
-            Ok(Done::Queued(Ok(events))) => {
-                let now = clock::now();
-                for (ev, claim) in events {
-                    let id = ev.event_id.clone();
-                    if rc.handle_wake(now, stored_wake(ev), true).is_ok() {
+            Ok(Done::Queued(channel_ids, Ok(events))) => {
+                let mut claims: HashMap<String, Claim> = HashMap::with_capacity(events.len());
+                let wakes = events
+                    .into_iter()
+                    .map(|(ev, claim)| {
+                        claims.insert(ev.event_id.clone(), claim);
+                        stored_wake(ev)
+                    })
+                    .collect();
+                for (id, taken) in rc.handle_queued(clock::now(), &channel_ids, wakes) {
+                    if let (Ok(()), Some(claim)) = (taken, claims.remove(&id)) {
                         self.claims.insert(id, claim);
                     }
                 }
             }
-            Ok(Done::Queued(Err(e))) => {
-                warn!(error = %e, "cannot read the channel queues; they are sent on the next connection")
+            Ok(Done::Queued(channel_ids, Err(e))) => {
+                warn!(error = %e, "cannot read the channel queues; they are sent on the next connection");
+                rc.handle_queued(clock::now(), &channel_ids, vec![]);
             }
             Ok(Done::Acked) => self.ack_writing = false,
             Ok(Done::Other) => {}

@@ -177,12 +177,11 @@ impl PublisherService {
                 return Ok(claims.clone());
             }
         }
-        let claims = Arc::new(
-            self.shared
-                .keys
-                .verifier
-                .verify(token, TokenKind::Publisher, now)?,
-        );
+        let claims = Arc::new(self.shared.keys.verifier.verify(
+            token,
+            TokenKind::Publisher,
+            now,
+        )?);
         if self.verified.len() >= TOKEN_CACHE {
             self.verified.clear();
         }
@@ -591,9 +590,7 @@ impl Publisher for PublisherService {
     ) -> Result<Response<PublishResponse>, Status> {
         let span = info_span!("publish", channel = %truncate(&request.get_ref().channel_id), event = tracing::field::Empty);
         let claims = self.authenticate(request.metadata())?;
-        let r = self
-            .publish_one(claims, request.into_inner(), span)
-            .await?;
+        let r = self.publish_one(claims, request.into_inner(), span).await?;
         Ok(Response::new(r))
     }
 
@@ -624,9 +621,9 @@ impl Publisher for PublisherService {
             .collect();
         let mut results = Vec::with_capacity(tasks.len());
         for task in tasks {
-            let r = task
-                .await
-                .unwrap_or_else(|e| Err(PublishError::Internal(format!("publish task failed: {e}"))));
+            let r = task.await.unwrap_or_else(|e| {
+                Err(PublishError::Internal(format!("publish task failed: {e}")))
+            });
             results.push(match r {
                 Ok(resp) => PublishBatchResult {
                     response: Some(resp),

@@ -18,8 +18,8 @@ pub(crate) fn endpoint(
     udp_buffer_bytes: usize,
 ) -> std::io::Result<quinn::Endpoint> {
     tune(&socket, udp_buffer_bytes);
-    let runtime =
-        quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime for quinn"))?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| std::io::Error::other("no async runtime for quinn"))?;
     let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(keys.reset_key.clone()));
     // Answer every packet of a connection we no longer know with a stateless
     // reset (quinn's default allows one per 20 ms): after a crash, devices

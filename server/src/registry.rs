@@ -97,8 +97,10 @@ impl Registry {
     /// Marks a channel of `device_id` gone.
     pub fn channel_gone(&self, channel_id: &str, device_id: &Arc<str>, reason: &str) {
         self.channels.remove(channel_id);
-        self.gone
-            .insert(channel_id.to_owned(), (reason.to_owned(), device_id.clone()));
+        self.gone.insert(
+            channel_id.to_owned(),
+            (reason.to_owned(), device_id.clone()),
+        );
     }
 
     /// Why a channel is gone, if it is.

@@ -160,15 +160,19 @@ pub async fn start_on(
         TlsSource::Files { cert, key } => (cert.clone(), key.clone(), None),
     };
     let (certs, key) = tls::load_pem(&cert_path, &key_path)?;
-    let server_config =
-        tls::server_config(certs, key, config.connection.session.idle_timeout)?;
+    let server_config = tls::server_config(certs, key, config.connection.session.idle_timeout)?;
     let bind_err = |what, addr, source| StartError::Bind { what, addr, source };
     let quic_addr = listeners
         .quic
         .local_addr()
         .map_err(|e| bind_err("QUIC (UDP)", config.quic_listen, e))?;
-    let endpoint = crate::quic::endpoint(listeners.quic, &keys, server_config, config.udp_buffer_bytes)
-        .map_err(|e| bind_err("QUIC (UDP)", quic_addr, e))?;
+    let endpoint = crate::quic::endpoint(
+        listeners.quic,
+        &keys,
+        server_config,
+        config.udp_buffer_bytes,
+    )
+    .map_err(|e| bind_err("QUIC (UDP)", quic_addr, e))?;
     listeners
         .grpc
         .set_nonblocking(true)

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use tonic::Code;
-use wakewire_proto::pb::publish::{DeliveryStatus, PublishBatchRequest, PublishRequest};
+use wakewire_api::pb::{DeliveryStatus, PublishBatchRequest, PublishRequest};
 use wakewire_proto::ErrorCode;
 use wakewire_sdk::{CipherSuite, ConnectError, Status};
 use wakewire_test_support::{
@@ -32,8 +32,18 @@ async fn publish_reaches_the_right_callback_of_two_channels() -> anyhow::Result<
 
     let (mail_cb, mut mail) = wake_sink();
     let (chat_cb, mut chat) = wake_sink();
-    let mail_id = client.channel("mail").on_wake(mail_cb).register().await?;
-    let chat_id = client.channel("chat").on_wake(chat_cb).register().await?;
+    let mail_id = client
+        .channel("mail")
+        .on_wake(mail_cb)
+        .register()
+        .await?
+        .into_string();
+    let chat_id = client
+        .channel("chat")
+        .on_wake(chat_cb)
+        .register()
+        .await?
+        .into_string();
     assert_ne!(mail_id, chat_id);
     assert_eq!(mail_id.len(), 22);
 
@@ -92,7 +102,9 @@ async fn publish_reaches_the_right_callback_of_two_channels() -> anyhow::Result<
     assert_eq!(recv(&mut chat).await?.payload, b"3");
 
     // Unregister: the channel is gone for publishers.
-    client.unregister(&mail_id).await?;
+    client
+        .unregister(&wakewire_sdk::ChannelId::new(mail_id.clone()))
+        .await?;
     let err = loop {
         match publisher
             .publish(authed(publish(&mail_id, b"x"), &token))
@@ -117,7 +129,12 @@ async fn reconnect_after_relay_restart_keeps_channel_ids() -> anyhow::Result<()>
         .connect()
         .await?;
     let (cb, mut wakes) = wake_sink();
-    let id = client.channel("sync").on_wake(cb).register().await?;
+    let id = client
+        .channel("sync")
+        .on_wake(cb)
+        .register()
+        .await?
+        .into_string();
 
     relay.restart().await?;
     let lost = wait_status(&mut statuses, |s| matches!(s, Status::Disconnected { .. })).await?;
@@ -241,9 +258,9 @@ async fn untrusted_certificate_and_bad_addresses_are_typed_errors() -> anyhow::R
 async fn publish_errors_map_to_grpc_codes() -> anyhow::Result<()> {
     let relay = TestRelay::start().await?;
     let client = relay.client("tablet").connect().await?;
-    let id = client.channel("news").register().await?;
+    let id = client.channel("news").register().await?.into_string();
     let other = relay.client("other").connect().await?;
-    let other_id = other.channel("news").register().await?;
+    let other_id = other.channel("news").register().await?.into_string();
     let mut p = relay.publisher().await?;
     let scoped = relay.publisher_token(&[&id], &[]);
 
@@ -317,7 +334,12 @@ async fn garbage_on_the_control_stream_closes_only_that_connection() -> anyhow::
     let relay = TestRelay::start().await?;
     let good = relay.client("good").connect().await?;
     let (cb, mut wakes) = wake_sink();
-    let id = good.channel("c").on_wake(cb).register().await?;
+    let id = good
+        .channel("c")
+        .on_wake(cb)
+        .register()
+        .await?
+        .into_string();
 
     let (_ep, conn) = raw_connection(&relay).await?;
     let (mut send, _recv) = conn.open_bi().await?;
@@ -366,7 +388,7 @@ async fn a_second_connection_of_the_same_device_replaces_the_first() -> anyhow::
     let relay = TestRelay::start().await?;
     let (status_cb, mut statuses) = status_sink();
     let first = relay.client("dup").on_status(status_cb).connect().await?;
-    let _id = first.channel("c").register().await?;
+    let _id = first.channel("c").register().await?.into_string();
     let second = relay.client("dup").connect().await?;
     let s = wait_status(&mut statuses, |s| matches!(s, Status::Disconnected { .. })).await?;
     assert!(

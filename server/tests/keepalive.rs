@@ -4,7 +4,7 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use wakewire_proto::pb::publish::DeliveryStatus;
+use wakewire_api::pb::DeliveryStatus;
 use wakewire_sdk::{KeepalivePolicy, Status, TunerConfig};
 use wakewire_test_support::proxy::UdpProxy;
 use wakewire_test_support::{recv, status_sink, wait_status, wake_sink, TestRelay};
@@ -47,7 +47,12 @@ async fn the_tuner_learns_a_2s_nat_and_a_wake_survives_an_expired_binding() -> a
         .connect()
         .await?;
     let (cb, mut wakes) = wake_sink();
-    let ch = client.channel("news").on_wake(cb).register().await?;
+    let ch = client
+        .channel("news")
+        .on_wake(cb)
+        .register()
+        .await?
+        .into_string();
 
     // Converges below T, close to it, without losing the main binding.
     let Status::KeepaliveConverged {
@@ -102,11 +107,16 @@ async fn the_tuner_learns_a_2s_nat_and_a_wake_survives_an_expired_binding() -> a
 
     // The app says its own server timed out: the interval goes down.
     let before = client.info().expect("connected").keepalive_interval;
-    client.decrease_keepalive();
-    let s = wait_status(
-        &mut statuses,
-        |s| matches!(s, Status::KeepaliveInterval { reason, .. } if reason.contains("app")),
-    )
+    client.decrease_keepalive()?;
+    let s = wait_status(&mut statuses, |s| {
+        matches!(
+            s,
+            Status::KeepaliveInterval {
+                reason: wakewire_sdk::IntervalReason::DecreasedByApp,
+                ..
+            }
+        )
+    })
     .await?;
     assert!(matches!(s, Status::KeepaliveInterval { interval, .. } if interval < before));
     client.close().await;
@@ -142,15 +152,20 @@ async fn standby_runs_periodic_work_on_keepalive_wakes_and_a_network_change_keep
         .connect()
         .await?;
     let (cb, mut wakes) = wake_sink();
-    let ch = client.channel("sync").on_wake(cb).register().await?;
+    let ch = client
+        .channel("sync")
+        .on_wake(cb)
+        .register()
+        .await?
+        .into_string();
 
     // Periodic work (the app's own server keepalive) in standby runs right
     // after a network keepalive, never on a timer of its own.
     let (tx, mut ticks) = tokio::sync::mpsc::unbounded_channel();
-    client.set_standby(true);
+    client.set_standby(true)?;
     client.add_periodic(Duration::from_millis(100), move || {
         let _ = tx.send(());
-    });
+    })?;
     for _ in 0..2 {
         wait_status(&mut statuses, |s| {
             matches!(s, Status::KeepaliveCompleted { .. })
@@ -161,7 +176,7 @@ async fn standby_runs_periodic_work_on_keepalive_wakes_and_a_network_change_keep
 
     // Wi-Fi to cellular: a new local socket; the connection migrates.
     let before = client.info().expect("connected");
-    client.network_changed("cellular");
+    client.network_changed("cellular")?;
     let moved = wait_status(&mut statuses, |s| {
         matches!(s, Status::KeepaliveCompleted { .. })
     })
@@ -201,7 +216,12 @@ async fn a_reconnect_sends_its_hello_in_0rtt() -> anyhow::Result<()> {
         "nothing to resume yet"
     );
     let (cb, mut wakes) = wake_sink();
-    let ch = client.channel("calls").on_wake(cb).register().await?;
+    let ch = client
+        .channel("calls")
+        .on_wake(cb)
+        .register()
+        .await?
+        .into_string();
 
     // The path dies (tunnel, elevator); the SDK notices and reconnects when
     // it heals, resuming its TLS session with the Hello in the first flight.

@@ -10,8 +10,8 @@ use std::time::Duration;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tonic::transport::Channel;
 use tonic::Code;
-use wakewire_proto::pb::publish::publisher_client::PublisherClient;
-use wakewire_proto::pb::publish::{
+use wakewire_api::pb::publisher_client::PublisherClient;
+use wakewire_api::pb::{
     DeliveryStatus, EventState, EventStatus, GetEventRequest, Priority, PublishRequest,
     WatchDeliveriesRequest,
 };
@@ -57,7 +57,7 @@ async fn get(
 /// offline and its channel exists.
 async fn offline_channel(relay: &TestRelay, device: &str, channel: &str) -> anyhow::Result<String> {
     let c = relay.client(device).connect().await?;
-    let id = c.channel(channel).register().await?;
+    let id = c.channel(channel).register().await?.into_string();
     c.close().await;
     Ok(id)
 }
@@ -114,7 +114,12 @@ async fn offline_events_are_queued_then_delivered_in_order_exactly_once() -> any
 
     let (cb, mut wakes) = wake_sink();
     let client = relay.client("phone").connect().await?;
-    client.channel("mail").on_wake(cb).register().await?;
+    client
+        .channel("mail")
+        .on_wake(cb)
+        .register()
+        .await?
+        .into_string();
     let got = take(&mut wakes, 5).await?;
     assert_eq!(
         got.iter().map(|w| w.event_id.clone()).collect::<Vec<_>>(),
@@ -162,7 +167,8 @@ async fn offline_events_are_queued_then_delivered_in_order_exactly_once() -> any
         ))
         .await
         .unwrap_err();
-    assert_eq!(e.code(), Code::PermissionDenied);
+    // Another publisher's event does not exist as far as this one can tell.
+    assert_eq!(e.code(), Code::NotFound);
     Ok(())
 }
 
@@ -235,7 +241,12 @@ async fn ttl_expiry_collapse_and_queue_limit_each_report_their_status() -> anyho
 
     let (cb, mut wakes) = wake_sink();
     let client = relay.client("tv").connect().await?;
-    client.channel("alerts").on_wake(cb).register().await?;
+    client
+        .channel("alerts")
+        .on_wake(cb)
+        .register()
+        .await?
+        .into_string();
     let got = take(&mut wakes, 3).await?;
     let payloads: Vec<_> = got
         .iter()
@@ -249,7 +260,9 @@ async fn ttl_expiry_collapse_and_queue_limit_each_report_their_status() -> anyho
 async fn normal_priority_waits_for_a_radio_wake() -> anyhow::Result<()> {
     let relay = TestRelay::start_with(|c| {
         c.ack_wait = Duration::from_millis(300);
-        c.normal_max_delay = Duration::from_secs(60);
+        c.connection.normal_max_delay = Duration::from_secs(60);
+        // Hold even right after the device's Register.
+        c.connection.radio_awake = Duration::ZERO;
     })
     .await?;
     let (cb, mut wakes) = wake_sink();
@@ -258,7 +271,12 @@ async fn normal_priority_waits_for_a_radio_wake() -> anyhow::Result<()> {
         .keepalive(KeepalivePolicy::Fixed(Duration::from_secs(3600)))
         .connect()
         .await?;
-    let ch = client.channel("fit").on_wake(cb).register().await?;
+    let ch = client
+        .channel("fit")
+        .on_wake(cb)
+        .register()
+        .await?
+        .into_string();
     let token = relay.publisher_token(&[&ch], &[]);
     let mut p = relay.publisher().await?;
 
@@ -291,7 +309,7 @@ async fn normal_priority_waits_for_a_radio_wake() -> anyhow::Result<()> {
 async fn normal_priority_rides_the_next_keepalive() -> anyhow::Result<()> {
     let relay = TestRelay::start_with(|c| {
         c.ack_wait = Duration::from_millis(100);
-        c.normal_max_delay = Duration::from_secs(60);
+        c.connection.normal_max_delay = Duration::from_secs(60);
     })
     .await?;
     let (cb, mut wakes) = wake_sink();
@@ -300,7 +318,12 @@ async fn normal_priority_rides_the_next_keepalive() -> anyhow::Result<()> {
         .keepalive(KeepalivePolicy::Fixed(Duration::from_millis(500)))
         .connect()
         .await?;
-    let ch = client.channel("steps").on_wake(cb).register().await?;
+    let ch = client
+        .channel("steps")
+        .on_wake(cb)
+        .register()
+        .await?
+        .into_string();
     let token = relay.publisher_token(&[&ch], &[]);
     let mut e = event(&ch, "batched");
     e.priority = Priority::Normal as i32;
@@ -313,13 +336,17 @@ async fn normal_priority_rides_the_next_keepalive() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn unregistered_channel_is_gone_and_its_queue_dropped() -> anyhow::Result<()> {
-    let relay = TestRelay::start_with(|c| c.ack_wait = Duration::from_millis(100)).await?;
+    let relay = TestRelay::start_with(|c| {
+        c.ack_wait = Duration::from_millis(100);
+        c.connection.radio_awake = Duration::ZERO;
+    })
+    .await?;
     let desk = relay
         .client("desk")
         .keepalive(KeepalivePolicy::Fixed(Duration::from_secs(3600)))
         .connect()
         .await?;
-    let ch = desk.channel("drop").register().await?;
+    let ch = desk.channel("drop").register().await?.into_string();
     let token = relay.publisher_token(&[], &["desk"]);
     let mut p = relay.publisher().await?;
     let mut watch = p
@@ -335,7 +362,8 @@ async fn unregistered_channel_is_gone_and_its_queue_dropped() -> anyhow::Result<
 
     // ...when the device unregisters the channel: the channel is gone (like
     // HTTP 410) and its queue is dropped with that reason.
-    desk.unregister(&ch).await?;
+    desk.unregister(&wakewire_sdk::ChannelId::new(ch.clone()))
+        .await?;
     let dropped = receipts(&mut watch, 1, |s| s.event_id == queued).await?;
     assert_eq!(
         (dropped[0].state(), dropped[0].reason.as_str()),
@@ -356,7 +384,7 @@ async fn unregistered_channel_is_gone_and_its_queue_dropped() -> anyhow::Result<
     // Registering the same name again brings the same channel back.
     let again = desk.channel("drop").register().await;
     // The SDK forgot the name on unregister, so this is a fresh registration.
-    assert_eq!(again?, ch);
+    assert_eq!(again?.as_str(), ch);
     let (_, status) = publish(&mut p, &token, event(&ch, "back")).await?;
     assert_eq!(status, DeliveryStatus::Delivered);
     Ok(())
@@ -379,7 +407,12 @@ async fn a_wake_lost_between_wake_and_ack_is_sent_again_and_fires_once() -> anyh
     // callback fires once.
     let (cb, mut wakes) = wake_sink();
     let client = relay.client("car").connect().await?;
-    client.channel("unlock").on_wake(cb).register().await?;
+    client
+        .channel("unlock")
+        .on_wake(cb)
+        .register()
+        .await?
+        .into_string();
     assert_eq!(recv(&mut wakes).await?.event_id, id);
     let (marker, _) = publish(&mut p, &token, event(&ch, "marker")).await?;
     assert_eq!(
@@ -412,7 +445,8 @@ async fn a_lost_ack_makes_the_relay_resend_and_the_sdk_drops_the_duplicate() -> 
             let _ = tx.send(w.clone());
         })
         .register()
-        .await?;
+        .await?
+        .into_string();
     let token = relay.publisher_token(&[&ch], &[]);
     let mut p = relay.publisher().await?;
     let (id, status) = publish(&mut p, &token, event(&ch, "ring")).await?;
@@ -462,7 +496,12 @@ async fn every_event_arrives_exactly_once_over_a_lossy_path() -> anyhow::Result<
         .connect_timeout(Duration::from_secs(20))
         .connect()
         .await?;
-    let ch = client.channel("sensor").on_wake(cb).register().await?;
+    let ch = client
+        .channel("sensor")
+        .on_wake(cb)
+        .register()
+        .await?
+        .into_string();
     let token = relay.publisher_token(&[&ch], &[]);
     let mut p = relay.publisher().await?;
     let mut ids = vec![];

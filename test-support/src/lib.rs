@@ -11,11 +11,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
-use wakewire_proto::pb::publish::publisher_client::PublisherClient;
+use wakewire_api::pb::publisher_client::PublisherClient;
 use wakewire_sdk::{ClientBuilder, Status, WakeEvent};
-use wakewire_server::{RelayConfig, RelayHandle};
+use wakewire_server::{Listeners, RelayConfig, RelayHandle};
 
 /// Seconds since the Unix epoch.
+#[allow(clippy::disallowed_methods)] // token validity in tests
 pub fn unix_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -40,11 +41,13 @@ impl TestRelay {
     }
 
     /// Starts a relay after letting `tweak` change the local configuration.
+    /// Its sockets are bound here (ephemeral ports) and handed to it.
     pub async fn start_with(tweak: impl FnOnce(&mut RelayConfig)) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let mut config = RelayConfig::local(dir.path().join("data"));
         tweak(&mut config);
-        let handle = wakewire_server::start(config.clone()).await?;
+        let listeners = Listeners::bind(&config)?;
+        let handle = wakewire_server::start_on(config.clone(), listeners).await?;
         Ok(Self {
             handle: Some(handle),
             dir,
@@ -110,9 +113,9 @@ impl TestRelay {
         &self,
         channel: &str,
         payload: &[u8],
-    ) -> anyhow::Result<wakewire_proto::pb::publish::PublishResponse> {
+    ) -> anyhow::Result<wakewire_api::pb::PublishResponse> {
         let token = self.publisher_token(&[channel], &[]);
-        let req = wakewire_proto::pb::publish::PublishRequest {
+        let req = wakewire_api::pb::PublishRequest {
             channel_id: channel.to_owned(),
             payload: payload.to_vec(),
             ..Default::default()
@@ -151,17 +154,23 @@ impl TestRelay {
         }
         self.config.quic_listen = quic;
         self.config.grpc_listen = grpc;
-        // The old sockets close asynchronously: retry the bind briefly.
+        // The old relay's sockets and store close when its last tasks end,
+        // just after it stopped: wait (bounded) until they are free. The
+        // relay itself never retries.
         let mut last = None;
-        for _ in 0..100 {
-            match wakewire_server::start(self.config.clone()).await {
+        for _ in 0..500 {
+            let started = match Listeners::bind(&self.config) {
+                Ok(listeners) => wakewire_server::start_on(self.config.clone(), listeners).await,
+                Err(e) => Err(e),
+            };
+            match started {
                 Ok(h) => {
                     self.handle = Some(h);
                     return Ok(());
                 }
                 Err(e) => last = Some(e),
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
         Err(last
             .map(anyhow::Error::from)
@@ -250,12 +259,13 @@ pub async fn raw_device_take_one_wake(
     device_id: &str,
     channel: &str,
 ) -> anyhow::Result<wakewire_proto::pb::device::Wake> {
-    use std::time::Instant;
     use wakewire_proto::device_session::{DeviceEvent, DeviceSession, DeviceSessionConfig};
+    #[allow(clippy::disallowed_methods)] // a raw device: its own clock
+    let now = std::time::Instant::now;
     let (_ep, conn) = raw_connection(relay).await?;
     let (mut send, mut recv) = conn.open_bi().await?;
     let mut session = DeviceSession::new(
-        Instant::now(),
+        now(),
         DeviceSessionConfig::new(relay.device_token(device_id)),
     );
     let mut registered = false;
@@ -268,7 +278,7 @@ pub async fn raw_device_take_one_wake(
                 match ev {
                     DeviceEvent::Welcome { .. } if !registered => {
                         registered = true;
-                        session.register(Instant::now(), vec![channel.to_owned()]);
+                        session.register(now(), vec![channel.to_owned()]);
                     }
                     DeviceEvent::Wake(w) => return Ok(w),
                     _ => {}
@@ -281,7 +291,7 @@ pub async fn raw_device_take_one_wake(
                 send.write_all(&b).await?;
             }
             match recv.read_chunk(usize::MAX, true).await? {
-                Some(chunk) => session.handle_data(Instant::now(), &chunk.bytes),
+                Some(chunk) => session.handle_data(now(), &chunk.bytes),
                 None => anyhow::bail!("relay closed the stream"),
             }
         }

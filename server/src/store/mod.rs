@@ -311,7 +311,10 @@ impl Store {
         event: StoredEvent,
         idempotency: Option<IdempotencyKey>,
     ) -> Result<Enqueued, StoreError> {
-        self.begin_enqueue(event, idempotency).await?.enqueued().await
+        self.begin_enqueue(event, idempotency)
+            .await?
+            .enqueued()
+            .await
     }
 
     /// Records an idempotency key for an event that is not stored (ttl 0);
@@ -362,7 +365,9 @@ impl Store {
 
     /// Records a channel.
     pub async fn put_channel(&self, id: String, channel: StoredChannel) -> Result<(), StoreError> {
-        self.submit(Op::PutChannel { id, channel }).await.map(|_| ())
+        self.submit(Op::PutChannel { id, channel })
+            .await
+            .map(|_| ())
     }
 
     /// Marks a channel gone and drops its queue.

@@ -10,8 +10,8 @@ use tokio::sync::{broadcast, mpsc};
 use wakewire_api::pb::EventState;
 
 use super::{
-    db, decode, AckItem, AckOutcome, Duplicate, Enqueued, FinishReason, IdempotencyKey, Job,
-    Reply, StoreConfig, StoreError,
+    db, decode, AckItem, AckOutcome, Duplicate, Enqueued, FinishReason, IdempotencyKey, Job, Reply,
+    StoreConfig, StoreError,
 };
 use crate::claims::Claims;
 use crate::metrics as m;
@@ -208,7 +208,13 @@ impl Writer {
                     if let Some(dup) = t.duplicate(key)? {
                         return Ok((Reply::Enqueued(Enqueued::Duplicate(dup)), vec![]));
                     }
-                    t.remember_key(key, &ev.event_id, ev.created_at_ms, true, self.idem_retention())?;
+                    t.remember_key(
+                        key,
+                        &ev.event_id,
+                        ev.created_at_ms,
+                        true,
+                        self.idem_retention(),
+                    )?;
                 }
                 let (event, displaced) = self.enqueue(&mut t, (**ev).clone(), retention)?;
                 let reply = Reply::Enqueued(Enqueued::Stored {
@@ -393,7 +399,12 @@ impl Writer {
         Ok((ev, finished))
     }
 
-    fn sweep(&self, t: &mut Tables<'_>, now_ms: u64, retention: u64) -> Result<Finished, StoreError> {
+    fn sweep(
+        &self,
+        t: &mut Tables<'_>,
+        now_ms: u64,
+        retention: u64,
+    ) -> Result<Finished, StoreError> {
         let mut finished = vec![];
         let due: Vec<(u64, String)> = t
             .sweep
@@ -433,9 +444,7 @@ impl Writer {
             .collect::<Result<_, _>>()
             .map_err(db)?;
         for (at, key) in keys {
-            t.idempotency_sweep
-                .remove((at, key.as_str()))
-                .map_err(db)?;
+            t.idempotency_sweep.remove((at, key.as_str())).map_err(db)?;
             t.idempotency.remove(key.as_str()).map_err(db)?;
         }
         Ok(finished)

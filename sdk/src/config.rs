@@ -1,0 +1,44 @@
+//! What the SDK's driver needs to (re)connect, built once by the
+//! [`crate::ClientBuilder`], and what it publishes for the app to read.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::tls::Protection;
+use crate::types::{ConnectionInfo, KeepalivePolicy, Status, WakeEvent};
+
+pub(crate) type WakeCallback = Arc<dyn Fn(&WakeEvent) + Send + Sync>;
+pub(crate) type PeriodicCallback = Arc<dyn Fn() + Send + Sync>;
+pub(crate) type StatusCallback = Arc<dyn Fn(&Status) + Send + Sync>;
+
+/// Everything the driver needs to (re)connect.
+pub(crate) struct Config {
+    pub(crate) relay: String,
+    pub(crate) server_name: String,
+    /// QUIC/TLS client config, built once: reconnects reuse it (and its TLS
+    /// session cache, so they resume instead of verifying the certificate
+    /// again). Attempts are sequential, so one suite probe serves them all.
+    pub(crate) tls: quinn::ClientConfig,
+    pub(crate) suite_probe: Arc<crate::tls::SuiteProbe>,
+    pub(crate) token: String,
+    pub(crate) min_protection: Protection,
+    pub(crate) keepalive: KeepalivePolicy,
+    pub(crate) keepalive_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) backoff: (Duration, Duration),
+    pub(crate) on_status: Option<StatusCallback>,
+    pub(crate) endpoint: Option<quinn::Endpoint>,
+    pub(crate) dedup_file: Option<PathBuf>,
+    pub(crate) dedup_window: usize,
+    pub(crate) network_id: String,
+    pub(crate) network_memory: Option<PathBuf>,
+    pub(crate) probe_addr: Option<SocketAddr>,
+}
+
+/// State the driver publishes for the app to read.
+#[derive(Debug, Default)]
+pub(crate) struct Shared {
+    pub(crate) info: Mutex<Option<ConnectionInfo>>,
+}
