@@ -618,18 +618,15 @@ impl RelayConnection {
             return;
         }
         let wake = t.wake.clone();
-        match self.session.send_wake(wake) {
-            Ok(()) => {
-                if let Some(t) = self.tracked.get_mut(id) {
-                    t.stage = Stage::Sent;
-                }
-                self.events.push_back(ConnectionEvent::Sent {
-                    event_id: id.to_owned(),
-                });
+        // On error (not established or closing) the wake stays tracked: it
+        // is handed over or released when the connection ends.
+        if self.session.send_wake(wake).is_ok() {
+            if let Some(t) = self.tracked.get_mut(id) {
+                t.stage = Stage::Sent;
             }
-            // Not established or closing: the wake is handed over or
-            // released when the connection ends.
-            Err(_) => {}
+            self.events.push_back(ConnectionEvent::Sent {
+                event_id: id.to_owned(),
+            });
         }
     }
 

@@ -14,6 +14,13 @@ use wakewire_proto::relay_session::{
 };
 use wakewire_proto::{ErrorCode, MAX_FRAME_SIZE};
 
+/// The simulated clock's origin (the only real clock read; time then
+/// moves only when a test says so).
+#[allow(clippy::disallowed_methods)]
+fn origin() -> Instant {
+    Instant::now()
+}
+
 /// A device and a relay session joined by in-memory streams, with a clock.
 struct Pair {
     now: Instant,
@@ -25,7 +32,7 @@ struct Pair {
 
 impl Pair {
     fn new(config: RelaySessionConfig) -> Self {
-        let now = Instant::now();
+        let now = origin();
         let mut relay = RelaySession::new(now, 1_700_000_000_000, config);
         relay.set_observed_addr("203.0.113.7:51234".parse().unwrap());
         Self {
@@ -205,7 +212,7 @@ fn keepalive_timeout_closes_when_pongs_stop() {
 
 #[test]
 fn hello_timeout_and_welcome_timeout() {
-    let now = Instant::now();
+    let now = origin();
     let mut relay = RelaySession::new(now, 0, RelaySessionConfig::default());
     assert_eq!(relay.poll_timeout(), Some(now + Duration::from_secs(10)));
     relay.handle_timeout(now + Duration::from_secs(9));
@@ -227,7 +234,7 @@ fn hello_timeout_and_welcome_timeout() {
 
 #[test]
 fn bad_credential_is_rejected_with_unauthorized() {
-    let now = Instant::now();
+    let now = origin();
     let mut p = Pair::new(RelaySessionConfig::default());
     p.device = DeviceSession::new(now, DeviceSessionConfig::new("wrong"));
     p.pump();
@@ -239,7 +246,7 @@ fn bad_credential_is_rejected_with_unauthorized() {
 }
 
 fn relay_after(frames: &[Body]) -> RelaySession {
-    let now = Instant::now();
+    let now = origin();
     let mut relay = RelaySession::new(now, 0, RelaySessionConfig::default());
     for f in frames {
         relay.handle_data(now, &encode_to_bytes(f.clone(), MAX_FRAME_SIZE).unwrap());
@@ -291,7 +298,7 @@ fn frames_in_the_wrong_state_are_protocol_violations() {
 
 #[test]
 fn garbage_oversize_and_unknown_frames_close_with_protocol_violation() {
-    let now = Instant::now();
+    let now = origin();
     let http = b"GET / HTTP/1.1\r\n\r\n".repeat(5);
     let inputs: [&[u8]; 4] = [
         &http,

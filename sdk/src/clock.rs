@@ -9,6 +9,15 @@ pub(crate) fn now() -> Instant {
     tokio::time::Instant::now().into_std()
 }
 
+/// Wall clock, Unix seconds (when something was learned).
+#[allow(clippy::disallowed_methods)] // the one clock source
+pub(crate) fn unix_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 /// Sleeps until `deadline`, or forever if there is none.
 pub(crate) async fn sleep_until(deadline: Option<Instant>) {
     match deadline {

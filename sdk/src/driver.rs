@@ -221,7 +221,7 @@ impl Driver {
 
     /// Waits `delay` while taking commands; false if the app closed.
     async fn wait_offline(&mut self, delay: Duration) -> bool {
-        let until = tokio::time::Instant::now() + delay;
+        let until = tokio::time::Instant::from_std(clock::now() + delay);
         loop {
             tokio::select! {
                 _ = tokio::time::sleep_until(until) => return true,

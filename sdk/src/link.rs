@@ -100,7 +100,7 @@ impl Link {
                 }
                 other => ConnectError::Unreachable(other.to_string()),
             })?;
-        let deadline = tokio::time::Instant::now() + config.connect_timeout;
+        let deadline = tokio::time::Instant::from_std(clock::now() + config.connect_timeout);
         let timed_out = || {
             ConnectError::TimedOut(format!(
                 "no QUIC handshake with {addr} within {:?}",

@@ -111,6 +111,7 @@ impl Rng {
 
 /// Runs one simulation.
 pub fn run(cfg: &SimConfig) -> SimReport {
+    #[allow(clippy::disallowed_methods)] // the simulated clock's origin
     let base = Instant::now();
     let at = |d: Duration| base + d;
     let timeout_at = |t: Duration| -> Duration {

@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use wakewire_proto::probe::{Probe, PROBE_LEN};
 
 use crate::metrics as m;
+use crate::state::clock;
 
 /// Most pending probes per source IP.
 pub const PER_IP_LIMIT: u32 = 64;
@@ -45,12 +46,12 @@ pub(crate) async fn serve(socket: UdpSocket) {
                 }
                 *count += 1;
                 seq += 1;
-                let due = Instant::now() + Duration::from_millis(u64::from(probe.delay_ms));
+                let due = Instant::from_std(clock::now()) + Duration::from_millis(u64::from(probe.delay_ms));
                 pending.insert((due, seq), (from, probe.reply()));
                 counter!(m::PROBES, "result" => "accepted").increment(1);
             }
-            _ = tokio::time::sleep_until(next.unwrap_or_else(Instant::now)), if next.is_some() => {
-                let now = Instant::now();
+            _ = tokio::time::sleep_until(next.unwrap_or_else(|| Instant::from_std(clock::now()))), if next.is_some() => {
+                let now = Instant::from_std(clock::now());
                 while let Some(entry) = pending.first_entry() {
                     if entry.key().0 > now {
                         break;

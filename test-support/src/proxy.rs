@@ -153,8 +153,10 @@ impl UdpProxy {
         let addr = front.local_addr()?;
         let up = Arc::new(Direction::default());
         let down = Arc::new(Direction::default());
+        #[allow(clippy::disallowed_methods)] // the emulator's own clock
+        let start = Instant::now();
         let nat = Arc::new(Nat {
-            start: Instant::now(),
+            start,
             timeout_ms: AtomicU64::new(0),
             expired: AtomicU64::new(0),
             opened: AtomicU64::new(0),

@@ -66,6 +66,8 @@ pub(crate) enum Op {
 }
 
 type Finished = Vec<(StoredEvent, FinishReason)>;
+/// Each operation's result, or the batch's failure.
+type BatchResult = Result<Vec<Result<(Reply, Finished), StoreError>>, StoreError>;
 
 pub(crate) struct Writer {
     db: Arc<Database>,
@@ -166,7 +168,7 @@ impl Writer {
 
     fn commit(&mut self, batch: Vec<Job>) {
         let seq_before = self.next_seq;
-        let attempt = (|| -> Result<Vec<Result<(Reply, Finished), StoreError>>, StoreError> {
+        let attempt = (|| -> BatchResult {
             let txn = self.db.begin_write().map_err(db)?;
             let results = batch.iter().map(|job| self.apply(&txn, &job.op)).collect();
             txn.open_table(META)
