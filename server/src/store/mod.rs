@@ -445,3 +445,170 @@ async fn blocking<T: Send + 'static>(
         .await
         .map_err(|e| StoreError::Read(e.to_string()))?
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wakewire_api::pb::EventState;
+
+    fn store(queue_limit: usize) -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(
+            dir.path(),
+            StoreConfig {
+                queue_limit,
+                status_retention: Duration::from_secs(3600),
+                idempotency_retention: Duration::from_secs(86_400),
+                group_commit: true,
+            },
+            Arc::default(),
+        )
+        .unwrap();
+        (dir, s)
+    }
+
+    fn event(id: &str, channel: &str, at: u64) -> StoredEvent {
+        StoredEvent {
+            event_id: id.into(),
+            channel_id: channel.into(),
+            payload: b"x".to_vec(),
+            created_at_ms: at,
+            ttl_s: 60,
+            ..Default::default()
+        }
+    }
+
+    async fn state(s: &Store, id: &str) -> (i32, String) {
+        let ev = s.event(id).await.unwrap().unwrap();
+        (ev.state, ev.reason)
+    }
+
+    #[tokio::test]
+    async fn an_event_on_its_way_to_the_device_is_not_dropped_for_a_full_queue() {
+        let (_dir, s) = store(2);
+        s.enqueue(event("a", "ch", 1), None).await.unwrap();
+        s.enqueue(event("b", "ch", 2), None).await.unwrap();
+        // A connection read the queue: both are claimed (on their way).
+        let claimed = s.claim_queued(vec!["ch".into()]).await.unwrap();
+        assert_eq!(claimed.len(), 2);
+        // The queue is full, but nothing unclaimed can make room: the new
+        // event is stored and the queue exceeds its limit for a while.
+        let Enqueued::Stored { displaced, .. } = s.enqueue(event("c", "ch", 3), None).await.unwrap()
+        else {
+            panic!("not stored")
+        };
+        assert!(displaced.is_empty(), "{displaced:?}");
+        // The device acks a; then b's claim ends (its connection closed).
+        let acked = s
+            .ack(
+                vec![AckItem {
+                    event_id: "a".into(),
+                    channel_id: "ch".into(),
+                }],
+                4,
+            )
+            .await
+            .unwrap();
+        assert_eq!(acked.delivered, 1);
+        drop(claimed);
+        assert_eq!(state(&s, "a").await.0, EventState::Delivered as i32);
+        // Now b is fair game: the next event displaces it.
+        let Enqueued::Stored { displaced, .. } = s.enqueue(event("d", "ch", 5), None).await.unwrap()
+        else {
+            panic!("not stored")
+        };
+        assert_eq!(displaced.len(), 1);
+        assert_eq!(displaced[0].0.event_id, "b");
+        assert_eq!(displaced[0].1, FinishReason::QueueFull);
+        assert_eq!(state(&s, "b").await, (EventState::Dropped as i32, "queue_full".into()));
+    }
+
+    #[tokio::test]
+    async fn claimed_events_neither_expire_nor_collapse() {
+        let (_dir, s) = store(100);
+        let mut a = event("a", "ch", 1_000);
+        a.ttl_s = 1;
+        a.collapse_key = "k".into();
+        s.enqueue(a, None).await.unwrap();
+        let claimed = s.claim_queued(vec!["ch".into()]).await.unwrap();
+        assert!(s.sweep(10_000).await.unwrap().is_empty(), "expired while claimed");
+        let mut b = event("b", "ch", 2_000);
+        b.collapse_key = "k".into();
+        let Enqueued::Stored { displaced, .. } = s.enqueue(b, None).await.unwrap() else {
+            panic!("not stored")
+        };
+        assert!(displaced.is_empty(), "collapsed while claimed");
+        drop(claimed);
+        let finished = s.sweep(10_000).await.unwrap();
+        assert_eq!(finished.len(), 1);
+        assert_eq!(finished[0].1, FinishReason::Expired);
+    }
+
+    #[tokio::test]
+    async fn an_ack_counts_only_for_the_channel_that_delivered_it() {
+        let (_dir, s) = store(100);
+        s.enqueue(event("a", "victim", 1), None).await.unwrap();
+        let o = s
+            .ack(
+                vec![AckItem {
+                    event_id: "a".into(),
+                    channel_id: "attacker".into(),
+                }],
+                2,
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            o,
+            AckOutcome {
+                delivered: 0,
+                ignored: 1
+            }
+        );
+        assert_eq!(state(&s, "a").await.0, EventState::Queued as i32);
+    }
+
+    #[tokio::test]
+    async fn a_queue_read_sees_every_enqueue_submitted_before_it() {
+        let (_dir, s) = store(100);
+        let pending = s.begin_enqueue(event("a", "ch", 1), None).await.unwrap();
+        // Submitted after the enqueue, before its commit is awaited.
+        let read = s.claim_queued(vec!["ch".into()]).await.unwrap();
+        assert_eq!(read.len(), 1);
+        assert!(matches!(pending.enqueued().await.unwrap(), Enqueued::Stored { .. }));
+    }
+
+    #[tokio::test]
+    async fn an_idempotency_key_returns_the_first_event() {
+        let (_dir, s) = store(100);
+        let key = |hash: &[u8]| IdempotencyKey {
+            scoped_key: "scope:k1".into(),
+            request_hash: hash.to_vec(),
+        };
+        let first = s.enqueue(event("a", "ch", 1), Some(key(b"h"))).await.unwrap();
+        assert!(matches!(first, Enqueued::Stored { .. }));
+        let again = s.enqueue(event("b", "ch", 2), Some(key(b"h"))).await.unwrap();
+        let Enqueued::Duplicate(Duplicate::Stored(ev)) = again else {
+            panic!("{again:?}")
+        };
+        assert_eq!(ev.event_id, "a");
+        assert!(s.event("b").await.unwrap().is_none(), "a second event was stored");
+        let other = s.enqueue(event("c", "ch", 3), Some(key(b"other"))).await.unwrap();
+        assert!(matches!(other, Enqueued::Duplicate(Duplicate::Mismatch)));
+        // Not-stored events (ttl 0) keep their first answer.
+        let k0 = IdempotencyKey {
+            scoped_key: "scope:k0".into(),
+            request_hash: b"h0".to_vec(),
+        };
+        assert!(s.reserve_key(k0.clone(), "t".into(), 5).await.unwrap().is_none());
+        s.settle_key(k0.scoped_key.clone(), 3).await.unwrap();
+        let Some(Duplicate::NotStored(rec)) = s.reserve_key(k0, "u".into(), 6).await.unwrap() else {
+            panic!("not remembered")
+        };
+        assert_eq!((rec.event_id.as_str(), rec.status), ("t", 3));
+        // Keys are forgotten after their retention.
+        s.sweep(86_400_000 + 10).await.unwrap();
+        let fresh = s.enqueue(event("d", "ch", 7), Some(key(b"h"))).await.unwrap();
+        assert!(matches!(fresh, Enqueued::Stored { .. }));
+    }
+}
