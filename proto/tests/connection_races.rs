@@ -14,7 +14,6 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use wakewire_proto::codec::encode_to_bytes;
-use wakewire_proto::MAX_FRAME_SIZE;
 use wakewire_proto::device_connection::{DeviceConnection, DeviceConnectionEvent};
 use wakewire_proto::device_session::DeviceSessionConfig;
 use wakewire_proto::pb::device::{frame::Body, Ack, GoAwayReason, Priority, Wake};
@@ -22,6 +21,7 @@ use wakewire_proto::relay_connection::{
     ConnectionEvent, RelayConnection, RelayConnectionConfig, ReleaseReason, WakeRefused,
 };
 use wakewire_proto::ErrorCode;
+use wakewire_proto::MAX_FRAME_SIZE;
 
 const UNIX_MS: u64 = 1_700_000_000_000;
 
@@ -251,7 +251,10 @@ fn publish_racing_the_queue_read_goes_out_after_the_older_queue() {
     let mut w = connected();
     // Two events waited while the device was away.
     let t = w.unix_ms();
-    let (a, b) = (wake_at("a", "mail-id", t - 20), wake_at("b", "mail-id", t - 10));
+    let (a, b) = (
+        wake_at("a", "mail-id", t - 20),
+        wake_at("b", "mail-id", t - 10),
+    );
     w.store.insert("mail-id".into(), vec![a, b]);
     w.hold_queue_reads = true;
     w.register("mail");
@@ -299,7 +302,10 @@ fn connection_lost_between_wake_and_ack_hands_the_wake_to_the_next_one() {
     w.device.connect(w.now, DeviceSessionConfig::new("token-1"));
     w.pump();
     for wk in undelivered {
-        assert_eq!(w.relay.handle_wake(w.now, wk, true), Err(WakeRefused::Duplicate));
+        assert_eq!(
+            w.relay.handle_wake(w.now, wk, true),
+            Err(WakeRefused::Duplicate)
+        );
     }
     w.pump();
     assert_eq!(w.app, ["e1"], "the app saw it twice");
@@ -319,7 +325,10 @@ fn wake_sent_again_while_the_app_still_has_it_is_not_handed_out_twice() {
     w.device.disconnected();
     w.device.connect(w.now, DeviceSessionConfig::new("token-1"));
     w.pump(); // Register: the stored copy is sent again
-    assert_eq!(w.relay.handle_wake(w.now, e, true), Err(WakeRefused::Duplicate));
+    assert_eq!(
+        w.relay.handle_wake(w.now, e, true),
+        Err(WakeRefused::Duplicate)
+    );
     w.pump();
     assert_eq!(w.app, ["e1"]);
     // Done now: the ack goes out on the current connection.
@@ -419,16 +428,15 @@ fn ack_flood_closes_the_connection_with_protocol_violation() {
     let e = wake(&w, "real", "mail-id");
     w.publish(e).unwrap();
     assert_eq!(w.acked, ["real"]);
-    let two = [
-        ack_frame("x1"),
-        ack_frame("x2"),
-    ]
-    .concat();
+    let two = [ack_frame("x1"), ack_frame("x2")].concat();
     w.relay.handle_data(w.now, &two);
     assert!(w.relay.is_closed());
     let close = w.relay.poll_close().unwrap();
     assert_eq!(close.code, ErrorCode::ProtocolViolation);
-    assert!(close.reason.contains("acks for events not sent"), "{close:?}");
+    assert!(
+        close.reason.contains("acks for events not sent"),
+        "{close:?}"
+    );
 }
 
 #[test]
@@ -496,7 +504,10 @@ fn a_wake_is_never_sent_after_its_ttl() {
     // Already expired when handed over: refused.
     let mut old = wake_at("old", "mail-id", 1);
     old.ttl_s = 1;
-    assert_eq!(w.relay.handle_wake(w.now, old, true), Err(WakeRefused::Expired));
+    assert_eq!(
+        w.relay.handle_wake(w.now, old, true),
+        Err(WakeRefused::Expired)
+    );
 }
 
 #[test]
@@ -526,10 +537,9 @@ fn in_flight_is_bounded_and_refilled_as_acks_come_in() {
         w.device.handled(w.now, id);
     }
     w.pump();
-    assert!(w
-        .relay_events
-        .iter()
-        .any(|e| matches!(e, ConnectionEvent::Refill { channel_ids } if channel_ids == &["mail-id"])));
+    assert!(w.relay_events.iter().any(
+        |e| matches!(e, ConnectionEvent::Refill { channel_ids } if channel_ids == &["mail-id"])
+    ));
     assert_eq!(w.app, ["e0", "e1", "e2", "e3", "e4", "e5"]);
     assert_eq!(w.acked.len(), 6);
 }
@@ -541,7 +551,10 @@ fn duplicates_and_acked_events_are_not_sent_twice_on_one_connection() {
     let e = wake(&w, "e1", "mail-id");
     w.publish(e.clone()).unwrap();
     // A stale copy from a queue read that raced the ack.
-    assert_eq!(w.relay.handle_wake(w.now, e, true), Err(WakeRefused::Duplicate));
+    assert_eq!(
+        w.relay.handle_wake(w.now, e, true),
+        Err(WakeRefused::Duplicate)
+    );
     w.pump();
     assert_eq!(w.app, ["e1"]);
 }

@@ -207,8 +207,11 @@ impl PublisherService {
                     Err(e) => e.label(),
                 };
                 counter!(m::PUBLISHES, "status" => status).increment(1);
-                histogram!(m::PUBLISH_SECONDS)
-                    .record(clock::now().saturating_duration_since(started).as_secs_f64());
+                histogram!(m::PUBLISH_SECONDS).record(
+                    clock::now()
+                        .saturating_duration_since(started)
+                        .as_secs_f64(),
+                );
                 result
             }
             .instrument(span),

@@ -5,6 +5,9 @@
 
 pub mod process;
 pub mod proxy;
+mod raw_device;
+
+pub use raw_device::RawDevice;
 
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -259,45 +262,9 @@ pub async fn raw_device_take_one_wake(
     device_id: &str,
     channel: &str,
 ) -> anyhow::Result<wakewire_proto::pb::device::Wake> {
-    use wakewire_proto::device_session::{DeviceEvent, DeviceSession, DeviceSessionConfig};
-    #[allow(clippy::disallowed_methods)] // a raw device: its own clock
-    let now = std::time::Instant::now;
-    let (_ep, conn) = raw_connection(relay).await?;
-    let (mut send, mut recv) = conn.open_bi().await?;
-    let mut session = DeviceSession::new(
-        now(),
-        DeviceSessionConfig::new(relay.device_token(device_id)),
-    );
-    let mut registered = false;
-    let wake = tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            while let Some(b) = session.poll_transmit() {
-                send.write_all(&b).await?;
-            }
-            while let Some(ev) = session.poll_event() {
-                match ev {
-                    DeviceEvent::Welcome { .. } if !registered => {
-                        registered = true;
-                        session.register(now(), vec![channel.to_owned()]);
-                    }
-                    DeviceEvent::Wake(w) => return Ok(w),
-                    _ => {}
-                }
-            }
-            if let Some(c) = session.poll_close() {
-                anyhow::bail!("session closed: {c:?}");
-            }
-            while let Some(b) = session.poll_transmit() {
-                send.write_all(&b).await?;
-            }
-            match recv.read_chunk(usize::MAX, true).await? {
-                Some(chunk) => session.handle_data(now(), &chunk.bytes),
-                None => anyhow::bail!("relay closed the stream"),
-            }
-        }
-    })
-    .await
-    .map_err(|_| anyhow::anyhow!("no wake within 20 s"))??;
-    conn.close(0u32.into(), b"gone before acking");
-    Ok(wake)
+    let mut d = RawDevice::connect(relay, device_id).await?;
+    d.register(&[channel]).await?;
+    let w = d.next_wake().await?;
+    d.drop_connection();
+    Ok(w)
 }

@@ -493,7 +493,8 @@ mod tests {
         assert_eq!(claimed.len(), 2);
         // The queue is full, but nothing unclaimed can make room: the new
         // event is stored and the queue exceeds its limit for a while.
-        let Enqueued::Stored { displaced, .. } = s.enqueue(event("c", "ch", 3), None).await.unwrap()
+        let Enqueued::Stored { displaced, .. } =
+            s.enqueue(event("c", "ch", 3), None).await.unwrap()
         else {
             panic!("not stored")
         };
@@ -513,14 +514,18 @@ mod tests {
         drop(claimed);
         assert_eq!(state(&s, "a").await.0, EventState::Delivered as i32);
         // Now b is fair game: the next event displaces it.
-        let Enqueued::Stored { displaced, .. } = s.enqueue(event("d", "ch", 5), None).await.unwrap()
+        let Enqueued::Stored { displaced, .. } =
+            s.enqueue(event("d", "ch", 5), None).await.unwrap()
         else {
             panic!("not stored")
         };
         assert_eq!(displaced.len(), 1);
         assert_eq!(displaced[0].0.event_id, "b");
         assert_eq!(displaced[0].1, FinishReason::QueueFull);
-        assert_eq!(state(&s, "b").await, (EventState::Dropped as i32, "queue_full".into()));
+        assert_eq!(
+            state(&s, "b").await,
+            (EventState::Dropped as i32, "queue_full".into())
+        );
     }
 
     #[tokio::test]
@@ -531,7 +536,10 @@ mod tests {
         a.collapse_key = "k".into();
         s.enqueue(a, None).await.unwrap();
         let claimed = s.claim_queued(vec!["ch".into()]).await.unwrap();
-        assert!(s.sweep(10_000).await.unwrap().is_empty(), "expired while claimed");
+        assert!(
+            s.sweep(10_000).await.unwrap().is_empty(),
+            "expired while claimed"
+        );
         let mut b = event("b", "ch", 2_000);
         b.collapse_key = "k".into();
         let Enqueued::Stored { displaced, .. } = s.enqueue(b, None).await.unwrap() else {
@@ -575,7 +583,10 @@ mod tests {
         // Submitted after the enqueue, before its commit is awaited.
         let read = s.claim_queued(vec!["ch".into()]).await.unwrap();
         assert_eq!(read.len(), 1);
-        assert!(matches!(pending.enqueued().await.unwrap(), Enqueued::Stored { .. }));
+        assert!(matches!(
+            pending.enqueued().await.unwrap(),
+            Enqueued::Stored { .. }
+        ));
     }
 
     #[tokio::test]
@@ -585,30 +596,50 @@ mod tests {
             scoped_key: "scope:k1".into(),
             request_hash: hash.to_vec(),
         };
-        let first = s.enqueue(event("a", "ch", 1), Some(key(b"h"))).await.unwrap();
+        let first = s
+            .enqueue(event("a", "ch", 1), Some(key(b"h")))
+            .await
+            .unwrap();
         assert!(matches!(first, Enqueued::Stored { .. }));
-        let again = s.enqueue(event("b", "ch", 2), Some(key(b"h"))).await.unwrap();
+        let again = s
+            .enqueue(event("b", "ch", 2), Some(key(b"h")))
+            .await
+            .unwrap();
         let Enqueued::Duplicate(Duplicate::Stored(ev)) = again else {
             panic!("{again:?}")
         };
         assert_eq!(ev.event_id, "a");
-        assert!(s.event("b").await.unwrap().is_none(), "a second event was stored");
-        let other = s.enqueue(event("c", "ch", 3), Some(key(b"other"))).await.unwrap();
+        assert!(
+            s.event("b").await.unwrap().is_none(),
+            "a second event was stored"
+        );
+        let other = s
+            .enqueue(event("c", "ch", 3), Some(key(b"other")))
+            .await
+            .unwrap();
         assert!(matches!(other, Enqueued::Duplicate(Duplicate::Mismatch)));
         // Not-stored events (ttl 0) keep their first answer.
         let k0 = IdempotencyKey {
             scoped_key: "scope:k0".into(),
             request_hash: b"h0".to_vec(),
         };
-        assert!(s.reserve_key(k0.clone(), "t".into(), 5).await.unwrap().is_none());
+        assert!(s
+            .reserve_key(k0.clone(), "t".into(), 5)
+            .await
+            .unwrap()
+            .is_none());
         s.settle_key(k0.scoped_key.clone(), 3).await.unwrap();
-        let Some(Duplicate::NotStored(rec)) = s.reserve_key(k0, "u".into(), 6).await.unwrap() else {
+        let Some(Duplicate::NotStored(rec)) = s.reserve_key(k0, "u".into(), 6).await.unwrap()
+        else {
             panic!("not remembered")
         };
         assert_eq!((rec.event_id.as_str(), rec.status), ("t", 3));
         // Keys are forgotten after their retention.
         s.sweep(86_400_000 + 10).await.unwrap();
-        let fresh = s.enqueue(event("d", "ch", 7), Some(key(b"h"))).await.unwrap();
+        let fresh = s
+            .enqueue(event("d", "ch", 7), Some(key(b"h")))
+            .await
+            .unwrap();
         assert!(matches!(fresh, Enqueued::Stored { .. }));
     }
 }
