@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The standard benchmark suite: runs wakewire-loadtest against the relay and
 # the raw-quinn floor on this machine and rewrites docs/benchmarks.md (the
-# tables, commands, machine and date) and docs/bench/*.svg (the plots).
+# tables, commands, machine and date) and docs/bench/*.svg (the plots);
+# docs/benchmarks.head.md and docs/benchmarks.tail.md frame the tables.
 # Takes about 15 minutes on 2 cores and needs ~14 GiB of memory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release -p wakewire-server -p wakewire-loadtest
+cargo build --release -p wakewire-cli -p wakewire-loadtest
 LT=target/release/wakewire-loadtest
 OUT=${OUT:-target/bench}
 rm -rf "$OUT" && mkdir -p "$OUT" docs/bench
@@ -24,6 +25,8 @@ for mode in true false; do
 done
 # D: the adaptive keepalive in simulated standby (deterministic, no network).
 $LT standby --out "$OUT/standby"
+# E: one device flooding acks: other tenants' latency and the relay's memory.
+$LT ack-flood --devices 200 --rate 500 --phase-secs 10 --flooders 1 --out "$OUT/ackflood"
 
 for run in 10k 100k; do
   for f in "$OUT/$run"/*.svg; do cp "$f" "docs/bench/$run-$(basename "$f")"; done
@@ -60,5 +63,14 @@ cp "$OUT/standby/standby-interval.svg" docs/bench/
   cat "$OUT/standby/standby.md"
   echo
   echo "![keepalive interval over time](bench/standby-interval.svg)"
+  echo
+  echo "## Ack flood (one hostile device)"
+  echo
+  echo "Command: \`target/release/wakewire-loadtest ack-flood --devices 200 --rate 500 --phase-secs 10 --flooders 1\`"
+  echo "(relay child process, loopback; $(date -u +%Y-%m-%d))."
+  echo
+  cat "$OUT/ackflood/ackflood.md"
+  echo
+  cat docs/benchmarks.tail.md
 } > docs/benchmarks.md
 echo "wrote docs/benchmarks.md"

@@ -15,6 +15,7 @@
 // apply to it.
 #![allow(clippy::disallowed_methods)]
 
+mod ackflood;
 mod fleet;
 mod floor;
 mod plot;
@@ -156,6 +157,28 @@ enum Cmd {
         #[arg(long, default_value = "loadtest-out")]
         out: PathBuf,
     },
+    /// What one hostile device costs the others: good devices' latency and
+    /// the relay's memory while flooders send acks for made-up events.
+    AckFlood {
+        /// Well-behaved devices.
+        #[arg(long, default_value_t = 200)]
+        devices: usize,
+        /// Wakes per second published to them.
+        #[arg(long, default_value_t = 500)]
+        rate: u64,
+        /// Seconds per phase (baseline, flood, after).
+        #[arg(long, default_value_t = 10.0)]
+        phase_secs: f64,
+        /// Flooding devices.
+        #[arg(long, default_value_t = 1)]
+        flooders: usize,
+        /// Path of wakewire-relay (default: next to this binary).
+        #[arg(long)]
+        relay_bin: Option<PathBuf>,
+        /// Output directory (ackflood.md, ackflood.json).
+        #[arg(long, default_value = "loadtest-out")]
+        out: PathBuf,
+    },
     /// The raw-quinn floor server (started by `compare`; commands on stdin).
     #[command(hide = true)]
     FloorServer {
@@ -232,6 +255,35 @@ async fn main() -> anyhow::Result<()> {
                 "{md}\nwrote {}/standby.md, standby-interval.svg",
                 out.display()
             );
+            Ok(())
+        }
+        Cmd::AckFlood {
+            devices,
+            rate,
+            phase_secs,
+            flooders,
+            relay_bin,
+            out,
+        } => {
+            let relay_bin = match relay_bin {
+                Some(b) => b,
+                None => target::sibling_binary("wakewire-relay")?,
+            };
+            let report = ackflood::run(ackflood::AckFloodOpts {
+                devices,
+                rate,
+                phase: Duration::from_secs_f64(phase_secs),
+                flooders,
+                relay_bin,
+                out: out.clone(),
+            })
+            .await?;
+            println!(
+                "{}\nwrote {}/ackflood.md, ackflood.json",
+                std::fs::read_to_string(out.join("ackflood.md")).unwrap_or_default(),
+                out.display()
+            );
+            let _ = report;
             Ok(())
         }
         Cmd::Compare {

@@ -92,3 +92,33 @@ fn harness_runs_every_phase_against_relay_and_floor() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn ack_flood_benchmark_runs_its_three_phases() -> anyhow::Result<()> {
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_wakewire-loadtest"));
+    let out = tempfile::tempdir()?;
+    let status = Command::new(&exe)
+        .args([
+            "ack-flood",
+            "--devices",
+            "10",
+            "--rate",
+            "50",
+            "--phase-secs",
+            "1",
+        ])
+        .arg("--out")
+        .arg(out.path())
+        .status()?;
+    assert!(status.success());
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("ackflood.json"))?)?;
+    let phases = report["phases"].as_array().expect("phases");
+    assert_eq!(phases.len(), 3);
+    // Every good device's wake arrived in every phase, flood or not.
+    for p in phases {
+        assert_eq!(p["delivered"], 50, "{p}");
+    }
+    assert!(phases[1]["flood_connections"].as_u64() > Some(0));
+    Ok(())
+}

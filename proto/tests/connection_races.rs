@@ -616,3 +616,27 @@ fn go_away_closes_and_everything_unacked_is_handed_over() {
         .collect();
     assert_eq!(ids, ["e0", "e1", "e2"]);
 }
+
+#[test]
+fn a_path_change_mid_flight_changes_nothing_for_delivery() {
+    let mut w = connected();
+    w.register("mail");
+    w.auto_handle = false;
+    let e = wake(&w, "e1", "mail-id");
+    w.publish(e).unwrap();
+    // The device moved (QUIC migration): same connection, new address.
+    w.relay
+        .set_observed_addr("198.51.100.9:40000".parse().unwrap());
+    let f = wake(&w, "e2", "mail-id");
+    w.publish(f).unwrap();
+    w.device.handled(w.now, "e1");
+    w.device.handled(w.now, "e2");
+    w.pump();
+    assert_eq!(w.app, ["e1", "e2"]);
+    assert_eq!(w.acked, ["e1", "e2"]);
+    // The next Pong reports the new address.
+    w.device.session_mut().unwrap().ping(w.now);
+    w.pump();
+    let _ = w.device.poll_event();
+    assert_eq!(w.relay.in_flight(), 0);
+}

@@ -11,7 +11,7 @@ use wakewire_proto::device_session::{DeviceEvent, DeviceSession, DeviceSessionCo
 use wakewire_proto::pb::device::{frame::Body, Ack, Wake};
 use wakewire_proto::MAX_FRAME_SIZE;
 
-use crate::{raw_connection, TestRelay};
+use crate::TestRelay;
 
 /// A raw device; its own clock is the real one.
 pub struct RawDevice {
@@ -34,9 +34,22 @@ const WAIT: Duration = Duration::from_secs(20);
 impl RawDevice {
     /// Connects as `device_id` and waits for Welcome.
     pub async fn connect(relay: &TestRelay, device_id: &str) -> anyhow::Result<Self> {
-        let (endpoint, conn) = raw_connection(relay).await?;
+        let ca = relay.relay().dev_cert_path().context("dev mode")?;
+        Self::connect_to(relay.quic_addr(), ca, relay.device_token(device_id)).await
+    }
+
+    /// Connects to the relay at `addr` (trusting the PEM file `ca`, name
+    /// "localhost") with a device `token`, and waits for Welcome.
+    pub async fn connect_to(
+        addr: std::net::SocketAddr,
+        ca: &std::path::Path,
+        token: String,
+    ) -> anyhow::Result<Self> {
+        let cfg = wakewire_sdk::quic_client_config(ca)?;
+        let endpoint = quinn::Endpoint::client(([127, 0, 0, 1], 0).into())?;
+        let conn = endpoint.connect_with(cfg, addr, "localhost")?.await?;
         let (send, recv) = conn.open_bi().await?;
-        let mut config = DeviceSessionConfig::new(relay.device_token(device_id));
+        let mut config = DeviceSessionConfig::new(token);
         config.keepalive_interval = Duration::from_secs(3600);
         let mut d = Self {
             _endpoint: endpoint,
