@@ -134,8 +134,11 @@ pub async fn run(opts: AckFloodOpts) -> anyhow::Result<AckFloodReport> {
         let mut flooders = tokio::task::JoinSet::new();
         if flood {
             for f in 0..opts.flooders {
-                let token =
-                    keys.device_token(&format!("flooder-{f}"), Duration::from_secs(3600), unix_secs());
+                let token = keys.device_token(
+                    &format!("flooder-{f}"),
+                    Duration::from_secs(3600),
+                    unix_secs(),
+                );
                 flooders.spawn(flooder(
                     relay.quic,
                     ca.clone(),

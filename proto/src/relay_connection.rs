@@ -28,7 +28,8 @@
 //! (`poll_transmit`, `poll_event`, `poll_timeout`, `poll_close`). No socket,
 //! runtime or clock is touched, so every race is tested on a simulated clock.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -59,6 +60,10 @@ pub struct RelayConnectionConfig {
     /// A device that sent a frame this recently has its radio on: a
     /// normal-priority wake goes out at once instead of being held.
     pub radio_awake: Duration,
+    /// A sent wake not acked this long after its TTL ran out is given up
+    /// (released as expired): a connection that died silently must not keep
+    /// its events from expiring until the idle timeout.
+    pub ack_grace: Duration,
 }
 
 impl Default for RelayConnectionConfig {
@@ -70,6 +75,7 @@ impl Default for RelayConnectionConfig {
             register_grace: Duration::from_secs(30),
             max_unknown_acks: 64,
             radio_awake: Duration::from_secs(2),
+            ack_grace: Duration::from_secs(30),
         }
     }
 }
@@ -211,6 +217,9 @@ pub struct RelayConnection {
     /// new wakes for them wait, so the queue goes out first, in order.
     loading: HashMap<String, Instant>,
     last_rx: Option<Instant>,
+    /// Sent durable wakes by give-up time (TTL + `ack_grace`); stale
+    /// entries (acked, released) are skipped.
+    give_up: BinaryHeap<Reverse<(Instant, String)>>,
     events: VecDeque<ConnectionEvent>,
 }
 
@@ -232,6 +241,7 @@ impl RelayConnection {
             starved: HashSet::new(),
             loading: HashMap::new(),
             last_rx: None,
+            give_up: BinaryHeap::new(),
             events: VecDeque::new(),
         }
     }
@@ -279,6 +289,20 @@ impl RelayConnection {
     /// Timer expiry: hello timeout, hold timer, register grace.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.session.handle_timeout(now);
+        while let Some(Reverse((at, _))) = self.give_up.peek() {
+            if *at > now {
+                break;
+            }
+            if let Some(Reverse((_, id))) = self.give_up.pop() {
+                if self
+                    .tracked
+                    .get(&id)
+                    .is_some_and(|t| t.stage == Stage::Sent)
+                {
+                    self.release(&id, ReleaseReason::Expired);
+                }
+            }
+        }
         if self.held_until.is_some_and(|t| now >= t) {
             self.flush_held(now);
         }
@@ -454,6 +478,7 @@ impl RelayConnection {
         all.sort_unstable_by_key(|t| t.seq);
         self.pending.clear();
         self.loading.clear();
+        self.give_up.clear();
         self.held.clear();
         self.held_until = None;
         let mut out = Vec::new();
@@ -618,11 +643,22 @@ impl RelayConnection {
             return;
         }
         let wake = t.wake.clone();
+        let give_up = (t.durable && t.wake.ttl_s > 0).then(|| {
+            let expiry = t
+                .wake
+                .created_at_ms
+                .saturating_add(u64::from(t.wake.ttl_s) * 1000);
+            let left = expiry.saturating_sub(self.clock.unix_ms(now));
+            now + Duration::from_millis(left) + self.config.ack_grace
+        });
         // On error (not established or closing) the wake stays tracked: it
         // is handed over or released when the connection ends.
         if self.session.send_wake(wake).is_ok() {
             if let Some(t) = self.tracked.get_mut(id) {
                 t.stage = Stage::Sent;
+            }
+            if let Some(at) = give_up {
+                self.give_up.push(Reverse((at, id.to_owned())));
             }
             self.events.push_back(ConnectionEvent::Sent {
                 event_id: id.to_owned(),

@@ -395,8 +395,10 @@ fn ack_from_a_device_that_was_not_sent_the_event_is_ignored() {
     // An ack for an event held (not sent yet) is not honoured either.
     let mut normal = wake(&w, "n1", "mail-id");
     normal.priority = Priority::Normal as i32;
-    let mut config = RelayConnectionConfig::default();
-    config.radio_awake = Duration::ZERO;
+    let config = RelayConnectionConfig {
+        radio_awake: Duration::ZERO,
+        ..RelayConnectionConfig::default()
+    };
     let mut w2 = World::new(config);
     w2.pump();
     w2.register("mail");
@@ -441,10 +443,11 @@ fn ack_flood_closes_the_connection_with_protocol_violation() {
 
 #[test]
 fn normal_priority_is_held_until_a_high_one_or_the_hold_timer() {
-    let mut config = RelayConnectionConfig::default();
-    config.radio_awake = Duration::ZERO;
-    // Shorter than the device's keepalive (which would carry it out).
-    config.normal_max_delay = Duration::from_secs(10);
+    let config = RelayConnectionConfig {
+        radio_awake: Duration::ZERO,
+        normal_max_delay: Duration::from_secs(10),
+        ..RelayConnectionConfig::default()
+    };
     let max = config.normal_max_delay;
     let mut w = World::new(config);
     w.pump();
@@ -471,8 +474,10 @@ fn normal_priority_is_held_until_a_high_one_or_the_hold_timer() {
 
 #[test]
 fn normal_priority_rides_the_device_s_next_keepalive() {
-    let mut config = RelayConnectionConfig::default();
-    config.radio_awake = Duration::ZERO;
+    let config = RelayConnectionConfig {
+        radio_awake: Duration::ZERO,
+        ..RelayConnectionConfig::default()
+    };
     let mut w = World::new(config);
     w.pump();
     w.register("mail");
@@ -489,8 +494,10 @@ fn normal_priority_rides_the_device_s_next_keepalive() {
 
 #[test]
 fn a_wake_is_never_sent_after_its_ttl() {
-    let mut config = RelayConnectionConfig::default();
-    config.radio_awake = Duration::ZERO;
+    let config = RelayConnectionConfig {
+        radio_awake: Duration::ZERO,
+        ..RelayConnectionConfig::default()
+    };
     let mut w = World::new(config);
     w.pump();
     w.register("mail");
@@ -512,8 +519,10 @@ fn a_wake_is_never_sent_after_its_ttl() {
 
 #[test]
 fn in_flight_is_bounded_and_refilled_as_acks_come_in() {
-    let mut config = RelayConnectionConfig::default();
-    config.max_in_flight = 4;
+    let config = RelayConnectionConfig {
+        max_in_flight: 4,
+        ..RelayConnectionConfig::default()
+    };
     let mut w = World::new(config);
     w.pump();
     w.register("mail");
@@ -561,8 +570,10 @@ fn duplicates_and_acked_events_are_not_sent_twice_on_one_connection() {
 
 #[test]
 fn unregister_releases_the_channel_s_tracked_wakes() {
-    let mut config = RelayConnectionConfig::default();
-    config.radio_awake = Duration::ZERO;
+    let config = RelayConnectionConfig {
+        radio_awake: Duration::ZERO,
+        ..RelayConnectionConfig::default()
+    };
     let mut w = World::new(config);
     w.pump();
     w.register("mail");
@@ -639,4 +650,24 @@ fn a_path_change_mid_flight_changes_nothing_for_delivery() {
     w.pump();
     let _ = w.device.poll_event();
     assert_eq!(w.relay.in_flight(), 0);
+}
+
+#[test]
+fn a_sent_wake_never_acked_is_given_up_after_its_ttl_and_the_ack_grace() {
+    let mut w = connected();
+    w.register("mail");
+    w.auto_handle = false; // the device took it and went silent
+    let mut e = wake(&w, "e1", "mail-id");
+    e.ttl_s = 10;
+    w.publish(e).unwrap();
+    assert_eq!(w.app, ["e1"]);
+    let grace = RelayConnectionConfig::default().ack_grace;
+    w.advance(Duration::from_secs(10) + grace - Duration::from_millis(1));
+    assert!(w.released().is_empty(), "given up before TTL + grace");
+    w.advance(Duration::from_millis(1));
+    assert_eq!(w.released(), [("e1".into(), ReleaseReason::Expired)]);
+    // A late ack no longer counts.
+    w.device.handled(w.now, "e1");
+    w.pump();
+    assert!(w.acked.is_empty());
 }
