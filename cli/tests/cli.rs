@@ -136,6 +136,12 @@ async fn three_commands_show_a_wake_arriving() -> anyhow::Result<()> {
     );
     let status = tokio::time::timeout(Duration::from_secs(30), listener.wait()).await??;
     assert!(status.success());
+    // The listener remembered the wake it printed (its dedup store lives in
+    // the data directory), so a redelivery after a restart is not printed
+    // twice.
+    let seen =
+        std::fs::read_to_string(std::path::Path::new(data).join("listen-demo-device.dedup"))?;
+    assert!(wake.contains(seen.trim()), "{seen:?} not in {wake:?}");
 
     // A token for a device, minted offline, is accepted by the CLI's parser.
     let token = relay_cmd(&[

@@ -404,3 +404,56 @@ async fn a_second_connection_of_the_same_device_replaces_the_first() -> anyhow::
     assert!(second.info().is_some());
     Ok(())
 }
+
+#[tokio::test]
+async fn a_wake_stream_acks_when_the_app_says_so_and_redelivers_what_was_dropped(
+) -> anyhow::Result<()> {
+    let relay = TestRelay::start_with(|c| c.ack_wait = Duration::from_millis(200)).await?;
+    let client = relay.client("reader").connect().await?;
+    let (ch, mut wakes) = client.channel("inbox").subscribe().await?;
+    let token = relay.publisher_token(&[ch.as_str()], &[]);
+    let mut publisher = relay.publisher().await?;
+
+    // The app takes its time: the publish is answered QUEUED (no ack within
+    // the ack wait), and the SDK's task meanwhile goes on.
+    let r = publisher
+        .publish(authed(publish(ch.as_str(), b"slow"), &token))
+        .await?
+        .into_inner();
+    assert_eq!(r.status(), DeliveryStatus::Queued);
+    let w = tokio::time::timeout(Duration::from_secs(20), wakes.next())
+        .await?
+        .expect("stream open");
+    assert_eq!(
+        (w.event_id.as_str(), w.payload.as_slice()),
+        (r.event_id.as_str(), &b"slow"[..])
+    );
+    assert!(w.ack());
+
+    // A wake dropped without an ack is not acked: the next connection of
+    // the device gets it again.
+    let r2 = relay.publish_to(ch.as_str(), b"dropped").await?;
+    let w2 = tokio::time::timeout(Duration::from_secs(20), wakes.next())
+        .await?
+        .expect("stream open");
+    assert_eq!(w2.event_id, r2.event_id);
+    drop(w2);
+    client.close().await;
+    assert!(client.is_closed());
+    assert!(wakes.next().await.is_none(), "stream ended with the client");
+
+    // Control calls on a closed client say so.
+    assert_eq!(client.set_standby(true), Err(wakewire_sdk::ClientClosed));
+    assert_eq!(client.decrease_keepalive(), Err(wakewire_sdk::ClientClosed));
+    assert_eq!(client.network_changed("x"), Err(wakewire_sdk::ClientClosed));
+
+    let again = relay.client("reader").connect().await?;
+    let (_, mut wakes) = again.channel("inbox").subscribe().await?;
+    let w3 = tokio::time::timeout(Duration::from_secs(20), wakes.next())
+        .await?
+        .expect("stream open");
+    assert_eq!(w3.event_id, r2.event_id, "the dropped wake came back");
+    assert!(w3.ack());
+    again.close().await;
+    Ok(())
+}
