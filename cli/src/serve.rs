@@ -83,6 +83,9 @@ pub(crate) struct ServeArgs {
     /// Hours a Publish idempotency key is remembered [env: WAKEWIRE_IDEMPOTENCY_RETENTION_HOURS] [default: 24]
     #[arg(long)]
     idempotency_retention_hours: Option<u64>,
+    /// Days a gone channel is remembered [env: WAKEWIRE_GONE_RETENTION_DAYS] [default: 30]
+    #[arg(long)]
+    gone_retention_days: Option<u64>,
     /// Log filter, e.g. "info" or "info,wakewire_server=debug" [env: WAKEWIRE_LOG] [default: info]
     #[arg(long)]
     log: Option<String>,
@@ -120,6 +123,7 @@ impl ServeArgs {
             default_ttl_secs,
             max_in_flight_per_connection,
             idempotency_retention_hours,
+            gone_retention_days,
             log
         );
         if self.tls_cert.is_some() {

@@ -358,6 +358,12 @@ impl RelayConnection {
         self.session.registered(request_id, bindings);
     }
 
+    /// Refuses a [`ConnectionEvent::Register`] (the device's channel limit
+    /// across its connections, say): nothing of it is registered.
+    pub fn refuse_register(&mut self, request_id: u64, code: u32, message: String) {
+        self.session.refuse_register(request_id, code, message);
+    }
+
     /// Hands in stored events of `channel_ids` (read after their Register,
     /// or after a [`ConnectionEvent::Refill`]); the channels' waiting wakes
     /// then go out, oldest first. Returns, per wake, whether it was taken:

@@ -33,6 +33,8 @@ use crate::{ErrorCode, MAX_FRAME_SIZE, MAX_PAYLOAD_SIZE, PROTOCOL_VERSION};
 pub const REGISTER_ERROR_INVALID_NAME: u32 = 1;
 /// `Registered.error_code`: the device would exceed its channel limit.
 pub const REGISTER_ERROR_TOO_MANY_CHANNELS: u32 = 2;
+/// `Registered.error_code`: too many new channels too fast; retry later.
+pub const REGISTER_ERROR_RATE_LIMITED: u32 = 3;
 
 /// Limits and timers of relay sessions.
 #[derive(Debug, Clone)]
@@ -49,6 +51,12 @@ pub struct RelaySessionConfig {
     pub idle_timeout: Duration,
     /// UDP port of the probe service announced in Welcome (0 = none).
     pub probe_port: u16,
+    /// New channel names a connection may register at once (names already
+    /// registered on it are free).
+    pub register_burst: u32,
+    /// New channel names per minute a connection may register after its
+    /// burst.
+    pub register_per_minute: u32,
 }
 
 impl Default for RelaySessionConfig {
@@ -60,6 +68,8 @@ impl Default for RelaySessionConfig {
             hello_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(660),
             probe_port: 0,
+            register_burst: 128,
+            register_per_minute: 60,
         }
     }
 }
@@ -75,8 +85,9 @@ pub enum RelayEvent {
         /// SDK description, for logs.
         sdk: String,
     },
-    /// The device asks for channel ids for these (valid, distinct) names:
-    /// answer with [`RelaySession::registered`].
+    /// The device asks for channel ids for these (valid, distinct) names,
+    /// none of them registered on this session yet: answer with
+    /// [`RelaySession::registered`] (or [`RelaySession::refuse_register`]).
     Register {
         /// Echo in the answer.
         request_id: u64,
@@ -136,11 +147,20 @@ pub struct RelaySession {
     names: HashSet<String>,
     /// Registered channel id -> name.
     channels: HashMap<String, String>,
+    /// Name -> channel id, for names registered on this session.
+    by_name: HashMap<String, String>,
+    /// Register requests waiting for the driver: request id -> every name
+    /// asked for, in order (known ones are answered from `by_name`).
+    waiting: HashMap<u64, Vec<String>>,
+    /// Token bucket of new names (milli-names, refilled with time).
+    register_budget: u64,
+    budget_at: Instant,
 }
 
 impl RelaySession {
     /// A new session at `now`; `unix_ms` is the wall clock at `now`.
     pub fn new(now: Instant, unix_ms: u64, config: RelaySessionConfig) -> Self {
+        let register_budget = u64::from(config.register_burst) * 1000;
         Self {
             core: Core::new(config.max_frame_size),
             state: State::AwaitHello {
@@ -151,6 +171,10 @@ impl RelaySession {
             observed_addr: String::new(),
             names: HashSet::new(),
             channels: HashMap::new(),
+            by_name: HashMap::new(),
+            waiting: HashMap::new(),
+            register_budget,
+            budget_at: now,
         }
     }
 
@@ -240,14 +264,20 @@ impl RelaySession {
         self.core.fail(code, reason);
     }
 
-    /// Answers a [`RelayEvent::Register`] with one channel id per name, in
-    /// request order.
+    /// Answers a [`RelayEvent::Register`] with one channel id per name it
+    /// listed, in order; names of the request already registered on this
+    /// session are added from the session's own table.
     pub fn registered(&mut self, request_id: u64, bindings: Vec<(String, String)>) {
-        let channels = bindings
+        for (name, channel_id) in bindings {
+            self.channels.insert(channel_id.clone(), name.clone());
+            self.by_name.insert(name, channel_id);
+        }
+        let names = self.waiting.remove(&request_id).unwrap_or_default();
+        let channels = names
             .into_iter()
-            .map(|(name, channel_id)| {
-                self.channels.insert(channel_id.clone(), name.clone());
-                ChannelBinding { name, channel_id }
+            .filter_map(|name| {
+                let channel_id = self.by_name.get(&name)?.clone();
+                Some(ChannelBinding { name, channel_id })
             })
             .collect();
         self.core.send(Body::Registered(Registered {
@@ -255,6 +285,24 @@ impl RelaySession {
             channels,
             error_code: 0,
             error_message: String::new(),
+        }));
+    }
+
+    /// Refuses a [`RelayEvent::Register`] (e.g. the device's channel limit
+    /// across its connections); nothing of it is registered.
+    pub fn refuse_register(&mut self, request_id: u64, code: u32, message: String) {
+        if let Some(names) = self.waiting.remove(&request_id) {
+            for n in names {
+                if !self.by_name.contains_key(&n) {
+                    self.names.remove(&n);
+                }
+            }
+        }
+        self.core.send(Body::Registered(Registered {
+            request_id,
+            channels: vec![],
+            error_code: code,
+            error_message: message,
         }));
     }
 
@@ -351,7 +399,7 @@ impl RelaySession {
                 self.violation(format!("{} before Welcome", frame_name(&other)))
             }
             (State::Established { .. }, Body::Register(r)) => {
-                self.handle_register(r.request_id, r.names)
+                self.handle_register(now, r.request_id, r.names)
             }
             (State::Established { .. }, Body::Unregister(u)) => {
                 let channel_ids: Vec<String> = u
@@ -360,6 +408,7 @@ impl RelaySession {
                     .filter(|id| match self.channels.remove(id) {
                         Some(name) => {
                             self.names.remove(&name);
+                            self.by_name.remove(&name);
                             true
                         }
                         None => false,
@@ -386,7 +435,7 @@ impl RelaySession {
         }
     }
 
-    fn handle_register(&mut self, request_id: u64, names: Vec<String>) {
+    fn handle_register(&mut self, now: Instant, request_id: u64, names: Vec<String>) {
         let refuse = |this: &mut Self, code: u32, msg: String| {
             this.core.send(Body::Registered(Registered {
                 request_id,
@@ -395,6 +444,11 @@ impl RelaySession {
                 error_message: msg,
             }))
         };
+        if self.waiting.contains_key(&request_id) {
+            return self.violation(format!(
+                "Register request id {request_id} is already pending"
+            ));
+        }
         if let Some(err) = names.iter().find_map(|n| validate_channel_name(n).err()) {
             return refuse(self, REGISTER_ERROR_INVALID_NAME, err.to_string());
         }
@@ -404,22 +458,63 @@ impl RelaySession {
                 unique.push(n);
             }
         }
-        let new = unique.iter().filter(|n| !self.names.contains(*n)).count();
-        if self.names.len() + new > self.config.max_channels {
+        let new: Vec<String> = unique
+            .iter()
+            .filter(|n| !self.names.contains(*n))
+            .cloned()
+            .collect();
+        if self.names.len() + new.len() > self.config.max_channels {
             return refuse(
                 self,
                 REGISTER_ERROR_TOO_MANY_CHANNELS,
                 format!(
-                    "registering {new} more channels would exceed the limit of {} per device",
+                    "registering {} more channels would exceed the limit of {} per device",
+                    new.len(),
                     self.config.max_channels
                 ),
             );
         }
-        self.names.extend(unique.iter().cloned());
+        // Only names new to this session cost anything (a channel id
+        // derivation and a store write): they are rate-limited.
+        let cost = new.len() as u64 * 1000;
+        self.refill_budget(now);
+        if cost > self.register_budget {
+            return refuse(
+                self,
+                REGISTER_ERROR_RATE_LIMITED,
+                format!(
+                    "too many new channels: {} at once, then {} per minute; retry later",
+                    self.config.register_burst, self.config.register_per_minute
+                ),
+            );
+        }
+        self.register_budget -= cost;
+        self.names.extend(new.iter().cloned());
+        // The driver only sees names without a channel id on this session.
+        let unknown: Vec<String> = unique
+            .iter()
+            .filter(|n| !self.by_name.contains_key(*n))
+            .cloned()
+            .collect();
+        self.waiting.insert(request_id, unique);
+        if unknown.is_empty() {
+            return self.registered(request_id, vec![]);
+        }
         self.core.push_event(RelayEvent::Register {
             request_id,
-            names: unique,
+            names: unknown,
         });
+    }
+
+    fn refill_budget(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.budget_at);
+        let earned = u64::try_from(elapsed.as_millis())
+            .unwrap_or(u64::MAX)
+            .saturating_mul(u64::from(self.config.register_per_minute))
+            / 60;
+        let cap = u64::from(self.config.register_burst) * 1000;
+        self.register_budget = self.register_budget.saturating_add(earned).min(cap);
+        self.budget_at = now;
     }
 }
 

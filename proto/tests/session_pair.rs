@@ -6,11 +6,12 @@
 use std::time::{Duration, Instant};
 
 use wakewire_proto::codec::encode_to_bytes;
+use wakewire_proto::device_session::RegisterRefused;
 use wakewire_proto::device_session::{DeviceEvent, DeviceSession, DeviceSessionConfig};
 use wakewire_proto::pb::device::{frame::Body, GoAwayReason, Hello, Priority, Register, Wake};
 use wakewire_proto::relay_session::{
     RelayEvent, RelaySession, RelaySessionConfig, REGISTER_ERROR_INVALID_NAME,
-    REGISTER_ERROR_TOO_MANY_CHANNELS,
+    REGISTER_ERROR_RATE_LIMITED, REGISTER_ERROR_TOO_MANY_CHANNELS,
 };
 use wakewire_proto::{ErrorCode, MAX_FRAME_SIZE};
 
@@ -396,5 +397,74 @@ fn oversize_wake_is_refused_by_the_relay_session() {
         .send_wake(wake("e", "m-id", &[0; 4097]))
         .unwrap_err();
     assert!(err.to_string().contains("4097"));
+    assert!(!p.relay.is_closed());
+}
+
+#[test]
+fn names_already_registered_are_answered_without_the_driver_and_new_ones_are_rate_limited() {
+    let mut p = Pair::new(RelaySessionConfig {
+        register_burst: 4,
+        register_per_minute: 60,
+        ..RelaySessionConfig::default()
+    });
+    p.pump();
+    p.device.register(p.now, vec!["a".into(), "b".into()]);
+    p.pump();
+    let registers = |p: &Pair| {
+        p.relay_events
+            .iter()
+            .filter(|e| matches!(e, RelayEvent::Register { .. }))
+            .count()
+    };
+    assert_eq!(registers(&p), 1);
+    // Asking again for known names: answered by the session itself.
+    let again = p.device.register(p.now, vec!["b".into(), "a".into()]);
+    p.pump();
+    assert_eq!(registers(&p), 1, "the driver was asked again");
+    let Some(DeviceEvent::Registered {
+        request_id,
+        result: Ok(bindings),
+    }) = p.device_events.last()
+    else {
+        panic!("{:?}", p.device_events)
+    };
+    assert_eq!(*request_id, again);
+    let got: Vec<_> = bindings.iter().map(|b| b.channel_id.as_str()).collect();
+    assert_eq!(got, ["b-id", "a-id"]);
+    // Mixed: the known one from the table, the new one from the driver.
+    p.device.register(p.now, vec!["a".into(), "c".into()]);
+    p.pump();
+    assert!(
+        matches!(p.relay_events.last(), Some(RelayEvent::Register { names, .. }) if names == &["c"])
+    );
+    let Some(DeviceEvent::Registered {
+        result: Ok(bindings),
+        ..
+    }) = p.device_events.last()
+    else {
+        panic!()
+    };
+    let got: Vec<_> = bindings.iter().map(|b| b.channel_id.as_str()).collect();
+    assert_eq!(got, ["a-id", "c-id"]);
+    // The burst (4 new names) is spent after one more; then one per second.
+    p.device.register(p.now, vec!["d".into(), "e".into()]);
+    p.pump();
+    assert!(matches!(
+        p.device_events.last(),
+        Some(DeviceEvent::Registered {
+            result: Err(RegisterRefused {
+                code: REGISTER_ERROR_RATE_LIMITED,
+                ..
+            }),
+            ..
+        })
+    ));
+    p.advance(Duration::from_secs(1));
+    p.device.register(p.now, vec!["d".into()]);
+    p.pump();
+    assert!(matches!(
+        p.device_events.last(),
+        Some(DeviceEvent::Registered { result: Ok(b), .. }) if b.len() == 1
+    ));
     assert!(!p.relay.is_closed());
 }

@@ -83,6 +83,9 @@ pub struct Settings {
     pub max_in_flight_per_connection: usize,
     /// Hours a Publish idempotency key is remembered.
     pub idempotency_retention_hours: u64,
+    /// Days a gone channel is remembered (publishing to it says why it is
+    /// gone); after that it is forgotten.
+    pub gone_retention_days: u64,
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info,wakewire_server=debug`.
     pub log: String,
 }
@@ -114,6 +117,7 @@ impl Default for Settings {
             store_group_commit: true,
             max_in_flight_per_connection: 4096,
             idempotency_retention_hours: 24,
+            gone_retention_days: 30,
             log: "info".into(),
         }
     }
@@ -299,6 +303,9 @@ impl Settings {
                 "must be between 1 and 8760",
             ));
         }
+        if !(1..=3650).contains(&self.gone_retention_days) {
+            return Err(invalid("gone_retention_days", "must be between 1 and 3650"));
+        }
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("data_dir", "must not be empty"));
         }
@@ -317,6 +324,7 @@ impl Settings {
                     hello_timeout: Duration::from_secs(self.hello_timeout_secs),
                     idle_timeout: Duration::from_secs(self.idle_timeout_secs),
                     probe_port: 0,
+                    ..RelaySessionConfig::default()
                 },
                 max_in_flight: self.max_in_flight_per_connection,
                 normal_max_delay: Duration::from_millis(self.normal_max_delay_ms),
@@ -338,6 +346,7 @@ impl Settings {
                 group_commit: self.store_group_commit,
             },
             channel_expiry: Duration::from_secs(self.channel_expiry_days.saturating_mul(86_400)),
+            gone_retention: Duration::from_secs(self.gone_retention_days.saturating_mul(86_400)),
         })
     }
 }
@@ -391,6 +400,8 @@ pub struct RelayConfig {
     pub store: crate::store::StoreConfig,
     /// Channel expiry after its last registration.
     pub channel_expiry: Duration,
+    /// How long gone channels are remembered.
+    pub gone_retention: Duration,
 }
 
 impl RelayConfig {

@@ -21,7 +21,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 use wakewire_proto::names::validate_device_id;
 use wakewire_proto::pb::device::{GoAwayReason, Wake};
 use wakewire_proto::relay_connection::{ConnectionEvent, RelayConnection, WakeRefused};
-use wakewire_proto::relay_session::Close;
+use wakewire_proto::relay_session::{Close, REGISTER_ERROR_TOO_MANY_CHANNELS};
 use wakewire_proto::token::TokenKind;
 use wakewire_proto::ErrorCode;
 
@@ -266,8 +266,9 @@ impl Driver {
                     return;
                 };
                 let reason = "unregistered by its device";
+                let now = clock::unix_ms();
                 for id in &channel_ids {
-                    self.shared.registry.channel_gone(id, &device, reason);
+                    self.shared.registry.channel_gone(id, &device, reason, now);
                 }
                 let store = self.shared.store.clone();
                 self.work.spawn(async move {
@@ -366,10 +367,25 @@ impl Driver {
             return;
         };
         let now = clock::unix_ms();
+        let ids: Vec<String> = names
+            .iter()
+            .map(|n| self.shared.keys.channel_ids.derive(&device, n))
+            .collect();
+        let max = self.shared.config.connection.session.max_channels;
+        if let Err(e) = self.shared.registry.check_channel_limit(&device, &ids, max) {
+            counter!(m::REGISTER_REFUSED, "reason" => "too_many_channels").increment(1);
+            return rc.refuse_register(
+                request_id,
+                REGISTER_ERROR_TOO_MANY_CHANNELS,
+                format!(
+                    "registering {} more channels would exceed the limit of {max} per device (it has {} across its connections)",
+                    e.new, e.live
+                ),
+            );
+        }
         let mut bindings = Vec::with_capacity(names.len());
         let mut fresh = Vec::new();
-        for name in names {
-            let id = self.shared.keys.channel_ids.derive(&device, &name);
+        for (name, id) in names.into_iter().zip(ids) {
             let previous = self
                 .shared
                 .registry

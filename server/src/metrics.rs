@@ -40,3 +40,5 @@ pub const DROPPED: &str = "wakewire_relay_dropped_total";
 pub const QUEUED: &str = "wakewire_relay_queued_total";
 /// Counter: binding-lifetime probes, label `result` (accepted, malformed, over_limit).
 pub const PROBES: &str = "wakewire_relay_probes_total";
+/// Counter: Register requests refused, label `reason` (too_many_channels).
+pub const REGISTER_REFUSED: &str = "wakewire_relay_register_refused_total";

@@ -2,6 +2,7 @@
 //! connected device is on. Lock-free maps (dashmap) shared by every
 //! connection task and the publish service.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -62,12 +63,31 @@ struct DeviceConn {
     tx: ConnSender,
 }
 
+/// A gone channel: why, whose, since when (Unix ms).
+#[derive(Debug, Clone)]
+struct Gone {
+    reason: String,
+    device_id: Arc<str>,
+    at_ms: u64,
+}
+
+/// The device would exceed its channel limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TooManyChannels {
+    /// Live channels the device has.
+    pub live: usize,
+    /// New ones it asked for.
+    pub new: usize,
+}
+
 /// Channel and connection tables.
 #[derive(Debug, Default)]
 pub struct Registry {
     channels: DashMap<String, ChannelEntry>,
-    /// Channels that are gone (unregistered, expired): reason and device.
-    gone: DashMap<String, (String, Arc<str>)>,
+    /// Live channel ids per device, across all its connections.
+    by_device: DashMap<Arc<str>, HashSet<String>>,
+    /// Channels that are gone (unregistered, expired).
+    gone: DashMap<String, Gone>,
     devices: DashMap<Arc<str>, DeviceConn>,
 }
 
@@ -82,6 +102,10 @@ impl Registry {
         now_ms: u64,
     ) -> Option<u64> {
         self.gone.remove(channel_id);
+        self.by_device
+            .entry(device_id.clone())
+            .or_default()
+            .insert(channel_id.to_owned());
         let previous = self.channels.get(channel_id).map(|e| e.registered_ms);
         self.channels.insert(
             channel_id.to_owned(),
@@ -94,25 +118,78 @@ impl Registry {
         previous
     }
 
-    /// Marks a channel of `device_id` gone.
-    pub fn channel_gone(&self, channel_id: &str, device_id: &Arc<str>, reason: &str) {
+    /// Checks that `device_id` may have the channels `ids` live at once
+    /// (those it has already count once), within `max` channels per device.
+    pub fn check_channel_limit(
+        &self,
+        device_id: &str,
+        ids: &[String],
+        max: usize,
+    ) -> Result<(), TooManyChannels> {
+        let (live, new) = match self.by_device.get(device_id) {
+            Some(set) => (
+                set.len(),
+                ids.iter().filter(|id| !set.contains(*id)).count(),
+            ),
+            None => (0, ids.len()),
+        };
+        if live + new > max {
+            return Err(TooManyChannels { live, new });
+        }
+        Ok(())
+    }
+
+    /// Live channels of a device.
+    pub fn device_channel_count(&self, device_id: &str) -> usize {
+        self.by_device.get(device_id).map_or(0, |s| s.len())
+    }
+
+    /// Marks a channel of `device_id` gone at `at_ms`.
+    pub fn channel_gone(&self, channel_id: &str, device_id: &Arc<str>, reason: &str, at_ms: u64) {
         self.channels.remove(channel_id);
+        if let Some(mut set) = self.by_device.get_mut(device_id) {
+            set.remove(channel_id);
+        }
+        self.by_device.remove_if(device_id, |_, set| set.is_empty());
         self.gone.insert(
             channel_id.to_owned(),
-            (reason.to_owned(), device_id.clone()),
+            Gone {
+                reason: reason.to_owned(),
+                device_id: device_id.clone(),
+                at_ms,
+            },
         );
+    }
+
+    /// Gone channels that went before `before_ms` (to forget for good).
+    pub fn gone_before(&self, before_ms: u64) -> Vec<String> {
+        self.gone
+            .iter()
+            .filter(|g| g.at_ms < before_ms)
+            .map(|g| g.key().clone())
+            .collect()
+    }
+
+    /// Forgets a gone channel (publishing to it is then plain NOT_FOUND).
+    pub fn forget_gone(&self, channel_id: &str) {
+        self.gone.remove(channel_id);
+    }
+
+    /// Number of gone channels remembered.
+    pub fn gone_count(&self) -> usize {
+        self.gone.len()
     }
 
     /// Why a channel is gone, if it is.
     pub fn gone_reason(&self, channel_id: &str) -> Option<String> {
-        self.gone.get(channel_id).map(|r| r.value().0.clone())
+        self.gone.get(channel_id).map(|g| g.reason.clone())
     }
 
     /// The device a channel belongs (or belonged, if gone) to.
     pub fn owner(&self, channel_id: &str) -> Option<Arc<str>> {
         match self.channels.get(channel_id) {
             Some(c) => Some(c.device_id.clone()),
-            None => self.gone.get(channel_id).map(|g| g.value().1.clone()),
+            None => self.gone.get(channel_id).map(|g| g.device_id.clone()),
         }
     }
 
@@ -197,11 +274,35 @@ mod tests {
         assert_eq!(r.register_channel("c", &dev, "mail", 7), Some(5));
         assert_eq!(r.stale_channels(8), vec!["c".to_string()]);
         assert!(r.stale_channels(7).is_empty());
-        r.channel_gone("c", &dev, "unregistered");
+        r.channel_gone("c", &dev, "unregistered", 8);
         assert!(r.channel("c").is_none());
         assert_eq!(r.gone_reason("c").as_deref(), Some("unregistered"));
         assert_eq!(r.owner("c").as_deref(), Some("d"));
+        assert_eq!(r.gone_before(9), vec!["c".to_string()]);
+        assert!(r.gone_before(8).is_empty());
         r.register_channel("c", &dev, "mail", 9);
         assert!(r.gone_reason("c").is_none());
+    }
+
+    #[test]
+    fn the_channel_limit_counts_a_device_s_channels_across_connections() {
+        let r = Registry::default();
+        let dev: Arc<str> = "d".into();
+        for id in ["a", "b"] {
+            r.register_channel(id, &dev, id, 1);
+        }
+        let ids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        // Already live channels count once.
+        assert_eq!(r.check_channel_limit("d", &ids(&["a", "b"]), 2), Ok(()));
+        assert_eq!(
+            r.check_channel_limit("d", &ids(&["a", "c"]), 2),
+            Err(TooManyChannels { live: 2, new: 1 })
+        );
+        // A gone channel frees its place.
+        r.channel_gone("a", &dev, "unregistered", 2);
+        assert_eq!(r.device_channel_count("d"), 1);
+        assert_eq!(r.check_channel_limit("d", &ids(&["c"]), 2), Ok(()));
+        r.forget_gone("a");
+        assert!(r.gone_reason("a").is_none());
     }
 }

@@ -223,7 +223,7 @@ pub async fn start_on(
             registry.register_channel(&id, &device, &ch.name, ch.last_used_ms);
             known += 1;
         } else {
-            registry.channel_gone(&id, &device, &ch.gone_reason);
+            registry.channel_gone(&id, &device, &ch.gone_reason, ch.gone_at_ms);
         }
     }
     info!(channels = known, "store opened");
@@ -376,24 +376,44 @@ async fn sweep_loop(shared: Arc<Shared>) {
             Err(e) => warn!(error = %e, "sweep failed"),
         }
         if n % 60 == 1 {
-            let limit = u64::try_from(shared.config.channel_expiry.as_millis()).unwrap_or(u64::MAX);
-            for id in shared.registry.stale_channels(now.saturating_sub(limit)) {
-                let reason = format!(
-                    "expired: its device has not registered it for {} days",
-                    shared.config.channel_expiry.as_secs() / 86_400
-                );
-                let Some(device) = shared.registry.owner(&id) else {
-                    continue;
-                };
-                match shared
-                    .store
-                    .channel_gone(id.clone(), reason.clone(), now)
-                    .await
-                {
-                    Ok(_) => shared.registry.channel_gone(&id, &device, &reason),
-                    Err(e) => warn!(error = %e, "channel expiry failed"),
+            expire_channels(&shared, now).await;
+        }
+    }
+}
+
+/// Channels whose device has not registered them for `channel_expiry` are
+/// gone; gone channels are forgotten after `gone_retention`.
+async fn expire_channels(shared: &Shared, now: u64) {
+    let limit = u64::try_from(shared.config.channel_expiry.as_millis()).unwrap_or(u64::MAX);
+    for id in shared.registry.stale_channels(now.saturating_sub(limit)) {
+        let reason = format!(
+            "expired: its device has not registered it for {} days",
+            shared.config.channel_expiry.as_secs() / 86_400
+        );
+        let Some(device) = shared.registry.owner(&id) else {
+            continue;
+        };
+        match shared
+            .store
+            .channel_gone(id.clone(), reason.clone(), now)
+            .await
+        {
+            Ok(_) => shared.registry.channel_gone(&id, &device, &reason, now),
+            Err(e) => warn!(error = %e, "channel expiry failed"),
+        }
+    }
+    let keep = u64::try_from(shared.config.gone_retention.as_millis()).unwrap_or(u64::MAX);
+    let before = now.saturating_sub(keep);
+    let old = shared.registry.gone_before(before);
+    if !old.is_empty() {
+        match shared.store.forget_channels(old.clone(), before).await {
+            Ok(()) => {
+                for id in &old {
+                    shared.registry.forget_gone(id);
                 }
+                tracing::debug!(forgotten = old.len(), "gone channels forgotten");
             }
+            Err(e) => warn!(error = %e, "forgetting gone channels failed"),
         }
     }
 }

@@ -383,6 +383,20 @@ impl Store {
         }
     }
 
+    /// Deletes the records of channels gone before `gone_before_ms`.
+    pub async fn forget_channels(
+        &self,
+        ids: Vec<String>,
+        gone_before_ms: u64,
+    ) -> Result<(), StoreError> {
+        self.submit(Op::ForgetChannels {
+            ids,
+            gone_before_ms,
+        })
+        .await
+        .map(|_| ())
+    }
+
     /// The queued events of these channels, oldest first per channel, each
     /// claimed for the caller. Sees every operation submitted before it.
     pub async fn claim_queued(

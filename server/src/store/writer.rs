@@ -63,6 +63,10 @@ pub(crate) enum Op {
     ClaimQueued {
         channel_ids: Vec<String>,
     },
+    ForgetChannels {
+        ids: Vec<String>,
+        gone_before_ms: u64,
+    },
 }
 
 type Finished = Vec<(StoredEvent, FinishReason)>;
@@ -308,6 +312,26 @@ impl Writer {
             Op::ClaimQueued { channel_ids } => {
                 let reply = self.claim_queued(&t.queue, &t.events, channel_ids)?;
                 Ok((reply, vec![]))
+            }
+            Op::ForgetChannels {
+                ids,
+                gone_before_ms,
+            } => {
+                for id in ids {
+                    let found = t
+                        .channels
+                        .get(id.as_str())
+                        .map_err(db)?
+                        .map(|v| decode::<StoredChannel>("channels", v.value()));
+                    let Some(ch) = found else { continue };
+                    let ch = ch?;
+                    // Only channels gone long enough; a channel registered
+                    // again meanwhile is live and stays.
+                    if !ch.gone_reason.is_empty() && ch.gone_at_ms < *gone_before_ms {
+                        t.channels.remove(id.as_str()).map_err(db)?;
+                    }
+                }
+                Ok((Reply::Done, vec![]))
             }
         }
     }
