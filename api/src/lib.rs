@@ -35,6 +35,10 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
 /// was nevertheless stored or sent: the event id, to follow with GetEvent.
 pub const EVENT_ID_METADATA: &str = "wakewire-event-id";
 
+/// Metadata key set on a RESOURCE_EXHAUSTED answer that a retry can cure:
+/// milliseconds to wait before retrying.
+pub const RETRY_AFTER_METADATA: &str = "wakewire-retry-after-ms";
+
 /// A request carrying `authorization: Bearer <token>`.
 ///
 /// Fails only if the token holds characters that cannot travel in an HTTP

@@ -30,9 +30,12 @@ struct Cli {
 enum Cmd {
     /// Run the relay. Settings come from --config, then WAKEWIRE_* variables, then flags.
     Serve(Box<serve::ServeArgs>),
-    /// Mint device or publisher tokens with the key in the data directory.
+    /// Mint, inspect and revoke device and publisher tokens.
     #[command(subcommand)]
     Token(token::TokenCmd),
+    /// The token signing keys: list, rotate, drop a retired one.
+    #[command(subcommand)]
+    Keys(token::KeysCmd),
     /// Connect as a device, register channels, and print every wake received.
     Listen(listen::ListenArgs),
     /// Publish one wake event to a channel.
@@ -100,7 +103,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Serve(args) => serve::serve(&args).await,
         Cmd::Token(t) => {
-            println!("{}", token::mint(t)?);
+            println!("{}", token::run(t)?);
+            Ok(())
+        }
+        Cmd::Keys(k) => {
+            println!("{}", token::keys_cmd(k)?);
             Ok(())
         }
         Cmd::Listen(args) => listen::listen(args).await,

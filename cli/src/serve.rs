@@ -86,6 +86,42 @@ pub(crate) struct ServeArgs {
     /// Days a gone channel is remembered [env: WAKEWIRE_GONE_RETENTION_DAYS] [default: 30]
     #[arg(long)]
     gone_retention_days: Option<u64>,
+    /// Most TCP connections to the publisher API [env: WAKEWIRE_GRPC_MAX_CONNECTIONS] [default: 4096]
+    #[arg(long)]
+    grpc_max_connections: Option<usize>,
+    /// Most HTTP/2 streams per publisher connection [env: WAKEWIRE_GRPC_MAX_STREAMS_PER_CONNECTION] [default: 128]
+    #[arg(long)]
+    grpc_max_streams_per_connection: Option<u32>,
+    /// Most publisher requests handled at once [env: WAKEWIRE_GRPC_MAX_IN_FLIGHT] [default: 1024]
+    #[arg(long)]
+    grpc_max_in_flight: Option<usize>,
+    /// Deadline of a publisher request, s [env: WAKEWIRE_GRPC_REQUEST_TIMEOUT_SECS] [default: 30]
+    #[arg(long)]
+    grpc_request_timeout_secs: Option<u64>,
+    /// Silent publisher connections are closed after this, s [env: WAKEWIRE_GRPC_IDLE_TIMEOUT_SECS] [default: 120]
+    #[arg(long)]
+    grpc_idle_timeout_secs: Option<u64>,
+    /// Publishes per second per publisher token [env: WAKEWIRE_PUBLISHER_RATE_PER_SEC] [default: 20000]
+    #[arg(long)]
+    publisher_rate_per_sec: Option<u32>,
+    /// Publish burst per publisher token [env: WAKEWIRE_PUBLISHER_BURST] [default: 40000]
+    #[arg(long)]
+    publisher_burst: Option<u32>,
+    /// WatchDeliveries streams per publisher token [env: WAKEWIRE_PUBLISHER_MAX_WATCHERS] [default: 16]
+    #[arg(long)]
+    publisher_max_watchers: Option<u32>,
+    /// Bytes queued per publisher token [env: WAKEWIRE_PUBLISHER_MAX_STORED_BYTES] [default: 1073741824]
+    #[arg(long)]
+    publisher_max_stored_bytes: Option<u64>,
+    /// Pending handshakes beyond which a QUIC Retry is required [env: WAKEWIRE_RETRY_THRESHOLD] [default: 256]
+    #[arg(long)]
+    retry_threshold: Option<usize>,
+    /// Pending handshakes per /24 or /64 [env: WAKEWIRE_MAX_PENDING_HANDSHAKES_PER_PREFIX] [default: 256]
+    #[arg(long)]
+    max_pending_handshakes_per_prefix: Option<usize>,
+    /// Deadline of a QUIC handshake, s [env: WAKEWIRE_HANDSHAKE_TIMEOUT_SECS] [default: 5]
+    #[arg(long)]
+    handshake_timeout_secs: Option<u64>,
     /// Log filter, e.g. "info" or "info,wakewire_server=debug" [env: WAKEWIRE_LOG] [default: info]
     #[arg(long)]
     log: Option<String>,
@@ -124,6 +160,18 @@ impl ServeArgs {
             max_in_flight_per_connection,
             idempotency_retention_hours,
             gone_retention_days,
+            grpc_max_connections,
+            grpc_max_streams_per_connection,
+            grpc_max_in_flight,
+            grpc_request_timeout_secs,
+            grpc_idle_timeout_secs,
+            publisher_rate_per_sec,
+            publisher_burst,
+            publisher_max_watchers,
+            publisher_max_stored_bytes,
+            retry_threshold,
+            max_pending_handshakes_per_prefix,
+            handshake_timeout_secs,
             log
         );
         if self.tls_cert.is_some() {

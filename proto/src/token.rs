@@ -6,6 +6,10 @@
 //! mints tokens with `wakewire-relay token ...`; it verifies them with the
 //! public key. A device token names one device id; a publisher token lists
 //! the channel ids and device ids it may publish to.
+//!
+//! Every token carries an id (`jti`, 128 random bits) so it can be revoked
+//! alone, and the id of the key that signed it (`kid`), so the relay can
+//! verify with several keys while its signing key rotates.
 
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
 use ring::signature::{self, Ed25519KeyPair, KeyPair};
@@ -55,6 +59,15 @@ pub struct Claims {
     /// `"*"` means every device.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub devices: Vec<String>,
+    /// Token id (32 hex characters), for revocation and per-token quotas.
+    /// Tokens minted before ids existed have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jti: Option<String>,
+    /// Id of the signing key (16 hex characters of the SHA-256 of its
+    /// public key). Absent in tokens minted before key ids existed: every
+    /// known key is tried.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kid: Option<String>,
 }
 
 impl Claims {
@@ -93,6 +106,12 @@ pub enum TokenError {
         /// Kind given.
         got: TokenKind,
     },
+    /// Signed by a key this relay does not (or no longer) accept.
+    #[error("token was signed by key {0}, which this relay does not accept (rotated out?)")]
+    UnknownKey(String),
+    /// Revoked by the operator.
+    #[error("token {0} has been revoked")]
+    Revoked(String),
 }
 
 /// Why a signing key could not be made or loaded.
@@ -127,10 +146,26 @@ impl Signer {
             .map_err(|e| KeyError(e.to_string()))
     }
 
-    /// Signs claims into a token.
+    /// The key id written into tokens this signer mints.
+    pub fn kid(&self) -> String {
+        key_id(self.key.public_key().as_ref())
+    }
+
+    /// The raw Ed25519 public key (32 bytes).
+    pub fn public_key(&self) -> Vec<u8> {
+        self.key.public_key().as_ref().to_vec()
+    }
+
+    /// Signs claims into a token, setting its `kid` to this key's id and
+    /// giving it a fresh random `jti` if it has none.
     pub fn mint(&self, claims: &Claims) -> String {
+        let mut claims = claims.clone();
+        claims.kid = Some(self.kid());
+        if claims.jti.is_none() {
+            claims.jti = Some(random_id());
+        }
         // Serializing a struct of strings and integers cannot fail.
-        let json = serde_json::to_vec(claims).unwrap_or_default();
+        let json = serde_json::to_vec(&claims).unwrap_or_default();
         let mut token = format!("{PREFIX}{}", URL_SAFE_NO_PAD.encode(json));
         let sig = self.key.sign(token.as_bytes());
         token.push('.');
@@ -138,21 +173,47 @@ impl Signer {
         token
     }
 
-    /// The matching verifier.
+    /// A verifier that knows only this key.
     pub fn verifier(&self) -> Verifier {
-        Verifier {
-            public: self.key.public_key().as_ref().to_vec(),
-        }
+        Verifier::new(vec![self.public_key()])
     }
 }
 
-/// Checks tokens against the relay's Ed25519 public key.
+/// The id of an Ed25519 public key: 16 hex characters of its SHA-256.
+pub fn key_id(public: &[u8]) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, public);
+    d.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn random_id() -> String {
+    let mut b = [0u8; 16];
+    // Without randomness the id is all zeros: still a valid token, only
+    // not revocable alone. The system RNG does not fail on supported OSes.
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Checks tokens against the relay's Ed25519 public keys: the current one
+/// and earlier ones still accepted while tokens they signed live on.
 #[derive(Debug, Clone)]
 pub struct Verifier {
-    public: Vec<u8>,
+    /// (key id, public key), current key first.
+    keys: Vec<(String, Vec<u8>)>,
 }
 
 impl Verifier {
+    /// A verifier accepting these public keys (the current one first).
+    pub fn new(public_keys: Vec<Vec<u8>>) -> Self {
+        Self {
+            keys: public_keys.into_iter().map(|k| (key_id(&k), k)).collect(),
+        }
+    }
+
+    /// Ids of the keys accepted.
+    pub fn key_ids(&self) -> impl Iterator<Item = &str> {
+        self.keys.iter().map(|(id, _)| id.as_str())
+    }
+
     /// Verifies signature, expiry (against `now_unix`, seconds) and kind.
     pub fn verify(
         &self,
@@ -172,15 +233,27 @@ impl Verifier {
         let sig = URL_SAFE_NO_PAD
             .decode(sig_b64)
             .map_err(|_| TokenError::Malformed("signature is not base64url"))?;
-        let signed = &token[..PREFIX.len() + claims_b64.len()];
-        signature::UnparsedPublicKey::new(&signature::ED25519, &self.public)
-            .verify(signed.as_bytes(), &sig)
-            .map_err(|_| TokenError::BadSignature)?;
         let json = URL_SAFE_NO_PAD
             .decode(claims_b64)
             .map_err(|_| TokenError::Malformed("claims are not base64url"))?;
         let claims: Claims = serde_json::from_slice(&json)
             .map_err(|_| TokenError::Malformed("claims are not valid JSON"))?;
+        let signed = &token[..PREFIX.len() + claims_b64.len()];
+        let check = |public: &[u8]| {
+            signature::UnparsedPublicKey::new(&signature::ED25519, public)
+                .verify(signed.as_bytes(), &sig)
+                .is_ok()
+        };
+        let valid = match &claims.kid {
+            Some(kid) => match self.keys.iter().find(|(id, _)| id == kid) {
+                Some((_, k)) => check(k),
+                None => return Err(TokenError::UnknownKey(kid.clone())),
+            },
+            None => self.keys.iter().any(|(_, k)| check(k)),
+        };
+        if !valid {
+            return Err(TokenError::BadSignature);
+        }
         if claims.typ != expected {
             return Err(TokenError::WrongKind {
                 expected,
@@ -216,6 +289,8 @@ mod tests {
             exp,
             channels: vec![],
             devices: vec![],
+            jti: None,
+            kid: None,
         }
     }
 
@@ -240,8 +315,30 @@ mod tests {
             v.verify(&t, TokenKind::Publisher, 1),
             Err(TokenError::WrongKind { .. })
         ));
-        assert_eq!(
+        // Another relay's key: its key id is unknown here.
+        assert!(matches!(
             signer().verifier().verify(&t, TokenKind::Device, 1),
+            Err(TokenError::UnknownKey(_))
+        ));
+        // Claims that name this relay's key but were signed by another.
+        let mut c = device("d1", 100);
+        c.kid = Some(s.kid());
+        let foreign = signer().mint(&c);
+        let relabelled = {
+            // mint() sets kid to the signer's: rebuild with ours.
+            let (body, sig) = foreign.rsplit_once('.').unwrap();
+            let json = URL_SAFE_NO_PAD
+                .decode(body.strip_prefix(PREFIX).unwrap())
+                .unwrap();
+            let mut claims: Claims = serde_json::from_slice(&json).unwrap();
+            claims.kid = Some(s.kid());
+            format!(
+                "{PREFIX}{}.{sig}",
+                URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).unwrap())
+            )
+        };
+        assert_eq!(
+            v.verify(&relabelled, TokenKind::Device, 1),
             Err(TokenError::BadSignature)
         );
         // Swap in claims for another device, keep the signature.
@@ -273,6 +370,8 @@ mod tests {
             exp: 10,
             channels: vec!["chA".into()],
             devices: vec!["dev2".into()],
+            jti: None,
+            kid: None,
         };
         assert!(c.allows("chA", "dev1"));
         assert!(c.allows("chB", "dev2"));
@@ -283,5 +382,24 @@ mod tests {
             ..c
         };
         assert!(all.allows("anything", "anyone"));
+    }
+
+    #[test]
+    fn tokens_carry_ids_and_verify_under_any_accepted_key() {
+        let (old, new) = (signer(), signer());
+        let t_old = old.mint(&device("d1", 100));
+        let t_new = new.mint(&device("d1", 100));
+        let both = Verifier::new(vec![new.public_key(), old.public_key()]);
+        let c = both.verify(&t_old, TokenKind::Device, 1).unwrap();
+        assert_eq!(c.kid.as_deref(), Some(old.kid().as_str()));
+        assert_eq!(c.jti.as_ref().map(String::len), Some(32));
+        assert!(both.verify(&t_new, TokenKind::Device, 1).is_ok());
+        // Once the old key is dropped, its tokens say so.
+        assert_eq!(
+            new.verifier().verify(&t_old, TokenKind::Device, 1),
+            Err(TokenError::UnknownKey(old.kid()))
+        );
+        // Two tokens for the same claims differ by their id.
+        assert_ne!(new.mint(&device("d1", 100)), t_new);
     }
 }

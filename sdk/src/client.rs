@@ -205,7 +205,7 @@ impl ClientBuilder {
             server_name,
             tls,
             suite_probe,
-            token,
+            token: std::sync::Mutex::new(token),
             min_protection: self.min_protection,
             keepalive: self.keepalive,
             keepalive_timeout: self.keepalive_timeout,
@@ -220,8 +220,12 @@ impl ClientBuilder {
             probe_addr: self.probe_addr,
         });
         let shared = Arc::new(Shared::default());
-        let cmd = driver::start(config, shared.clone()).await?;
-        Ok(Client { shared, cmd })
+        let cmd = driver::start(config.clone(), shared.clone()).await?;
+        Ok(Client {
+            shared,
+            config,
+            cmd,
+        })
     }
 }
 
@@ -239,10 +243,20 @@ fn host_of(addr: &str) -> String {
 /// A connected wakewire client. Cheap to clone; all clones share one
 /// connection. The connection is closed by [`Client::close`] or when every
 /// clone is dropped.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Client {
     shared: Arc<Shared>,
+    config: Arc<Config>,
     cmd: mpsc::UnboundedSender<Command>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("relay", &self.config.relay)
+            .field("closed", &self.cmd.is_closed())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Client {
@@ -306,6 +320,20 @@ impl Client {
         cb: impl Fn() + Send + Sync + 'static,
     ) -> Result<(), ClientClosed> {
         self.send(Command::AddPeriodic(period, Arc::new(cb)))
+    }
+
+    /// Replaces the device token for the next connections (renewal before
+    /// the current one expires, or after a key rotation). The current
+    /// connection stays up.
+    pub fn set_device_token(&self, token: impl Into<String>) -> Result<(), ClientClosed> {
+        if self.cmd.is_closed() {
+            return Err(ClientClosed);
+        }
+        match self.config.token.lock() {
+            Ok(mut t) => *t = token.into(),
+            Err(_) => return Err(ClientClosed),
+        }
+        Ok(())
     }
 
     /// Whether the client has been closed (by [`Client::close`] or for

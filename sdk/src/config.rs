@@ -22,7 +22,8 @@ pub(crate) struct Config {
     /// again). Attempts are sequential, so one suite probe serves them all.
     pub(crate) tls: quinn::ClientConfig,
     pub(crate) suite_probe: Arc<crate::tls::SuiteProbe>,
-    pub(crate) token: String,
+    /// The device credential; replaced by `Client::set_device_token`.
+    pub(crate) token: Mutex<String>,
     pub(crate) min_protection: Protection,
     pub(crate) keepalive: KeepalivePolicy,
     pub(crate) keepalive_timeout: Duration,

@@ -5,12 +5,13 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
-use wakewire_proto::probe::Probe;
+use wakewire_proto::probe::{Probe, COOKIE_LEN};
 
 use crate::config::PeriodicCallback;
 use crate::memory::NetworkMemory;
@@ -33,6 +34,7 @@ pub(crate) struct Keepalive {
     pub(crate) replies: mpsc::UnboundedReceiver<u64>,
     standby: bool,
     periodic: Vec<Periodic>,
+    cookies: CookieCache,
 }
 
 impl Keepalive {
@@ -47,6 +49,7 @@ impl Keepalive {
             replies,
             standby: false,
             periodic: vec![],
+            cookies: CookieCache::default(),
         };
         k.set_policy(policy, crate::clock::now());
         k
@@ -70,6 +73,10 @@ impl Keepalive {
     /// The device moved to another network.
     pub(crate) fn network_changed(&mut self, network: String, now: Instant) {
         self.network = network;
+        // A new network means a new public address: a new cookie.
+        if let Ok(mut c) = self.cookies.lock() {
+            *c = None;
+        }
         self.set_policy(self.policy.clone(), now);
     }
 
@@ -163,7 +170,12 @@ impl Keepalive {
         let Some(t) = &mut self.tuner else { return out };
         if let Some(addr) = probe_addr {
             while let Some(req) = t.poll_probe(now) {
-                tokio::spawn(probe(addr, req, self.replies_tx.clone()));
+                tokio::spawn(probe(
+                    addr,
+                    req,
+                    self.replies_tx.clone(),
+                    self.cookies.clone(),
+                ));
             }
         }
         while let Some(ev) = t.poll_event() {
@@ -196,40 +208,89 @@ fn run(cb: &PeriodicCallback) {
     }
 }
 
-/// One probe: a fresh socket (its own NAT binding), one request, the reply
-/// if it comes.
-async fn probe(addr: SocketAddr, req: ProbeRequest, replies: mpsc::UnboundedSender<u64>) {
-    let bind: SocketAddr = if addr.is_ipv4() {
+/// How long a probe cookie is reused before a fresh one is fetched (the
+/// relay accepts one for 10 to 20 minutes).
+const COOKIE_REUSE: Duration = Duration::from_secs(300);
+
+/// The relay's return-routability cookie for this device's public address,
+/// shared by the probe tasks.
+pub(crate) type CookieCache = Arc<Mutex<Option<([u8; COOKIE_LEN], Instant)>>>;
+
+fn any_addr(addr: SocketAddr) -> SocketAddr {
+    if addr.is_ipv4() {
         ([0, 0, 0, 0], 0).into()
     } else {
         ([0u16; 8], 0).into()
-    };
-    let Ok(socket) = UdpSocket::bind(bind).await else {
-        return;
-    };
+    }
+}
+
+fn random_nonce() -> u64 {
     let mut nonce = [0u8; 8];
     let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce);
-    let p = Probe {
-        nonce: u64::from_le_bytes(nonce),
-        delay_ms: u32::try_from(req.delay.as_millis()).unwrap_or(u32::MAX),
-    };
-    if socket.send_to(&p.request(), addr).await.is_err() {
-        return;
-    }
-    let wait = req.delay + req.delay / 10 + Duration::from_secs(10);
+    u64::from_le_bytes(nonce)
+}
+
+/// Sends `p` from `socket` and waits up to `wait` for its reply.
+async fn exchange(socket: &UdpSocket, addr: SocketAddr, p: Probe, wait: Duration) -> Option<Probe> {
+    socket.send_to(&p.request(), addr).await.ok()?;
     let mut buf = [0u8; 64];
-    let got = tokio::time::timeout(wait, async {
+    tokio::time::timeout(wait, async {
         loop {
-            let Ok((n, _)) = socket.recv_from(&mut buf).await else {
-                return false;
-            };
-            if Probe::parse_reply(&buf[..n]).is_some_and(|r| r.nonce == p.nonce) {
-                return true;
+            let (n, _) = socket.recv_from(&mut buf).await.ok()?;
+            if let Some(r) = Probe::parse_reply(&buf[..n]).filter(|r| r.nonce == p.nonce) {
+                return Some(r);
             }
         }
     })
-    .await;
-    if got == Ok(true) {
+    .await
+    .ok()
+    .flatten()
+}
+
+/// A cookie for probes to `addr`: the cached one, or a fresh one from a
+/// delay-0 exchange.
+async fn cookie(addr: SocketAddr, cache: &CookieCache) -> Option<[u8; COOKIE_LEN]> {
+    let now = crate::clock::now();
+    if let Some((c, at)) = cache.lock().ok().and_then(|g| *g) {
+        if now.saturating_duration_since(at) < COOKIE_REUSE {
+            return Some(c);
+        }
+    }
+    let socket = UdpSocket::bind(any_addr(addr)).await.ok()?;
+    let ask = Probe {
+        nonce: random_nonce(),
+        delay_ms: 0,
+        cookie: [0; COOKIE_LEN],
+    };
+    let reply = exchange(&socket, addr, ask, Duration::from_secs(5)).await?;
+    if let Ok(mut g) = cache.lock() {
+        *g = Some((reply.cookie, now));
+    }
+    Some(reply.cookie)
+}
+
+/// One probe: a fresh socket (its own NAT binding), one request with the
+/// relay's cookie, the reply if it comes.
+async fn probe(
+    addr: SocketAddr,
+    req: ProbeRequest,
+    replies: mpsc::UnboundedSender<u64>,
+    cache: CookieCache,
+) {
+    let Some(cookie) = cookie(addr, &cache).await else {
+        debug!("no probe cookie from the relay; probe skipped");
+        return;
+    };
+    let Ok(socket) = UdpSocket::bind(any_addr(addr)).await else {
+        return;
+    };
+    let p = Probe {
+        nonce: random_nonce(),
+        delay_ms: u32::try_from(req.delay.as_millis()).unwrap_or(u32::MAX),
+        cookie,
+    };
+    let wait = req.delay + req.delay / 10 + Duration::from_secs(10);
+    if exchange(&socket, addr, p, wait).await.is_some() {
         debug!(delay = ?req.delay, "probe answered");
         let _ = replies.send(req.id);
     }

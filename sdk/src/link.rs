@@ -108,7 +108,7 @@ impl Link {
             ))
         };
         let session_config = DeviceSessionConfig {
-            credential: config.token.clone(),
+            credential: config.token.lock().map(|t| t.clone()).unwrap_or_default(),
             sdk: concat!("wakewire-sdk-rust/", env!("CARGO_PKG_VERSION")).into(),
             keepalive_interval,
             keepalive_timeout: config.keepalive_timeout,

@@ -86,6 +86,38 @@ pub struct Settings {
     /// Days a gone channel is remembered (publishing to it says why it is
     /// gone); after that it is forgotten.
     pub gone_retention_days: u64,
+    /// Most TCP connections to the publisher API at once; more are closed
+    /// as soon as they are accepted.
+    pub grpc_max_connections: usize,
+    /// Most concurrent HTTP/2 streams per publisher connection.
+    pub grpc_max_streams_per_connection: u32,
+    /// Most publisher requests being handled at once, over all
+    /// connections; more are answered RESOURCE_EXHAUSTED.
+    pub grpc_max_in_flight: usize,
+    /// Longest a publisher request may take before it is answered
+    /// CANCELLED (streams: until the stream starts).
+    pub grpc_request_timeout_secs: u64,
+    /// A publisher connection that sends nothing for this long (not even an
+    /// HTTP/2 ping answer) is closed.
+    pub grpc_idle_timeout_secs: u64,
+    /// Publishes per second per publisher token (events of a batch count
+    /// one each); more are RESOURCE_EXHAUSTED with a retry delay.
+    pub publisher_rate_per_sec: u32,
+    /// Publishes a publisher token may send at once above its rate.
+    pub publisher_burst: u32,
+    /// Concurrent WatchDeliveries streams per publisher token.
+    pub publisher_max_watchers: u32,
+    /// Bytes of payload and keys a publisher token may have queued in the
+    /// store at once.
+    pub publisher_max_stored_bytes: u64,
+    /// Handshakes in progress beyond which new ones must first prove their
+    /// address with a QUIC Retry (0 = always).
+    pub retry_threshold: usize,
+    /// Most handshakes in progress from one /24 (IPv4) or /64 (IPv6).
+    pub max_pending_handshakes_per_prefix: usize,
+    /// Longest a QUIC handshake may take, seconds (shorter than the Hello
+    /// timeout).
+    pub handshake_timeout_secs: u64,
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info,wakewire_server=debug`.
     pub log: String,
 }
@@ -118,6 +150,18 @@ impl Default for Settings {
             max_in_flight_per_connection: 4096,
             idempotency_retention_hours: 24,
             gone_retention_days: 30,
+            grpc_max_connections: 4096,
+            grpc_max_streams_per_connection: 128,
+            grpc_max_in_flight: 1024,
+            grpc_request_timeout_secs: 30,
+            grpc_idle_timeout_secs: 120,
+            publisher_rate_per_sec: 20_000,
+            publisher_burst: 40_000,
+            publisher_max_watchers: 16,
+            publisher_max_stored_bytes: 1 << 30,
+            retry_threshold: 256,
+            max_pending_handshakes_per_prefix: 256,
+            handshake_timeout_secs: 5,
             log: "info".into(),
         }
     }
@@ -306,6 +350,49 @@ impl Settings {
         if !(1..=3650).contains(&self.gone_retention_days) {
             return Err(invalid("gone_retention_days", "must be between 1 and 3650"));
         }
+        for (setting, v) in [
+            ("grpc_max_connections", self.grpc_max_connections as u64),
+            (
+                "grpc_max_streams_per_connection",
+                u64::from(self.grpc_max_streams_per_connection),
+            ),
+            ("grpc_max_in_flight", self.grpc_max_in_flight as u64),
+            ("grpc_request_timeout_secs", self.grpc_request_timeout_secs),
+            ("grpc_idle_timeout_secs", self.grpc_idle_timeout_secs),
+            (
+                "publisher_rate_per_sec",
+                u64::from(self.publisher_rate_per_sec),
+            ),
+            (
+                "publisher_max_watchers",
+                u64::from(self.publisher_max_watchers),
+            ),
+            (
+                "publisher_max_stored_bytes",
+                self.publisher_max_stored_bytes,
+            ),
+            (
+                "max_pending_handshakes_per_prefix",
+                self.max_pending_handshakes_per_prefix as u64,
+            ),
+            ("handshake_timeout_secs", self.handshake_timeout_secs),
+        ] {
+            if v == 0 {
+                return Err(invalid(setting, "must be at least 1"));
+            }
+        }
+        if self.publisher_burst < self.publisher_rate_per_sec {
+            return Err(invalid(
+                "publisher_burst",
+                "must be at least publisher_rate_per_sec",
+            ));
+        }
+        if self.handshake_timeout_secs > self.hello_timeout_secs {
+            return Err(invalid(
+                "handshake_timeout_secs",
+                "must not exceed hello_timeout_secs",
+            ));
+        }
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("data_dir", "must not be empty"));
         }
@@ -344,9 +431,28 @@ impl Settings {
                     self.idempotency_retention_hours.saturating_mul(3600),
                 ),
                 group_commit: self.store_group_commit,
+                max_bytes_per_publisher: self.publisher_max_stored_bytes,
             },
             channel_expiry: Duration::from_secs(self.channel_expiry_days.saturating_mul(86_400)),
             gone_retention: Duration::from_secs(self.gone_retention_days.saturating_mul(86_400)),
+            grpc: GrpcLimits {
+                max_connections: self.grpc_max_connections,
+                max_streams_per_connection: self.grpc_max_streams_per_connection,
+                max_in_flight: self.grpc_max_in_flight,
+                request_timeout: Duration::from_secs(self.grpc_request_timeout_secs),
+                idle_timeout: Duration::from_secs(self.grpc_idle_timeout_secs),
+            },
+            quotas: crate::quota::QuotaConfig {
+                rate_per_sec: self.publisher_rate_per_sec,
+                burst: self.publisher_burst,
+                max_watchers: self.publisher_max_watchers,
+                max_stored_bytes: self.publisher_max_stored_bytes,
+            },
+            admission: Admission {
+                retry_threshold: self.retry_threshold,
+                max_pending_per_prefix: self.max_pending_handshakes_per_prefix,
+                handshake_timeout: Duration::from_secs(self.handshake_timeout_secs),
+            },
         })
     }
 }
@@ -402,6 +508,38 @@ pub struct RelayConfig {
     pub channel_expiry: Duration,
     /// How long gone channels are remembered.
     pub gone_retention: Duration,
+    /// Limits of the publisher API's transport.
+    pub grpc: GrpcLimits,
+    /// Per-publisher rate limits and quotas.
+    pub quotas: crate::quota::QuotaConfig,
+    /// Handshake admission of the device endpoint.
+    pub admission: Admission,
+}
+
+/// Limits of the publisher API's transport.
+#[derive(Debug, Clone)]
+pub struct GrpcLimits {
+    /// TCP connections at once.
+    pub max_connections: usize,
+    /// HTTP/2 streams per connection.
+    pub max_streams_per_connection: u32,
+    /// Requests being handled at once, all connections.
+    pub max_in_flight: usize,
+    /// Deadline of a request.
+    pub request_timeout: Duration,
+    /// A connection silent this long is closed.
+    pub idle_timeout: Duration,
+}
+
+/// Handshake admission of the device endpoint.
+#[derive(Debug, Clone)]
+pub struct Admission {
+    /// Pending handshakes beyond which a Retry is required first.
+    pub retry_threshold: usize,
+    /// Pending handshakes per /24 or /64.
+    pub max_pending_per_prefix: usize,
+    /// Deadline of a QUIC handshake.
+    pub handshake_timeout: Duration,
 }
 
 impl RelayConfig {

@@ -1,11 +1,15 @@
-//! The relay's data directory: the token signing key, the channel id
-//! secret and, in dev mode, a self-signed certificate. Each is created on
-//! first start and reused afterwards, so tokens and channel ids survive
-//! restarts.
+//! The relay's data directory: the token signing key (and retired keys
+//! still accepted), the channel id secret, the revocation list and, in dev
+//! mode, a self-signed certificate. Each is created on first start and
+//! reused afterwards, so tokens and channel ids survive restarts.
+//!
+//! At rest: the directory is mode 0700 and every file in it 0600. The
+//! relay fixes looser modes it finds at start (and says so), so a secret
+//! copied in with a careless `cp` does not stay world-readable.
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use std::time::Duration;
@@ -22,6 +26,11 @@ pub const CHANNEL_SECRET_FILE: &str = "channel-id.secret";
 pub const DEV_CERT_FILE: &str = "dev-cert.pem";
 /// File name of the dev-mode private key (PEM).
 pub const DEV_KEY_FILE: &str = "dev-key.pem";
+/// Directory of retired signing keys' public halves (`<kid>.pub`, 32 raw
+/// bytes): tokens they signed are still accepted until the file is removed.
+pub const RETIRED_KEYS_DIR: &str = "retired-keys";
+/// File of revoked token ids, one `jti` per line (`#` comments allowed).
+pub const REVOKED_FILE: &str = "revoked-tokens";
 
 /// A data directory problem.
 #[derive(Debug, Error)]
@@ -62,6 +71,11 @@ pub struct Keys {
     /// secret: a restarted relay must accept the old ids as its own to
     /// answer them with stateless resets.
     pub cid_key: u64,
+    /// Key of QUIC address-validation (Retry) tokens, derived from the
+    /// secret so every relay process of a data directory accepts them.
+    pub retry_key: [u8; 32],
+    /// Key of the probe service's cookies (return routability).
+    pub probe_key: [u8; 32],
 }
 
 impl Keys {
@@ -74,6 +88,8 @@ impl Keys {
             exp: now_unix.saturating_add(valid_for.as_secs()),
             channels: vec![],
             devices: vec![],
+            jti: None,
+            kid: None,
         })
     }
 
@@ -93,6 +109,8 @@ impl Keys {
             exp: now_unix.saturating_add(valid_for.as_secs()),
             channels: channels.to_vec(),
             devices: devices.to_vec(),
+            jti: None,
+            kid: None,
         })
     }
 }
@@ -104,15 +122,133 @@ pub struct DataDir {
 }
 
 impl DataDir {
-    /// Opens (and creates if needed) the directory.
+    /// Opens (and creates if needed) the directory, mode 0700.
     pub fn open(path: &Path) -> Result<Self, DataDirError> {
-        fs::create_dir_all(path).map_err(|source| DataDirError::Io {
+        let io = |source| DataDirError::Io {
             path: path.to_owned(),
             source,
-        })?;
-        Ok(Self {
+        };
+        fs::create_dir_all(path).map_err(io)?;
+        let dir = Self {
             path: path.to_owned(),
-        })
+        };
+        Ok(dir)
+    }
+
+    /// Makes the directory 0700 and every file in it (and in its retired
+    /// keys) 0600; returns the paths whose modes were looser.
+    pub fn tighten_permissions(&self) -> Result<Vec<PathBuf>, DataDirError> {
+        let mut fixed = vec![];
+        let mut fix = |p: &Path, want: u32| -> Result<(), DataDirError> {
+            let io = |source| DataDirError::Io {
+                path: p.to_owned(),
+                source,
+            };
+            let mode = fs::metadata(p).map_err(io)?.permissions().mode() & 0o777;
+            if mode & !want != 0 {
+                fs::set_permissions(p, fs::Permissions::from_mode(want)).map_err(io)?;
+                fixed.push(p.to_owned());
+            }
+            Ok(())
+        };
+        for dir in [self.path.clone(), self.path.join(RETIRED_KEYS_DIR)] {
+            if !dir.is_dir() {
+                continue;
+            }
+            fix(&dir, 0o700)?;
+            let entries = fs::read_dir(&dir).map_err(|source| DataDirError::Io {
+                path: dir.clone(),
+                source,
+            })?;
+            for e in entries.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_file()) {
+                    fix(&e.path(), 0o600)?;
+                }
+            }
+        }
+        Ok(fixed)
+    }
+
+    /// Retires the current signing key (its public half stays accepted,
+    /// in `retired-keys/<kid>.pub`) and makes a new one; returns the old
+    /// and new key ids. Tokens minted afterwards use the new key.
+    pub fn rotate_signing_key(&self) -> Result<(String, String), DataDirError> {
+        let old = self.keys()?.signer;
+        let retired = self.path.join(RETIRED_KEYS_DIR);
+        create_private_dir(&retired)?;
+        write_private(
+            &retired.join(format!("{}.pub", old.kid())),
+            &old.public_key(),
+        )?;
+        let pkcs8 = Signer::generate_pkcs8().map_err(|e| DataDirError::Corrupt {
+            path: self.path.join(SIGNING_KEY_FILE),
+            message: e.to_string(),
+        })?;
+        write_private(&self.path.join(SIGNING_KEY_FILE), &pkcs8)?;
+        let new = self.keys()?.signer;
+        Ok((old.kid(), new.kid()))
+    }
+
+    /// Stops accepting tokens of a retired key.
+    pub fn drop_retired_key(&self, kid: &str) -> Result<bool, DataDirError> {
+        if kid.is_empty() || !kid.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Ok(false);
+        }
+        let path = self.path.join(RETIRED_KEYS_DIR).join(format!("{kid}.pub"));
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(source) => Err(DataDirError::Io { path, source }),
+        }
+    }
+
+    /// Public keys of the retired signing keys.
+    fn retired_keys(&self) -> Result<Vec<Vec<u8>>, DataDirError> {
+        let dir = self.path.join(RETIRED_KEYS_DIR);
+        let Ok(entries) = fs::read_dir(&dir) else {
+            return Ok(vec![]);
+        };
+        let mut keys = vec![];
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "pub") {
+                let k = fs::read(&p).map_err(|source| DataDirError::Io {
+                    path: p.clone(),
+                    source,
+                })?;
+                if k.len() != 32 {
+                    return Err(DataDirError::Corrupt {
+                        path: p,
+                        message: format!("a public key is 32 bytes, this is {}", k.len()),
+                    });
+                }
+                keys.push(k);
+            }
+        }
+        Ok(keys)
+    }
+
+    /// Path of the revocation list.
+    pub fn revoked_path(&self) -> PathBuf {
+        self.path.join(REVOKED_FILE)
+    }
+
+    /// Adds a token id to the revocation list (a running relay picks it up
+    /// within seconds).
+    pub fn revoke(&self, jti: &str) -> Result<(), DataDirError> {
+        let path = self.revoked_path();
+        let io = |source| DataDirError::Io {
+            path: path.clone(),
+            source,
+        };
+        let mut f = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io)?;
+        writeln!(f, "{jti}").map_err(io)?;
+        f.sync_all().map_err(io)
     }
 
     /// Directory path.
@@ -148,9 +284,17 @@ impl DataDir {
         let cid = ring::hmac::sign(&derive, b"wakewire quic connection id v1");
         let mut cid_key = [0u8; 8];
         cid_key.copy_from_slice(&cid.as_ref()[..8]);
+        let mut retry_key = [0u8; 32];
+        retry_key.copy_from_slice(ring::hmac::sign(&derive, b"wakewire quic retry v1").as_ref());
+        let mut probe_key = [0u8; 32];
+        probe_key.copy_from_slice(ring::hmac::sign(&derive, b"wakewire probe cookie v1").as_ref());
+        let mut public_keys = vec![signer.public_key()];
+        public_keys.extend(self.retired_keys()?);
         Ok(Keys {
-            verifier: signer.verifier(),
+            verifier: Verifier::new(public_keys),
             signer,
+            retry_key,
+            probe_key,
             channel_ids: ChannelIds::new(&secret),
             reset_key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset.as_ref()),
             cid_key: u64::from_le_bytes(cid_key),
@@ -202,6 +346,16 @@ impl DataDir {
     }
 }
 
+/// Creates a directory readable by its owner only.
+fn create_private_dir(path: &Path) -> Result<(), DataDirError> {
+    let io = |source| DataDirError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    fs::create_dir_all(path).map_err(io)?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o700)).map_err(io)
+}
+
 /// Writes a file readable by its owner only, atomically (temp + rename).
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), DataDirError> {
     let io = |source| DataDirError::Io {
@@ -237,6 +391,8 @@ mod tests {
             exp: u64::MAX,
             channels: vec![],
             devices: vec![],
+            jti: None,
+            kid: None,
         };
         let token = k1.signer.mint(&claims);
         let k2 = d.keys().unwrap();
@@ -262,5 +418,39 @@ mod tests {
         fs::write(dir.path().join(SIGNING_KEY_FILE), b"garbage").unwrap();
         let err = DataDir::open(dir.path()).unwrap().keys().unwrap_err();
         assert!(err.to_string().contains(SIGNING_KEY_FILE), "{err}");
+    }
+
+    #[test]
+    fn a_rotated_key_keeps_its_tokens_valid_until_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = DataDir::open(dir.path()).unwrap();
+        let before = d
+            .keys()
+            .unwrap()
+            .device_token("d", Duration::from_secs(60), 1);
+        let (old, new) = d.rotate_signing_key().unwrap();
+        assert_ne!(old, new);
+        let keys = d.keys().unwrap();
+        assert_eq!(keys.signer.kid(), new);
+        assert!(keys.verifier.verify(&before, TokenKind::Device, 2).is_ok());
+        assert!(d.drop_retired_key(&old).unwrap());
+        let keys = d.keys().unwrap();
+        assert!(keys.verifier.verify(&before, TokenKind::Device, 2).is_err());
+    }
+
+    #[test]
+    fn loose_permissions_are_tightened() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = DataDir::open(dir.path()).unwrap();
+        d.keys().unwrap();
+        let key = dir.path().join(SIGNING_KEY_FILE);
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).unwrap();
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let fixed = d.tighten_permissions().unwrap();
+        assert!(fixed.contains(&key), "{fixed:?}");
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&key), 0o600);
+        assert_eq!(mode(dir.path()), 0o700);
+        assert!(d.tighten_permissions().unwrap().is_empty());
     }
 }

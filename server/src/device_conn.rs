@@ -22,12 +22,13 @@ use wakewire_proto::names::validate_device_id;
 use wakewire_proto::pb::device::{GoAwayReason, Wake};
 use wakewire_proto::relay_connection::{ConnectionEvent, RelayConnection, WakeRefused};
 use wakewire_proto::relay_session::{Close, REGISTER_ERROR_TOO_MANY_CHANNELS};
-use wakewire_proto::token::TokenKind;
+use wakewire_proto::token::{TokenError, TokenKind};
 use wakewire_proto::ErrorCode;
 
 use crate::claims::Claim;
 use crate::metrics as m;
 use crate::pb::{StoredChannel, StoredEvent};
+use crate::quic::PrefixSlot;
 use crate::registry::{ConnCommand, ConnSender, Delivery};
 use crate::state::{clock, Shared};
 use crate::store::{AckItem, StoreError};
@@ -45,13 +46,13 @@ const WORK_DRAIN: Duration = Duration::from_secs(5);
 const REGISTRATION_REFRESH_MS: u64 = 3_600_000;
 
 /// Accepts one incoming connection and serves it until it ends.
-pub(crate) async fn serve(incoming: quinn::Incoming, shared: Arc<Shared>) {
+pub(crate) async fn serve(incoming: quinn::Incoming, shared: Arc<Shared>, slot: PrefixSlot) {
     let remote = incoming.remote_address();
-    // A handshake whose client gave up would otherwise hold its admission
-    // slot until the idle timeout (minutes): bound it by the hello timeout.
-    let handshake =
-        tokio::time::timeout(shared.config.connection.session.hello_timeout, incoming).await;
+    // A handshake whose client gave up (or a flood of ClientHellos) would
+    // otherwise hold its admission slot until the idle timeout: bounded.
+    let handshake = tokio::time::timeout(shared.config.admission.handshake_timeout, incoming).await;
     shared.handshaking.fetch_sub(1, Ordering::Relaxed);
+    drop(slot);
     let conn = match handshake {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
@@ -82,6 +83,8 @@ pub(crate) async fn serve(incoming: quinn::Incoming, shared: Arc<Shared>) {
         acks: Vec::new(),
         ack_writing: false,
         work: JoinSet::new(),
+        jti: None,
+        revocations: shared.revocations.subscribe(),
     };
     driver.run(rx).instrument(span).await;
     shared.connections.fetch_sub(1, Ordering::Relaxed);
@@ -110,6 +113,9 @@ struct Driver {
     acks: Vec<(AckItem, Option<Claim>)>,
     ack_writing: bool,
     work: JoinSet<Done>,
+    /// Id of the device token, to close the connection if it is revoked.
+    jti: Option<String>,
+    revocations: tokio::sync::watch::Receiver<u64>,
 }
 
 impl Driver {
@@ -226,6 +232,12 @@ impl Driver {
                     self.on_done(&mut rc, done);
                 }
                 _ = sleep_until(deadline), if deadline.is_some() => rc.handle_timeout(clock::now()),
+                Ok(()) = self.revocations.changed(), if self.jti.is_some() => {
+                    if self.jti.as_deref().is_some_and(|j| self.shared.revocations.is_revoked(j)) {
+                        counter!(m::REVOKED).increment(1);
+                        rc.reject(ErrorCode::Unauthorized, "device credential refused: the token has been revoked");
+                    }
+                }
                 e = self.conn.closed() => {
                     debug!(reason = %e, "connection closed");
                     return self.drain(&mut rc);
@@ -246,7 +258,9 @@ impl Driver {
 
     fn close(&self, close: &Close) {
         counter!(m::CLOSES, "code" => close.code.name()).increment(1);
-        if close.code == ErrorCode::NoError {
+        // Closes before authentication say nothing about a device: not
+        // worth a log line each (a scanner would fill the log).
+        if close.code == ErrorCode::NoError || close.code == ErrorCode::HelloTimeout {
             debug!(reason = %close.reason, "closing");
         } else {
             info!(code = %close.code, reason = %close.reason, "closing connection");
@@ -326,14 +340,21 @@ impl Driver {
             .verifier
             .verify(credential, TokenKind::Device, clock::unix_secs())
             .map_err(|e| e.to_string())
+            .and_then(|claims| match &claims.jti {
+                Some(j) if self.shared.revocations.is_revoked(j) => {
+                    Err(TokenError::Revoked(j.clone()).to_string())
+                }
+                _ => Ok(claims),
+            })
             .and_then(|claims| {
                 let dev = claims.sub.unwrap_or_default();
                 validate_device_id(&dev)
-                    .map(|_| dev)
+                    .map(|_| (dev, claims.jti))
                     .map_err(|e| e.to_string())
             });
         match verified {
-            Ok(device_id) => {
+            Ok((device_id, jti)) => {
+                self.jti = jti;
                 tracing::Span::current().record("device", device_id.as_str());
                 let device: Arc<str> = device_id.as_str().into();
                 let session_id = format!("{:x}-{:x}", clock::unix_ms(), self.conn_id);

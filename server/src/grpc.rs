@@ -1,26 +1,55 @@
-//! The publisher front door: the gRPC server (publisher service,
-//! reflection, health) on an already-bound TCP listener.
+//! The publisher front door: the gRPC server (publisher service behind the
+//! authentication interceptor, reflection, health) on an already-bound TCP
+//! listener, with a limit on everything a client can hold:
+//!
+//! - connections: at most `max_connections`; more are closed at accept;
+//! - idle: a connection that sends nothing for `idle_timeout` is closed
+//!   (live HTTP/2 clients answer the relay's keepalive pings, so only dead
+//!   or silent ones are);
+//! - streams: `max_streams_per_connection` HTTP/2 streams, as many
+//!   requests handled at once per connection, `max_in_flight` over all;
+//! - time: every request has a deadline (`request_timeout`);
+//! - size: a request message is at most [`MAX_MESSAGE_BYTES`], and an
+//!   unauthenticated request is refused on its headers, before its body is
+//!   read.
 //!
 //! The accept loop is our own: every accepted socket gets TCP_NODELAY (a
 //! receipt or answer is one small write that Nagle's algorithm would hold
 //! for the peer's delayed ack, ~40 ms), and an accept error (the file
-//! descriptor limit, say) is logged and retried instead of ending the
-//! server.
+//! descriptor limit, say) is logged and retried with backoff instead of
+//! ending the server.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::{Connected, TcpConnectInfo};
 use tracing::warn;
 use wakewire_api::pb::publisher_server::PublisherServer;
 
+use crate::auth::Authenticator;
+use crate::config::GrpcLimits;
 use crate::publish::PublisherService;
-use crate::state::Shared;
+use crate::state::{clock, Shared};
 
-/// Pause after a failed accept (EMFILE, ENFILE, ENOBUFS...).
-const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+/// The largest request message: a full PublishBatch (1000 events with
+/// 4096-byte payloads, channel ids and keys at their maximum) and some
+/// framing; anything larger is OUT_OF_RANGE.
+pub const MAX_MESSAGE_BYTES: usize = 4_700_000;
+/// First pause after a failed accept (EMFILE, ENFILE, ENOBUFS...).
+const ACCEPT_RETRY: Duration = Duration::from_millis(10);
+/// Longest pause between accept retries.
+const ACCEPT_RETRY_MAX: Duration = Duration::from_secs(1);
+/// Server HTTP/2 keepalive: a ping after this much silence...
+const KEEPALIVE: Duration = Duration::from_secs(30);
+/// ...and the connection is closed if it is not answered within this.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Builds the services; the future serves until `stop` turns true.
 pub(crate) async fn server(
@@ -28,6 +57,7 @@ pub(crate) async fn server(
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<impl std::future::Future<Output = ()>, String> {
+    let limits = shared.config.grpc.clone();
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(wakewire_api::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -37,10 +67,20 @@ pub(crate) async fn server(
     health
         .set_serving::<PublisherServer<PublisherService>>()
         .await;
-    let publisher = PublisherServer::new(PublisherService::new(shared));
-    let incoming = accept(listener, stop.clone());
+    let auth = Authenticator::new(shared.clone());
+    let publisher = PublisherServer::new(PublisherService::new(shared))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    #[allow(clippy::result_large_err)] // tonic's interceptor signature
+    let intercept = move |req| auth.intercept(req);
+    let publisher = tonic::service::interceptor::InterceptedService::new(publisher, intercept);
+    let incoming = accept(listener, limits.clone(), stop.clone());
     Ok(async move {
         let result = tonic::transport::Server::builder()
+            .max_concurrent_streams(limits.max_streams_per_connection)
+            .concurrency_limit_per_connection(limits.max_streams_per_connection as usize)
+            .timeout(limits.request_timeout)
+            .http2_keepalive_interval(Some(KEEPALIVE))
+            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
             .add_service(health_service)
             .add_service(reflection)
             .add_service(publisher)
@@ -54,38 +94,137 @@ pub(crate) async fn server(
     })
 }
 
-/// Accepted sockets as a stream, with TCP_NODELAY; accept errors are
-/// retried, never passed on (tonic would stop serving).
+/// Accepted sockets as a stream: TCP_NODELAY, a connection permit, an
+/// idle deadline. Accept errors are retried, never passed on (tonic would
+/// stop serving).
 fn accept(
     listener: TcpListener,
+    limits: GrpcLimits,
     mut stop: watch::Receiver<bool>,
-) -> ReceiverStream<Result<TcpStream, std::io::Error>> {
+) -> ReceiverStream<Result<GuardedStream, std::io::Error>> {
     let (tx, rx) = mpsc::channel(64);
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
     tokio::spawn(async move {
-        let mut failures = 0u64;
+        let mut failures = 0u32;
         loop {
             let accepted = tokio::select! {
                 a = listener.accept() => a,
                 _ = stop.wait_for(|s| *s) => return,
             };
             match accepted {
-                Ok((stream, _)) => {
+                Ok((stream, peer)) => {
                     failures = 0;
+                    let Ok(permit) = permits.clone().try_acquire_owned() else {
+                        // Over the cap: closed at once (dropping it), so the
+                        // kernel's backlog does not fill instead.
+                        metrics::counter!(crate::metrics::THROTTLED, "limit" => "connections")
+                            .increment(1);
+                        tracing::debug!(%peer, "gRPC connection refused: too many connections");
+                        continue;
+                    };
                     let _ = stream.set_nodelay(true);
-                    if tx.send(Ok(stream)).await.is_err() {
+                    let guarded = GuardedStream::new(stream, permit, limits.idle_timeout);
+                    if tx.send(Ok(guarded)).await.is_err() {
                         return;
                     }
                 }
                 Err(e) => {
-                    failures += 1;
+                    failures = failures.saturating_add(1);
                     metrics::counter!(crate::metrics::ACCEPT_ERRORS).increment(1);
                     if failures.is_power_of_two() {
                         warn!(error = %e, failures, "gRPC accept failed; retrying");
                     }
-                    tokio::time::sleep(ACCEPT_RETRY).await;
+                    let pause = ACCEPT_RETRY
+                        .saturating_mul(failures.min(100))
+                        .min(ACCEPT_RETRY_MAX);
+                    tokio::time::sleep(pause).await;
                 }
             }
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// An accepted connection holding its connection permit, closed (read
+/// error) when nothing has been read from it for the idle timeout.
+pub(crate) struct GuardedStream {
+    inner: TcpStream,
+    _permit: OwnedSemaphorePermit,
+    idle: Duration,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl GuardedStream {
+    fn new(inner: TcpStream, permit: OwnedSemaphorePermit, idle: Duration) -> Self {
+        Self {
+            inner,
+            _permit: permit,
+            idle,
+            deadline: Box::pin(tokio::time::sleep(idle)),
+        }
+    }
+}
+
+impl AsyncRead for GuardedStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        match Pin::new(&mut self.inner).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                if buf.filled().len() > before {
+                    let next = tokio::time::Instant::from_std(clock::now() + self.idle);
+                    self.deadline.as_mut().reset(next);
+                }
+                Poll::Ready(r)
+            }
+            Poll::Pending => match self.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "idle publisher connection closed",
+                ))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+}
+
+impl AsyncWrite for GuardedStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+impl Connected for GuardedStream {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> TcpConnectInfo {
+        self.inner.connect_info()
+    }
 }

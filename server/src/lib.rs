@@ -27,6 +27,7 @@
 //! - [`claims`]: which stored events may be on their way to a device.
 //! - [`metrics`]: metric names; [`probe`]: the NAT probe responder.
 
+mod auth;
 pub mod claims;
 pub mod config;
 pub mod data_dir;
@@ -37,8 +38,10 @@ pub mod pb;
 pub mod probe;
 pub mod publish;
 mod quic;
+pub mod quota;
 pub mod registry;
 pub mod relay;
+pub mod revocation;
 mod state;
 pub mod store;
 pub mod tls;

@@ -29,7 +29,8 @@ pub const DELIVERED: &str = "wakewire_relay_delivered_total";
 pub const ACCEPT_ERRORS: &str = "wakewire_relay_grpc_accept_errors_total";
 /// Counter: keepalive pings answered.
 pub const KEEPALIVES: &str = "wakewire_relay_keepalives_total";
-/// Counter: connection attempts refused by admission control.
+/// Counter: connection attempts refused by admission control, label `why`
+/// (busy, prefix).
 pub const REFUSED: &str = "wakewire_relay_refused_total";
 /// Counter: events expired by their TTL, counted as committed.
 pub const EXPIRED: &str = "wakewire_relay_expired_total";
@@ -42,3 +43,10 @@ pub const QUEUED: &str = "wakewire_relay_queued_total";
 pub const PROBES: &str = "wakewire_relay_probes_total";
 /// Counter: Register requests refused, label `reason` (too_many_channels).
 pub const REGISTER_REFUSED: &str = "wakewire_relay_register_refused_total";
+/// Counter: publisher requests refused by a limit, label `limit`
+/// (in_flight, rate, stored_bytes, watchers, connections).
+pub const THROTTLED: &str = "wakewire_relay_throttled_total";
+/// Counter: device handshakes answered with a QUIC Retry.
+pub const RETRIES: &str = "wakewire_relay_retries_total";
+/// Counter: device connections closed because their token was revoked.
+pub const REVOKED: &str = "wakewire_relay_revoked_total";

@@ -10,14 +10,13 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use dashmap::DashMap;
 use metrics::{counter, histogram};
 use thiserror::Error;
 use tokio::sync::oneshot;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::{Stream, StreamExt};
-use tonic::{metadata::MetadataMap, Code, Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 use tracing::{debug, info_span, Instrument};
 use wakewire_api::pb::{
     publisher_server::Publisher, DeliveryStatus, EventState, EventStatus, GetEventRequest,
@@ -26,11 +25,13 @@ use wakewire_api::pb::{
 };
 use wakewire_proto::ids::{event_id, is_channel_id};
 use wakewire_proto::pb::device::{Priority as WirePriority, Wake};
-use wakewire_proto::token::{Claims, TokenError, TokenKind};
+use wakewire_proto::token::{Claims, TokenError};
 use wakewire_proto::MAX_PAYLOAD_SIZE;
 
+use crate::auth::Authed;
 use crate::metrics as m;
 use crate::pb::StoredEvent;
+use crate::quota::RetryAfter;
 use crate::registry::{ConnCommand, Delivery};
 use crate::state::{clock, Shared};
 use crate::store::{Duplicate, Enqueued, IdempotencyKey, StoreError};
@@ -38,7 +39,7 @@ use crate::store::{Duplicate, Enqueued, IdempotencyKey, StoreError};
 /// Most events in one `PublishBatch`.
 pub const MAX_BATCH: usize = 1000;
 /// Longest collapse key, in bytes.
-pub const MAX_COLLAPSE_KEY: usize = 128;
+pub const MAX_COLLAPSE_KEY: usize = 64;
 /// Longest idempotency key, in bytes.
 pub const MAX_IDEMPOTENCY_KEY: usize = 128;
 
@@ -89,6 +90,23 @@ pub enum PublishError {
     /// The publish task ended unexpectedly.
     #[error("internal error: {0}")]
     Internal(String),
+    /// The relay is handling as many requests as it allows: retry shortly.
+    #[error("relay busy: too many requests in flight; retry shortly")]
+    Overloaded,
+    /// The publisher token is over its publish rate.
+    #[error("publish rate of this publisher token exceeded; retry in {} ms", .0.as_millis())]
+    RateLimited(std::time::Duration),
+    /// The publisher token has as many events queued as it may store.
+    #[error("this publisher token has {stored} bytes queued, the most it may store is {limit}; wait for deliveries or expiries")]
+    StorageQuota {
+        /// Bytes it has queued.
+        stored: u64,
+        /// Its quota.
+        limit: u64,
+    },
+    /// The publisher token holds as many WatchDeliveries streams as it may.
+    #[error("this publisher token already has {0} WatchDeliveries streams open")]
+    TooManyWatchers(u32),
 }
 
 impl PublishError {
@@ -106,6 +124,10 @@ impl PublishError {
             PublishError::NotStored { .. } | PublishError::StoreRead(_) => Code::Unavailable,
             PublishError::PermissionDenied(_) => Code::PermissionDenied,
             PublishError::Internal(_) => Code::Internal,
+            PublishError::Overloaded
+            | PublishError::RateLimited(_)
+            | PublishError::StorageQuota { .. }
+            | PublishError::TooManyWatchers(_) => Code::ResourceExhausted,
         }
     }
 
@@ -117,6 +139,7 @@ impl PublishError {
             Code::NotFound => "not_found",
             Code::PermissionDenied => "permission_denied",
             Code::Unavailable => "unavailable",
+            Code::ResourceExhausted => "resource_exhausted",
             _ => "internal",
         }
     }
@@ -125,6 +148,18 @@ impl PublishError {
 impl From<PublishError> for Status {
     fn from(e: PublishError) -> Self {
         let mut status = Status::new(e.code(), e.to_string());
+        let retry_ms = match &e {
+            PublishError::RateLimited(d) => Some(d.as_millis().max(1)),
+            PublishError::Overloaded => Some(100),
+            _ => None,
+        };
+        if let Some(ms) = retry_ms {
+            if let Ok(v) = ms.to_string().parse() {
+                status
+                    .metadata_mut()
+                    .insert(wakewire_api::RETRY_AFTER_METADATA, v);
+            }
+        }
         if let PublishError::NotStored {
             event_id: Some(id), ..
         } = &e
@@ -139,54 +174,38 @@ impl From<PublishError> for Status {
     }
 }
 
-/// Most publisher tokens whose verification is remembered.
-const TOKEN_CACHE: usize = 4096;
-
-/// Implements `wakewire.publish.v1.Publisher`.
+/// Implements `wakewire.publish.v1.Publisher`. Requests reach it through
+/// the authentication interceptor ([`crate::auth`]).
 #[derive(Debug, Clone)]
 pub struct PublisherService {
     shared: Arc<Shared>,
-    /// Publisher tokens already verified: a backend sends the same token
-    /// with every request, and an Ed25519 verification costs more than the
-    /// rest of a publish. The signature binds the claims to the exact token
-    /// text, so a hit needs only the expiry checked again.
-    verified: Arc<DashMap<String, Arc<Claims>>>,
 }
 
 impl PublisherService {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
-        Self {
-            shared,
-            verified: Arc::default(),
-        }
+        Self { shared }
     }
 
-    fn authenticate(&self, md: &MetadataMap) -> Result<Arc<Claims>, PublishError> {
-        let value = md
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
+    /// The publisher of a request (set by the interceptor) after its rate
+    /// check for `cost` publishes.
+    #[allow(clippy::result_large_err)]
+    fn admit<T>(&self, req: &Request<T>, cost: u32) -> Result<Authed, PublishError> {
+        let a = req
+            .extensions()
+            .get::<Authed>()
+            .cloned()
             .ok_or(PublishError::MissingCredential)?;
-        let token = value
-            .strip_prefix("Bearer ")
-            .or_else(|| value.strip_prefix("bearer "))
-            .ok_or(PublishError::MissingCredential)?
-            .trim();
-        let now = clock::unix_secs();
-        if let Some(claims) = self.verified.get(token) {
-            if claims.exp > now {
-                return Ok(claims.clone());
+        if cost > 0 {
+            if let Err(RetryAfter(wait)) =
+                self.shared
+                    .quotas
+                    .take(&quota_key(&a.claims), cost, clock::now())
+            {
+                counter!(m::THROTTLED, "limit" => "rate").increment(1);
+                return Err(PublishError::RateLimited(wait));
             }
         }
-        let claims = Arc::new(self.shared.keys.verifier.verify(
-            token,
-            TokenKind::Publisher,
-            now,
-        )?);
-        if self.verified.len() >= TOKEN_CACHE {
-            self.verified.clear();
-        }
-        self.verified.insert(token.to_owned(), claims.clone());
-        Ok(claims)
+        Ok(a)
     }
 
     /// Publishes in a task of its own, so that a cancelled request cannot
@@ -331,8 +350,19 @@ impl PublisherService {
                 created_at_ms: now_ms,
                 ttl_s,
                 collapse_key: req.collapse_key,
+                publisher: quota_key(claims),
                 ..Default::default()
             };
+            // Cheap check before anything goes to the device; the store's
+            // writer checks again where it counts.
+            let stored_bytes = self.shared.store.publisher_bytes(&stored.publisher);
+            let limit = self.shared.config.quotas.max_stored_bytes;
+            if stored_bytes
+                .saturating_add((stored.payload.len() + stored.collapse_key.len()) as u64)
+                > limit
+            {
+                return Err(over_quota(stored_bytes, limit));
+            }
             let keyed = idempotency.is_some();
             // Submitted before the wake goes to the connection: a queue read
             // that follows the delivery attempt sees this event.
@@ -350,6 +380,9 @@ impl PublisherService {
                 // the key is known to be new.
                 match pending.enqueued().await {
                     Ok(Enqueued::Duplicate(dup)) => return duplicate_answer(dup),
+                    Ok(Enqueued::OverQuota { stored, limit }) => {
+                        return Err(over_quota(stored, limit))
+                    }
                     Ok(Enqueued::Stored { .. }) => {}
                     Err(source) => {
                         return Err(PublishError::NotStored {
@@ -368,6 +401,14 @@ impl PublisherService {
                 let (stored, delivered) =
                     tokio::join!(pending.enqueued(), self.deliver(&device, wake, true, true));
                 match (stored, delivered) {
+                    // Over quota (a race with the check above): not stored,
+                    // but the device has it and its app ran.
+                    (Ok(Enqueued::OverQuota { .. }), Some(Delivery::Delivered)) => {
+                        DeliveryStatus::Delivered
+                    }
+                    (Ok(Enqueued::OverQuota { stored, limit }), _) => {
+                        return Err(over_quota(stored, limit))
+                    }
                     (Ok(_), Some(Delivery::Delivered)) => DeliveryStatus::Delivered,
                     (Ok(_), _) => DeliveryStatus::Queued,
                     // Not stored, but the device has it and its app ran.
@@ -463,6 +504,11 @@ impl PublisherService {
     }
 }
 
+fn over_quota(stored: u64, limit: u64) -> PublishError {
+    counter!(m::THROTTLED, "limit" => "stored_bytes").increment(1);
+    PublishError::StorageQuota { stored, limit }
+}
+
 fn invalid(message: String) -> PublishError {
     PublishError::InvalidArgument(message)
 }
@@ -499,6 +545,15 @@ fn duplicate_answer(dup: Duplicate) -> Result<PublishResponse, PublishError> {
         status: status as i32,
         duplicate: true,
     })
+}
+
+/// The key of a publisher's rate limits and quotas: its token id, or (for
+/// tokens without one) its scope.
+pub(crate) fn quota_key(claims: &Claims) -> String {
+    match &claims.jti {
+        Some(jti) => format!("jti:{jti}"),
+        None => format!("scope:{}", scope_of(claims)),
+    }
 }
 
 /// A publisher's idempotency namespace: a digest of its token's scope.
@@ -565,9 +620,9 @@ impl Publisher for PublisherService {
         &self,
         request: Request<GetEventRequest>,
     ) -> Result<Response<EventStatus>, Status> {
-        let claims = self.authenticate(request.metadata())?;
+        let a = self.admit(&request, 1)?;
         Ok(Response::new(
-            self.event_status(&claims, &request.get_ref().event_id)
+            self.event_status(&a.claims, &request.get_ref().event_id)
                 .await?,
         ))
     }
@@ -577,13 +632,26 @@ impl Publisher for PublisherService {
         &self,
         request: Request<WatchDeliveriesRequest>,
     ) -> Result<Response<Self::WatchDeliveriesStream>, Status> {
-        let claims = self.authenticate(request.metadata())?;
+        let a = self.admit(&request, 0)?;
+        let claims = a.claims.clone();
+        let guard = self
+            .shared
+            .quotas
+            .watch(&quota_key(&claims), clock::now())
+            .ok_or_else(|| {
+                counter!(m::THROTTLED, "limit" => "watchers").increment(1);
+                PublishError::TooManyWatchers(self.shared.quotas.config().max_watchers)
+            })?;
         let this = self.clone();
-        let stream = BroadcastStream::new(self.shared.store.receipts()).filter_map(move |r| match r {
-            Ok((ev, _why)) => this.may_see(&claims, &ev).then(|| Ok(status_of(&ev))),
-            Err(BroadcastStreamRecvError::Lagged(n)) => Some(Err(Status::data_loss(format!(
-                "{n} receipts were skipped because this watcher fell behind; use GetEvent for the events you track"
-            )))),
+        let stream = BroadcastStream::new(self.shared.store.receipts()).filter_map(move |r| {
+            // The stream owns its watcher slot.
+            let _slot = &guard;
+            match r {
+                Ok((ev, _why)) => this.may_see(&claims, &ev).then(|| Ok(status_of(&ev))),
+                Err(BroadcastStreamRecvError::Lagged(n)) => Some(Err(Status::data_loss(format!(
+                    "{n} receipts were skipped because this watcher fell behind; use GetEvent for the events you track"
+                )))),
+            }
         });
         Ok(Response::new(Box::pin(stream)))
     }
@@ -593,8 +661,11 @@ impl Publisher for PublisherService {
         request: Request<PublishRequest>,
     ) -> Result<Response<PublishResponse>, Status> {
         let span = info_span!("publish", channel = %truncate(&request.get_ref().channel_id), event = tracing::field::Empty);
-        let claims = self.authenticate(request.metadata())?;
-        let r = self.publish_one(claims, request.into_inner(), span).await?;
+        let a = self.admit(&request, 1)?;
+        let r = self
+            .publish_one(a.claims.clone(), request.into_inner(), span)
+            .await?;
+        drop(a);
         Ok(Response::new(r))
     }
 
@@ -602,15 +673,15 @@ impl Publisher for PublisherService {
         &self,
         request: Request<PublishBatchRequest>,
     ) -> Result<Response<PublishBatchResponse>, Status> {
-        let claims = self.authenticate(request.metadata())?;
-        let events = request.into_inner().events;
-        if events.len() > MAX_BATCH {
+        let n = request.get_ref().events.len();
+        if n > MAX_BATCH {
             return Err(invalid(format!(
-                "batch of {} events exceeds the maximum of {MAX_BATCH}",
-                events.len()
+                "batch of {n} events exceeds the maximum of {MAX_BATCH}"
             ))
             .into());
         }
+        let a = self.admit(&request, u32::try_from(n).unwrap_or(u32::MAX))?;
+        let events = request.into_inner().events;
         // Each event runs in its own task (see publish_one): detached, so a
         // cancelled batch still finishes what it started.
         let tasks: Vec<_> = events
@@ -618,7 +689,7 @@ impl Publisher for PublisherService {
             .enumerate()
             .map(|(i, ev)| {
                 let this = self.clone();
-                let claims = claims.clone();
+                let claims = a.claims.clone();
                 let span = info_span!("publish", batch_index = i, channel = %truncate(&ev.channel_id), event = tracing::field::Empty);
                 tokio::spawn(async move { this.publish_one(claims, ev, span).await })
             })
@@ -641,6 +712,7 @@ impl Publisher for PublisherService {
                 },
             });
         }
+        drop(a);
         Ok(Response::new(PublishBatchResponse { results }))
     }
 }

@@ -20,6 +20,7 @@ use crate::claims::Claims;
 use crate::config::{RelayConfig, TlsSource};
 use crate::data_dir::{DataDir, DataDirError, Keys};
 use crate::registry::{ConnCommand, Registry};
+use crate::revocation::Revocations;
 use crate::state::{clock, Shared};
 use crate::store::{Store, StoreError};
 use crate::tls::{self, TlsError};
@@ -58,6 +59,18 @@ pub enum StartError {
     /// The gRPC services could not be built.
     #[error("gRPC setup: {0}")]
     Grpc(String),
+    /// The revocation list could not be read.
+    #[error("revocation list {path}: {source}")]
+    Revocations {
+        /// Its path.
+        path: PathBuf,
+        /// I/O error.
+        source: std::io::Error,
+    },
+    /// A part of the running relay stopped on its own (a front door's accept
+    /// loop, the sweeper): the relay shut down so a supervisor restarts it.
+    #[error("{0} stopped unexpectedly; the relay shut down")]
+    Stopped(&'static str),
 }
 
 /// The sockets a relay serves on, bound by the caller (tests bind port 0
@@ -116,11 +129,62 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), StartError> {
-    let relay = start_on(config, listeners).await?;
-    shutdown.await;
-    info!("shutting down");
+    let mut relay = start_on(config, listeners).await?;
+    let failed = tokio::select! {
+        () = shutdown => None,
+        name = relay.failed() => Some(name),
+    };
+    match failed {
+        None => info!("shutting down"),
+        Some(name) => tracing::error!(part = name, "stopped unexpectedly; shutting down"),
+    }
     relay.shutdown(Duration::from_secs(1)).await;
-    Ok(())
+    match failed {
+        None => Ok(()),
+        Some(name) => Err(StartError::Stopped(name)),
+    }
+}
+
+/// The relay's long-running tasks: each reports when it ends, so that one
+/// ending on its own stops the relay instead of leaving it half alive.
+#[derive(Debug)]
+struct Tasks {
+    aborts: Vec<tokio::task::AbortHandle>,
+    ended_tx: tokio::sync::mpsc::UnboundedSender<&'static str>,
+    ended: tokio::sync::mpsc::UnboundedReceiver<&'static str>,
+}
+
+impl Tasks {
+    fn new() -> Self {
+        let (ended_tx, ended) = tokio::sync::mpsc::unbounded_channel();
+        Self {
+            aborts: vec![],
+            ended_tx,
+            ended,
+        }
+    }
+
+    /// Spawns `fut` as the task `name`; the handle completes when it ends.
+    fn spawn(
+        &mut self,
+        name: &'static str,
+        fut: impl Future<Output = ()> + Send + 'static,
+    ) -> JoinHandle<()> {
+        let inner = tokio::spawn(fut);
+        self.aborts.push(inner.abort_handle());
+        let tx = self.ended_tx.clone();
+        tokio::spawn(async move {
+            // Ended (or panicked): tell whoever watches.
+            let _ = inner.await;
+            let _ = tx.send(name);
+        })
+    }
+
+    fn abort_all(&self) {
+        for a in &self.aborts {
+            a.abort();
+        }
+    }
 }
 
 /// A running relay. Dropping it does not stop it; call [`RelayHandle::shutdown`].
@@ -132,9 +196,8 @@ pub struct RelayHandle {
     grpc_addr: SocketAddr,
     dev_cert: Option<PathBuf>,
     stop: watch::Sender<bool>,
-    accept_task: JoinHandle<()>,
-    sweeper: JoinHandle<()>,
-    probe: Option<(SocketAddr, JoinHandle<()>)>,
+    tasks: Tasks,
+    probe: Option<SocketAddr>,
     grpc_task: JoinHandle<()>,
 }
 
@@ -152,6 +215,14 @@ pub async fn start_on(
 ) -> Result<RelayHandle, StartError> {
     let data_dir = DataDir::open(&config.data_dir)?;
     let keys = data_dir.keys()?;
+    for path in data_dir.tighten_permissions()? {
+        warn!(path = %path.display(), "was readable by others: made private (0600 files, 0700 directory)");
+    }
+    let revocations =
+        Revocations::load(data_dir.revoked_path()).map_err(|source| StartError::Revocations {
+            path: data_dir.revoked_path(),
+            source,
+        })?;
     let (cert_path, key_path, dev_cert) = match &config.tls {
         TlsSource::Dev => {
             let (c, k) = data_dir.dev_certificate()?;
@@ -182,14 +253,19 @@ pub async fn start_on(
     let grpc_addr = listener
         .local_addr()
         .map_err(|e| bind_err("gRPC (TCP)", config.grpc_listen, e))?;
+    let mut tasks = Tasks::new();
     if let Some(addr) = config.metrics_listen {
-        metrics_exporter_prometheus::PrometheusBuilder::new()
+        let metrics_err = |message: String| StartError::Metrics { addr, message };
+        let (recorder, exporter) = metrics_exporter_prometheus::PrometheusBuilder::new()
             .with_http_listener(addr)
-            .install()
-            .map_err(|e| StartError::Metrics {
-                addr,
-                message: e.to_string(),
-            })?;
+            .build()
+            .map_err(|e| metrics_err(e.to_string()))?;
+        metrics::set_global_recorder(recorder).map_err(|e| metrics_err(e.to_string()))?;
+        tasks.spawn("the metrics endpoint", async move {
+            if let Err(e) = exporter.await {
+                warn!(error = ?e, "metrics endpoint stopped");
+            }
+        });
         info!(%addr, "Prometheus metrics at http://{addr}/metrics");
     }
     let probe = match listeners.probe {
@@ -203,7 +279,11 @@ pub async fn start_on(
             let socket = tokio::net::UdpSocket::from_std(socket)
                 .map_err(|e| bind_err("probe (UDP)", addr, e))?;
             config.connection.session.probe_port = addr.port();
-            Some((addr, tokio::spawn(crate::probe::serve(socket))))
+            let probe_key = keys.probe_key;
+            Some((
+                addr,
+                tasks.spawn("the probe service", crate::probe::serve(socket, probe_key)),
+            ))
         }
         None => None,
     };
@@ -227,14 +307,17 @@ pub async fn start_on(
         }
     }
     info!(channels = known, "store opened");
-    let shared = Arc::new(Shared::new(config, keys, registry, store));
+    let shared = Arc::new(Shared::new(config, keys, registry, store, revocations));
     let (stop, stop_rx) = watch::channel(false);
-    let accept_task = tokio::spawn(crate::quic::accept_loop(endpoint.clone(), shared.clone()));
-    let sweeper = tokio::spawn(sweep_loop(shared.clone()));
+    tasks.spawn(
+        "the QUIC accept loop",
+        crate::quic::accept_loop(endpoint.clone(), shared.clone()),
+    );
+    tasks.spawn("the sweeper", sweep_loop(shared.clone()));
     let grpc = crate::grpc::server(listener, shared.clone(), stop_rx)
         .await
         .map_err(StartError::Grpc)?;
-    let grpc_task = tokio::spawn(grpc);
+    let grpc_task = tasks.spawn("the gRPC server", grpc);
     info!(quic = %quic_addr, grpc = %grpc_addr, probe = ?probe.as_ref().map(|p| p.0), data_dir = %shared.config.data_dir.display(), "relay started");
     if let Some(cert) = &dev_cert {
         info!(
@@ -251,9 +334,8 @@ pub async fn start_on(
         grpc_addr,
         dev_cert,
         stop,
-        accept_task,
-        sweeper,
-        probe,
+        tasks,
+        probe: probe.map(|(addr, _)| addr),
         grpc_task,
     })
 }
@@ -322,11 +404,7 @@ impl RelayHandle {
             .close(ErrorCode::GoingAway.as_u32().into(), b"relay shutting down");
         let _ = self.stop.send(true);
         let _ = self.grpc_task.await;
-        self.accept_task.abort();
-        self.sweeper.abort();
-        if let Some((_, task)) = &self.probe {
-            task.abort();
-        }
+        self.tasks.abort_all();
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
         info!("relay stopped");
     }
@@ -337,18 +415,24 @@ impl RelayHandle {
         self.endpoint
             .close(ErrorCode::Internal.as_u32().into(), b"relay aborted");
         let _ = self.stop.send(true);
-        self.accept_task.abort();
-        self.sweeper.abort();
-        if let Some((_, task)) = &self.probe {
-            task.abort();
-        }
+        self.tasks.abort_all();
         let _ = self.grpc_task.await;
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
     }
 
     /// Bound UDP address of the probe service, if on.
     pub fn probe_addr(&self) -> Option<SocketAddr> {
-        self.probe.as_ref().map(|p| p.0)
+        self.probe
+    }
+
+    /// Completes when a part of the relay (a front door's accept loop, the
+    /// probe service, the metrics endpoint, the sweeper) has stopped on its
+    /// own; its name. Then the relay should be shut down and restarted.
+    pub async fn failed(&mut self) -> &'static str {
+        match self.tasks.ended.recv().await {
+            Some(name) => name,
+            None => std::future::pending().await,
+        }
     }
 
     /// The relay's store (for tests and tools).
@@ -375,8 +459,17 @@ async fn sweep_loop(shared: Arc<Shared>) {
             Ok(_) => {}
             Err(e) => warn!(error = %e, "sweep failed"),
         }
+        match shared.revocations.reload() {
+            Ok(true) => info!(
+                revoked = shared.revocations.len(),
+                "revocation list reloaded"
+            ),
+            Ok(false) => {}
+            Err(e) => warn!(error = %e, "cannot read the revocation list; keeping the last one"),
+        }
         if n % 60 == 1 {
             expire_channels(&shared, now).await;
+            shared.quotas.prune(clock::now());
         }
     }
 }

@@ -3,9 +3,16 @@
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
+use std::sync::Arc;
+
+use wakewire_proto::token::{Claims, TokenError};
+
 use crate::config::RelayConfig;
 use crate::data_dir::Keys;
+use crate::publish::PublishError;
+use crate::quota::Quotas;
 use crate::registry::Registry;
+use crate::revocation::Revocations;
 use crate::store::Store;
 
 /// State shared by every task of a relay.
@@ -15,6 +22,8 @@ pub(crate) struct Shared {
     pub(crate) keys: Keys,
     pub(crate) registry: Registry,
     pub(crate) store: Store,
+    pub(crate) revocations: Revocations,
+    pub(crate) quotas: Arc<Quotas>,
     conn_ids: AtomicU64,
     /// Handshakes in progress (admission control).
     pub(crate) handshaking: AtomicUsize,
@@ -23,12 +32,20 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(crate) fn new(config: RelayConfig, keys: Keys, registry: Registry, store: Store) -> Self {
+    pub(crate) fn new(
+        config: RelayConfig,
+        keys: Keys,
+        registry: Registry,
+        store: Store,
+        revocations: Revocations,
+    ) -> Self {
         Self {
+            quotas: Arc::new(Quotas::new(config.quotas.clone())),
             config,
             keys,
             registry,
             store,
+            revocations,
             conn_ids: AtomicU64::new(1),
             handshaking: AtomicUsize::new(0),
             connections: AtomicUsize::new(0),
@@ -37,6 +54,16 @@ impl Shared {
 
     pub(crate) fn next_conn_id(&self) -> u64 {
         self.conn_ids.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Refuses a token the operator revoked.
+    pub(crate) fn check_revoked(&self, claims: &Claims) -> Result<(), PublishError> {
+        match &claims.jti {
+            Some(jti) if self.revocations.is_revoked(jti) => Err(PublishError::BadCredential(
+                TokenError::Revoked(jti.clone()),
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// Whether a new connection may start its handshake now.

@@ -150,6 +150,8 @@ pub struct StoreConfig {
     /// Commit many operations per fsync (true) or one each (false: only to
     /// measure what group commit saves).
     pub group_commit: bool,
+    /// Bytes (payloads and collapse keys) one publisher may have queued.
+    pub max_bytes_per_publisher: u64,
 }
 
 /// A Publish idempotency key, scoped to its publisher.
@@ -174,6 +176,14 @@ pub enum Enqueued {
     },
     /// The idempotency key was used before: nothing was stored.
     Duplicate(Duplicate),
+    /// The publisher has `stored` bytes queued and `limit` is its quota:
+    /// nothing was stored.
+    OverQuota {
+        /// Bytes it has queued.
+        stored: u64,
+        /// Its quota.
+        limit: u64,
+    },
 }
 
 /// An earlier Publish with the same idempotency key.
@@ -229,6 +239,8 @@ pub struct Store {
     jobs: mpsc::Sender<Job>,
     receipts: broadcast::Sender<(StoredEvent, FinishReason)>,
     claims: Arc<Claims>,
+    /// Bytes queued per publisher, as last committed (mirror of a table).
+    publisher_bytes: Arc<dashmap::DashMap<String, u64>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -261,7 +273,14 @@ impl Store {
     pub fn open(dir: &Path, config: StoreConfig, claims: Arc<Claims>) -> Result<Self, StoreError> {
         let database = Arc::new(Database::create(dir.join(DB_FILE)).map_err(db)?);
         let (receipts, _) = broadcast::channel(65_536);
-        let writer = Writer::open(database.clone(), config, receipts.clone(), claims.clone())?;
+        let publisher_bytes = Arc::new(dashmap::DashMap::new());
+        let writer = Writer::open(
+            database.clone(),
+            config,
+            receipts.clone(),
+            claims.clone(),
+            publisher_bytes.clone(),
+        )?;
         let (jobs, rx) = mpsc::channel(65_536);
         std::thread::Builder::new()
             .name("wakewire-store".into())
@@ -272,7 +291,13 @@ impl Store {
             jobs,
             receipts,
             claims,
+            publisher_bytes,
         })
+    }
+
+    /// Bytes `publisher` has queued (as of the last commit).
+    pub fn publisher_bytes(&self, publisher: &str) -> u64 {
+        self.publisher_bytes.get(publisher).map_or(0, |v| *v)
     }
 
     /// The claim table the writer respects.
@@ -474,6 +499,7 @@ mod tests {
                 status_retention: Duration::from_secs(3600),
                 idempotency_retention: Duration::from_secs(86_400),
                 group_commit: true,
+                max_bytes_per_publisher: 10_000,
             },
             Arc::default(),
         )
@@ -655,5 +681,52 @@ mod tests {
             .await
             .unwrap();
         assert!(matches!(fresh, Enqueued::Stored { .. }));
+    }
+
+    #[tokio::test]
+    async fn a_publisher_s_stored_bytes_are_bounded_and_freed_as_events_finish() {
+        let (_dir, s) = store(1000);
+        let ev = |id: &str| StoredEvent {
+            publisher: "p".into(),
+            payload: vec![0; 4000],
+            ..event(id, "ch", 1)
+        };
+        s.enqueue(ev("a"), None).await.unwrap();
+        s.enqueue(ev("b"), None).await.unwrap();
+        let over = s.enqueue(ev("c"), None).await.unwrap();
+        assert!(
+            matches!(
+                over,
+                Enqueued::OverQuota {
+                    stored: 8000,
+                    limit: 10_000
+                }
+            ),
+            "{over:?}"
+        );
+        assert!(s.event("c").await.unwrap().is_none());
+        // Another publisher is not affected.
+        let other = StoredEvent {
+            publisher: "q".into(),
+            ..ev("d")
+        };
+        assert!(matches!(
+            s.enqueue(other, None).await.unwrap(),
+            Enqueued::Stored { .. }
+        ));
+        // A delivery frees its bytes.
+        s.ack(
+            vec![AckItem {
+                event_id: "a".into(),
+                channel_id: "ch".into(),
+            }],
+            2,
+        )
+        .await
+        .unwrap();
+        assert!(matches!(
+            s.enqueue(ev("c"), None).await.unwrap(),
+            Enqueued::Stored { .. }
+        ));
     }
 }

@@ -5,6 +5,9 @@ use std::sync::Arc;
 
 use metrics::counter;
 use prost::Message;
+use std::collections::HashMap;
+
+use dashmap::DashMap;
 use redb::{Database, ReadableTable, TableDefinition, WriteTransaction};
 use tokio::sync::{broadcast, mpsc};
 use wakewire_api::pb::EventState;
@@ -26,6 +29,7 @@ const IDEMPOTENCY: TableDefinition<&str, &[u8]> = TableDefinition::new("idempote
 const IDEMPOTENCY_SWEEP: TableDefinition<(u64, &str), ()> =
     TableDefinition::new("idempotency_sweep");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const PUBLISHER_BYTES: TableDefinition<&str, u64> = TableDefinition::new("publisher_bytes");
 
 /// Most operations committed together.
 const MAX_BATCH: usize = 1024;
@@ -79,6 +83,12 @@ pub(crate) struct Writer {
     next_seq: u64,
     receipts: broadcast::Sender<(StoredEvent, FinishReason)>,
     claims: Arc<Claims>,
+    /// Mirror of the `publisher_bytes` table, for cheap checks before a
+    /// publish reaches the writer.
+    mirror: Arc<DashMap<String, u64>>,
+    /// Byte counts changed by the batch being applied (into the mirror
+    /// once committed).
+    touched: HashMap<String, u64>,
 }
 
 impl Writer {
@@ -88,10 +98,15 @@ impl Writer {
         config: StoreConfig,
         receipts: broadcast::Sender<(StoredEvent, FinishReason)>,
         claims: Arc<Claims>,
+        mirror: Arc<DashMap<String, u64>>,
     ) -> Result<Self, StoreError> {
         let txn = db.begin_write().map_err(super::db)?;
         let next_seq = {
             let t = Tables::open(&txn)?;
+            for row in t.publisher_bytes.iter().map_err(super::db)? {
+                let (k, v) = row.map_err(super::db)?;
+                mirror.insert(k.value().to_owned(), v.value());
+            }
             let meta = txn.open_table(META).map_err(super::db)?;
             drop(t);
             let seq = meta
@@ -107,6 +122,8 @@ impl Writer {
             next_seq,
             receipts,
             claims,
+            mirror,
+            touched: HashMap::new(),
         })
     }
 
@@ -184,6 +201,13 @@ impl Writer {
         })();
         match attempt {
             Ok(results) => {
+                for (p, v) in std::mem::take(&mut self.touched) {
+                    if v == 0 {
+                        self.mirror.remove(&p);
+                    } else {
+                        self.mirror.insert(p, v);
+                    }
+                }
                 for (job, result) in batch.into_iter().zip(results) {
                     let reply = result.map(|(reply, finished)| {
                         for (ev, why) in finished {
@@ -197,6 +221,7 @@ impl Writer {
             }
             Err(e) => {
                 self.next_seq = seq_before;
+                self.touched.clear();
                 tracing::error!(error = %e, "store commit failed");
                 for job in batch {
                     let _ = job.reply.send(Err(e.clone()));
@@ -207,6 +232,12 @@ impl Writer {
 
     fn apply(&mut self, txn: &WriteTransaction, op: &Op) -> Result<(Reply, Finished), StoreError> {
         let mut t = Tables::open(txn)?;
+        let result = self.apply_on(&mut t, op);
+        self.touched.extend(t.touched.drain());
+        result
+    }
+
+    fn apply_on(&mut self, t: &mut Tables<'_>, op: &Op) -> Result<(Reply, Finished), StoreError> {
         let retention = millis(self.config.status_retention);
         match op {
             Op::Enqueue(ev, idempotency) => {
@@ -214,6 +245,18 @@ impl Writer {
                     if let Some(dup) = t.duplicate(key)? {
                         return Ok((Reply::Enqueued(Enqueued::Duplicate(dup)), vec![]));
                     }
+                }
+                if !ev.publisher.is_empty() {
+                    let stored = t.publisher_bytes(&ev.publisher)?;
+                    let limit = self.config.max_bytes_per_publisher;
+                    if stored.saturating_add(stored_size(ev)) > limit {
+                        return Ok((
+                            Reply::Enqueued(Enqueued::OverQuota { stored, limit }),
+                            vec![],
+                        ));
+                    }
+                }
+                if let Some(key) = idempotency {
                     t.remember_key(
                         key,
                         &ev.event_id,
@@ -222,7 +265,7 @@ impl Writer {
                         self.idem_retention(),
                     )?;
                 }
-                let (event, displaced) = self.enqueue(&mut t, (**ev).clone(), retention)?;
+                let (event, displaced) = self.enqueue(t, (**ev).clone(), retention)?;
                 let reply = Reply::Enqueued(Enqueued::Stored {
                     event,
                     displaced: displaced.clone(),
@@ -278,7 +321,7 @@ impl Writer {
                 Ok((Reply::Acked(outcome), finished))
             }
             Op::Sweep { now_ms } => {
-                let finished = self.sweep(&mut t, *now_ms, retention)?;
+                let finished = self.sweep(t, *now_ms, retention)?;
                 Ok((Reply::Finished(finished.clone()), finished))
             }
             Op::PutChannel { id, channel } => {
@@ -413,6 +456,7 @@ impl Writer {
         }
         ev.seq = self.next_seq;
         self.next_seq += 1;
+        t.add_publisher_bytes(&ev.publisher, stored_size(&ev), true)?;
         ev.state = EventState::Queued as i32;
         ev.updated_at_ms = ev.created_at_ms;
         t.put(&ev)?;
@@ -489,6 +533,11 @@ fn millis(d: std::time::Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// What a queued event counts against its publisher's storage quota.
+fn stored_size(ev: &StoredEvent) -> u64 {
+    (ev.payload.len() + ev.collapse_key.len()) as u64
+}
+
 /// When a queued event expires, Unix ms.
 fn expiry(ev: &StoredEvent) -> u64 {
     ev.created_at_ms.saturating_add(u64::from(ev.ttl_s) * 1000)
@@ -502,6 +551,9 @@ struct Tables<'t> {
     sweep: redb::Table<'t, (u64, &'static str), ()>,
     idempotency: redb::Table<'t, &'static str, &'static [u8]>,
     idempotency_sweep: redb::Table<'t, (u64, &'static str), ()>,
+    publisher_bytes: redb::Table<'t, &'static str, u64>,
+    /// Publishers whose byte count changed, with the new count.
+    touched: HashMap<String, u64>,
 }
 
 impl<'t> Tables<'t> {
@@ -514,7 +566,42 @@ impl<'t> Tables<'t> {
             sweep: txn.open_table(SWEEP).map_err(db)?,
             idempotency: txn.open_table(IDEMPOTENCY).map_err(db)?,
             idempotency_sweep: txn.open_table(IDEMPOTENCY_SWEEP).map_err(db)?,
+            publisher_bytes: txn.open_table(PUBLISHER_BYTES).map_err(db)?,
+            touched: HashMap::new(),
         })
+    }
+
+    fn publisher_bytes(&self, publisher: &str) -> Result<u64, StoreError> {
+        Ok(self
+            .publisher_bytes
+            .get(publisher)
+            .map_err(db)?
+            .map_or(0, |v| v.value()))
+    }
+
+    /// Adds (or removes) bytes queued by `publisher`.
+    fn add_publisher_bytes(
+        &mut self,
+        publisher: &str,
+        n: u64,
+        add: bool,
+    ) -> Result<(), StoreError> {
+        if publisher.is_empty() || n == 0 {
+            return Ok(());
+        }
+        let cur = self.publisher_bytes(publisher)?;
+        let next = if add {
+            cur.saturating_add(n)
+        } else {
+            cur.saturating_sub(n)
+        };
+        if next == 0 {
+            self.publisher_bytes.remove(publisher).map_err(db)?;
+        } else {
+            self.publisher_bytes.insert(publisher, next).map_err(db)?;
+        }
+        self.touched.insert(publisher.to_owned(), next);
+        Ok(())
     }
 
     fn event(&self, id: &str) -> Result<Option<StoredEvent>, StoreError> {
@@ -626,6 +713,7 @@ impl<'t> Tables<'t> {
         self.sweep
             .remove((expiry(&ev), ev.event_id.as_str()))
             .map_err(db)?;
+        self.add_publisher_bytes(&ev.publisher, stored_size(&ev), false)?;
         let (state, reason) = why.state_and_reason();
         ev.state = state as i32;
         ev.reason = reason.to_owned();
