@@ -4,8 +4,8 @@
 //!
 //! - connections: at most `max_connections`; more are closed at accept;
 //! - idle: a connection that sends nothing for `idle_timeout` is closed
-//!   (live HTTP/2 clients answer the relay's keepalive pings, so only dead
-//!   or silent ones are);
+//!   (the relay pings every quarter of it and live HTTP/2 clients answer,
+//!   so only dead or silent ones are);
 //! - streams: `max_streams_per_connection` HTTP/2 streams, as many
 //!   requests handled at once per connection, `max_in_flight` over all;
 //! - time: every request has a deadline (`request_timeout`);
@@ -46,10 +46,11 @@ pub const MAX_MESSAGE_BYTES: usize = 4_700_000;
 const ACCEPT_RETRY: Duration = Duration::from_millis(10);
 /// Longest pause between accept retries.
 const ACCEPT_RETRY_MAX: Duration = Duration::from_secs(1);
-/// Server HTTP/2 keepalive: a ping after this much silence...
-const KEEPALIVE: Duration = Duration::from_secs(30);
-/// ...and the connection is closed if it is not answered within this.
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Longest interval of the server's HTTP/2 keepalive pings (they are sent
+/// at a quarter of the idle timeout, so a live client's answers keep its
+/// connection from looking idle while it waits for a long answer or a
+/// receipt stream).
+const KEEPALIVE_MAX: Duration = Duration::from_secs(30);
 
 /// Builds the services; the future serves until `stop` turns true.
 pub(crate) async fn server(
@@ -74,13 +75,14 @@ pub(crate) async fn server(
     let intercept = move |req| auth.intercept(req);
     let publisher = tonic::service::interceptor::InterceptedService::new(publisher, intercept);
     let incoming = accept(listener, limits.clone(), stop.clone());
+    let keepalive = (limits.idle_timeout / 4).min(KEEPALIVE_MAX);
     Ok(async move {
         let result = tonic::transport::Server::builder()
             .max_concurrent_streams(limits.max_streams_per_connection)
             .concurrency_limit_per_connection(limits.max_streams_per_connection as usize)
             .timeout(limits.request_timeout)
-            .http2_keepalive_interval(Some(KEEPALIVE))
-            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+            .http2_keepalive_interval(Some(keepalive))
+            .http2_keepalive_timeout(Some(keepalive))
             .add_service(health_service)
             .add_service(reflection)
             .add_service(publisher)
@@ -149,7 +151,9 @@ fn accept(
 /// error) when nothing has been read from it for the idle timeout.
 pub(crate) struct GuardedStream {
     inner: TcpStream,
-    _permit: OwnedSemaphorePermit,
+    /// Given back as soon as the connection is over (read error, end or
+    /// idle), before the socket is even closed.
+    permit: Option<OwnedSemaphorePermit>,
     idle: Duration,
     deadline: Pin<Box<tokio::time::Sleep>>,
 }
@@ -158,7 +162,7 @@ impl GuardedStream {
     fn new(inner: TcpStream, permit: OwnedSemaphorePermit, idle: Duration) -> Self {
         Self {
             inner,
-            _permit: permit,
+            permit: Some(permit),
             idle,
             deadline: Box::pin(tokio::time::sleep(idle)),
         }
@@ -174,17 +178,22 @@ impl AsyncRead for GuardedStream {
         let before = buf.filled().len();
         match Pin::new(&mut self.inner).poll_read(cx, buf) {
             Poll::Ready(r) => {
-                if buf.filled().len() > before {
+                if r.is_ok() && buf.filled().len() > before {
                     let next = tokio::time::Instant::from_std(clock::now() + self.idle);
                     self.deadline.as_mut().reset(next);
+                } else {
+                    self.permit = None;
                 }
                 Poll::Ready(r)
             }
             Poll::Pending => match self.deadline.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "idle publisher connection closed",
-                ))),
+                Poll::Ready(()) => {
+                    self.permit = None;
+                    Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "idle publisher connection closed",
+                    )))
+                }
                 Poll::Pending => Poll::Pending,
             },
         }

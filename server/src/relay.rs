@@ -93,12 +93,11 @@ impl Listeners {
             addr: config.quic_listen,
             source,
         })?;
-        let grpc =
-            std::net::TcpListener::bind(config.grpc_listen).map_err(|source| StartError::Bind {
-                what: "gRPC (TCP)",
-                addr: config.grpc_listen,
-                source,
-            })?;
+        let grpc = bind_tcp(config.grpc_listen).map_err(|source| StartError::Bind {
+            what: "gRPC (TCP)",
+            addr: config.grpc_listen,
+            source,
+        })?;
         let probe = match config.probe_listen {
             Some(addr) => Some(bind_udp(addr).map_err(|source| StartError::Bind {
                 what: "probe (UDP)",
@@ -109,6 +108,17 @@ impl Listeners {
         };
         Ok(Self { quic, grpc, probe })
     }
+}
+
+/// A TCP listener with a backlog of 1024 (std's 128 overflows in a burst
+/// of publisher connections, or while the relay is out of descriptors).
+fn bind_tcp(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
 }
 
 /// A UDP socket; an IPv6 one also takes IPv4.

@@ -3,6 +3,7 @@
 //! gRPC clients with tokens, and a raw QUIC connection for sending bytes
 //! the SDK never would.
 
+pub mod flood;
 pub mod process;
 pub mod proxy;
 mod raw_device;

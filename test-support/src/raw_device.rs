@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use wakewire_proto::codec::encode_to_bytes;
-use wakewire_proto::device_session::{DeviceEvent, DeviceSession, DeviceSessionConfig};
+use wakewire_proto::device_session::{
+    DeviceEvent, DeviceSession, DeviceSessionConfig, RegisterRefused,
+};
 use wakewire_proto::pb::device::{frame::Body, Ack, Wake};
 use wakewire_proto::MAX_FRAME_SIZE;
 
@@ -78,6 +80,39 @@ impl RawDevice {
             _ => None,
         })
         .await
+    }
+
+    /// Registers channels, expecting a refusal; the relay's answer.
+    pub async fn register_refused(&mut self, names: &[&str]) -> anyhow::Result<RegisterRefused> {
+        match self.register_or_refused(names).await? {
+            Ok(ids) => bail!("registered {ids:?}"),
+            Err(r) => Ok(r),
+        }
+    }
+
+    /// Registers channels: their ids, or the relay's refusal.
+    pub async fn register_or_refused(
+        &mut self,
+        names: &[&str],
+    ) -> anyhow::Result<Result<Vec<String>, RegisterRefused>> {
+        let req = self
+            .session
+            .register(now(), names.iter().map(|n| n.to_string()).collect());
+        self.until(|ev| match ev {
+            DeviceEvent::Registered { request_id, result } if *request_id == req => Some(
+                result
+                    .clone()
+                    .map(|b| b.iter().map(|b| b.channel_id.clone()).collect()),
+            ),
+            _ => None,
+        })
+        .await
+    }
+
+    /// Unregisters channels.
+    pub async fn unregister(&mut self, channel_ids: &[String]) -> anyhow::Result<()> {
+        self.session.unregister(now(), channel_ids.to_vec());
+        self.flush().await
     }
 
     /// The next wake (bounded wait), not acked.
