@@ -29,6 +29,12 @@ pub(crate) struct ServeArgs {
     /// PEM private key for --tls-cert [env: WAKEWIRE_TLS_KEY]
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// PEM file of the CAs issuing device client certificates [env: WAKEWIRE_DEVICE_CLIENT_CA]
+    #[arg(long)]
+    device_client_ca: Option<PathBuf>,
+    /// How devices authenticate: token, certificate, either, both [env: WAKEWIRE_DEVICE_AUTH] [default: token]
+    #[arg(long)]
+    device_auth: Option<String>,
     /// Most channels per device [env: WAKEWIRE_MAX_CHANNELS_PER_DEVICE] [default: 64]
     #[arg(long)]
     max_channels_per_device: Option<usize>,
@@ -174,6 +180,12 @@ impl ServeArgs {
             handshake_timeout_secs,
             log
         );
+        if self.device_client_ca.is_some() {
+            s.device_client_ca = self.device_client_ca.clone();
+        }
+        if let Some(a) = &self.device_auth {
+            s.device_auth = a.clone();
+        }
         if self.tls_cert.is_some() {
             s.tls_cert = self.tls_cert.clone();
             s.tls_key = self.tls_key.clone();

@@ -14,7 +14,7 @@ use crate::config::{Config, Shared, StatusCallback};
 use crate::driver::{self, Command, Sink};
 use crate::error::{ClientClosed, ConnectError, RegisterError};
 use crate::stream::{WakeStream, STREAM_BUFFER};
-use crate::tls::Protection;
+use crate::tls::{ClientAuth, Protection};
 use crate::types::{ChannelId, ConnectionInfo, KeepalivePolicy, Status, WakeEvent};
 
 /// Builds a [`Client`].
@@ -24,6 +24,7 @@ pub struct ClientBuilder {
     trust_files: Vec<PathBuf>,
     trust_certs: Vec<CertificateDer<'static>>,
     token: Option<String>,
+    client_auth: ClientAuth,
     min_protection: Protection,
     keepalive: KeepalivePolicy,
     keepalive_timeout: Duration,
@@ -56,6 +57,7 @@ impl ClientBuilder {
             trust_files: vec![],
             trust_certs: vec![],
             token: None,
+            client_auth: ClientAuth::None,
             min_protection: Protection::default(),
             keepalive: KeepalivePolicy::default(),
             keepalive_timeout: Duration::from_secs(10),
@@ -139,6 +141,31 @@ impl ClientBuilder {
         self
     }
 
+    /// Presents a client certificate (PEM chain and key) in the TLS
+    /// handshake, for relays that authenticate devices by certificate
+    /// (`device_auth = certificate | either | both`). The certificate names
+    /// the device with a `wakewire:device:<id>` SAN URI; with `certificate`
+    /// or `either`, no device token is needed.
+    pub fn client_certificate(
+        mut self,
+        cert_pem: impl Into<PathBuf>,
+        key_pem: impl Into<PathBuf>,
+    ) -> Self {
+        self.client_auth = ClientAuth::Chain(cert_pem.into(), key_pem.into());
+        self
+    }
+
+    /// Presents a client certificate whose key the SDK never holds (a
+    /// hardware keystore): rustls asks `resolver` for the certificate and a
+    /// signing key (`rustls::sign::SigningKey`) at each handshake.
+    pub fn client_cert_resolver(
+        mut self,
+        resolver: Arc<dyn rustls::client::ResolvesClientCert>,
+    ) -> Self {
+        self.client_auth = ClientAuth::Resolver(resolver);
+        self
+    }
+
     /// Refuse connections that negotiate less than `min`.
     pub fn min_protection(mut self, min: Protection) -> Self {
         self.min_protection = min;
@@ -178,9 +205,17 @@ impl ClientBuilder {
     /// Connects (one attempt; reconnects happen on their own afterwards).
     /// Must be called within a tokio runtime.
     pub async fn connect(self) -> Result<Client, ConnectError> {
-        let token = self
-            .token
-            .ok_or_else(|| ConnectError::Config("no device token: call device_token()".into()))?;
+        let token = match (self.token, self.client_auth.is_some()) {
+            (Some(t), _) => t,
+            // The certificate names the device; the relay decides whether
+            // that is enough (its device_auth mode).
+            (None, true) => String::new(),
+            (None, false) => {
+                return Err(ConnectError::Config(
+                    "no device token: call device_token() (or client_certificate())".into(),
+                ))
+            }
+        };
         let mut roots = RootCertStore::empty();
         for path in &self.trust_files {
             crate::tls::add_pem_roots(&mut roots, path)?;
@@ -199,7 +234,7 @@ impl ClientBuilder {
             Some(n) => n,
             None => host_of(&self.relay),
         };
-        let (tls, suite_probe) = crate::tls::client_config(&roots)?;
+        let (tls, suite_probe) = crate::tls::client_config(&roots, &self.client_auth)?;
         let config = Arc::new(Config {
             relay: self.relay,
             server_name,

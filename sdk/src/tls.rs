@@ -8,7 +8,7 @@
 //! names the suite. Nothing is assumed: if the secret was never seen, the
 //! connection is refused.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use rustls::crypto::CryptoProvider;
@@ -112,15 +112,53 @@ pub(crate) fn provider() -> Arc<CryptoProvider> {
     })
 }
 
+/// How the device proves itself in the TLS handshake.
+#[derive(Debug, Clone, Default)]
+pub(crate) enum ClientAuth {
+    /// No client certificate (the device token does it).
+    #[default]
+    None,
+    /// A certificate chain and its key (PEM files, read at build time).
+    Chain(PathBuf, PathBuf),
+    /// A resolver that signs with a key the SDK never sees (hardware).
+    Resolver(Arc<dyn rustls::client::ResolvesClientCert>),
+}
+
+impl ClientAuth {
+    pub(crate) fn is_some(&self) -> bool {
+        !matches!(self, ClientAuth::None)
+    }
+}
+
 /// QUIC client config for one connection attempt, and its suite probe.
 pub(crate) fn client_config(
     roots: &RootCertStore,
+    auth: &ClientAuth,
 ) -> Result<(quinn::ClientConfig, Arc<SuiteProbe>), ConnectError> {
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| ConnectError::Config(e.to_string()))?
-        .with_root_certificates(roots.clone())
-        .with_no_client_auth();
+        .with_root_certificates(roots.clone());
+    let mut tls = match auth {
+        ClientAuth::None => builder.with_no_client_auth(),
+        ClientAuth::Resolver(r) => builder.with_client_cert_resolver(r.clone()),
+        ClientAuth::Chain(cert, key) => {
+            let chain = CertificateDer::pem_file_iter(cert)
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| {
+                    ConnectError::Config(format!(
+                        "cannot read the client certificate {}: {e}",
+                        cert.display()
+                    ))
+                })?;
+            let key_der = rustls::pki_types::PrivateKeyDer::from_pem_file(key).map_err(|e| {
+                ConnectError::Config(format!("cannot read the client key {}: {e}", key.display()))
+            })?;
+            builder
+                .with_client_auth_cert(chain, key_der)
+                .map_err(|e| ConnectError::Config(format!("client certificate: {e}")))?
+        }
+    };
     tls.alpn_protocols = vec![ALPN.to_vec()];
     // Reconnects resume the TLS session and send the Hello in 0-RTT.
     tls.enable_early_data = true;
@@ -183,7 +221,7 @@ pub(crate) fn add_pem_roots(roots: &mut RootCertStore, path: &Path) -> Result<()
 pub fn quic_client_config(ca_pem: &Path) -> Result<quinn::ClientConfig, ConnectError> {
     let mut roots = RootCertStore::empty();
     add_pem_roots(&mut roots, ca_pem)?;
-    client_config(&roots).map(|(config, _)| config)
+    client_config(&roots, &ClientAuth::None).map(|(config, _)| config)
 }
 
 /// Checks what a connection negotiated against the minimum.

@@ -39,6 +39,13 @@ pub struct Settings {
     pub tls_cert: Option<PathBuf>,
     /// PEM private key matching `tls_cert`.
     pub tls_key: Option<PathBuf>,
+    /// PEM file of the CAs that issue device client certificates (mTLS);
+    /// unset = devices present no certificate.
+    pub device_client_ca: Option<PathBuf>,
+    /// How devices prove who they are: `token` (a device token in Hello),
+    /// `certificate` (a client certificate with a `wakewire:device:<id>`
+    /// SAN URI), `either`, or `both` (naming the same device).
+    pub device_auth: String,
     /// Most channels one device may register.
     pub max_channels_per_device: usize,
     /// Seconds a new connection has to send Hello.
@@ -132,6 +139,8 @@ impl Default for Settings {
             data_dir: PathBuf::from("wakewire-data"),
             tls_cert: None,
             tls_key: None,
+            device_client_ca: None,
+            device_auth: "token".into(),
             max_channels_per_device: 64,
             hello_timeout_secs: 10,
             idle_timeout_secs: 660,
@@ -278,6 +287,31 @@ impl Settings {
                 ))
             }
         };
+        let device_auth = match self.device_auth.trim() {
+            "token" => DeviceAuth::Token,
+            "certificate" => DeviceAuth::Certificate,
+            "either" => DeviceAuth::Either,
+            "both" => DeviceAuth::Both,
+            other => {
+                return Err(invalid(
+                    "device_auth",
+                    &format!("{other:?} is not one of token, certificate, either, both"),
+                ))
+            }
+        };
+        if let Some(ca) = &self.device_client_ca {
+            if !ca.is_file() {
+                return Err(invalid(
+                    "device_client_ca",
+                    &format!("{} is not a readable file", ca.display()),
+                ));
+            }
+        } else if device_auth != DeviceAuth::Token {
+            return Err(invalid(
+                "device_auth",
+                "certificate, either and both need device_client_ca",
+            ));
+        }
         let metrics_listen = match self.metrics_listen.trim() {
             "" | "off" => None,
             s => Some(s.parse::<SocketAddr>().map_err(|e| {
@@ -403,6 +437,8 @@ impl Settings {
             probe_listen,
             data_dir: self.data_dir.clone(),
             tls,
+            device_client_ca: self.device_client_ca.clone(),
+            device_auth,
             connection: RelayConnectionConfig {
                 session: RelaySessionConfig {
                     max_frame_size: MAX_FRAME_SIZE,
@@ -457,6 +493,20 @@ impl Settings {
     }
 }
 
+/// How devices prove who they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceAuth {
+    /// A device token in Hello.
+    Token,
+    /// A client certificate naming the device (the token is not needed).
+    Certificate,
+    /// Either of them (the certificate wins when both are present; they
+    /// must then name the same device).
+    Either,
+    /// Both, naming the same device.
+    Both,
+}
+
 /// Where the device endpoint's certificate comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TlsSource {
@@ -486,6 +536,10 @@ pub struct RelayConfig {
     pub data_dir: PathBuf,
     /// Certificate source.
     pub tls: TlsSource,
+    /// CAs of device client certificates, if any.
+    pub device_client_ca: Option<PathBuf>,
+    /// How devices authenticate.
+    pub device_auth: DeviceAuth,
     /// Per-connection limits and timers (session, delivery).
     pub connection: RelayConnectionConfig,
     /// How long Publish waits for an ack.

@@ -334,22 +334,25 @@ impl Driver {
     }
 
     fn on_hello(&mut self, rc: &mut RelayConnection, credential: &str, sdk: &str) {
-        let verified = self
-            .shared
-            .keys
-            .verifier
-            .verify(credential, TokenKind::Device, clock::unix_secs())
-            .map_err(|e| e.to_string())
-            .and_then(|claims| match &claims.jti {
-                Some(j) if self.shared.revocations.is_revoked(j) => {
-                    Err(TokenError::Revoked(j.clone()).to_string())
-                }
-                _ => Ok(claims),
-            })
-            .and_then(|claims| {
-                let dev = claims.sub.unwrap_or_default();
+        let token = (!credential.is_empty()).then(|| {
+            self.shared
+                .keys
+                .verifier
+                .verify(credential, TokenKind::Device, clock::unix_secs())
+                .map_err(|e| e.to_string())
+                .and_then(|claims| match &claims.jti {
+                    Some(j) if self.shared.revocations.is_revoked(j) => {
+                        Err(TokenError::Revoked(j.clone()).to_string())
+                    }
+                    _ => Ok(claims),
+                })
+                .map(|claims| (claims.sub.unwrap_or_default(), claims.jti))
+        });
+        let cert = crate::tls::certificate_identity(&self.conn);
+        let verified = crate::device_auth::decide(self.shared.config.device_auth, token, cert)
+            .and_then(|(dev, jti)| {
                 validate_device_id(&dev)
-                    .map(|_| (dev, claims.jti))
+                    .map(|_| (dev, jti))
                     .map_err(|e| e.to_string())
             });
         match verified {

@@ -31,6 +31,7 @@ mod auth;
 pub mod claims;
 pub mod config;
 pub mod data_dir;
+mod device_auth;
 mod device_conn;
 mod grpc;
 pub mod metrics;

@@ -241,7 +241,16 @@ pub async fn start_on(
         TlsSource::Files { cert, key } => (cert.clone(), key.clone(), None),
     };
     let (certs, key) = tls::load_pem(&cert_path, &key_path)?;
-    let server_config = tls::server_config(certs, key, config.connection.session.idle_timeout)?;
+    let client_ca = match &config.device_client_ca {
+        Some(path) => Some(tls::load_certificates(path)?),
+        None => None,
+    };
+    let server_config = tls::server_config(
+        certs,
+        key,
+        config.connection.session.idle_timeout,
+        client_ca,
+    )?;
     let bind_err = |what, addr, source| StartError::Bind { what, addr, source };
     let quic_addr = listeners
         .quic

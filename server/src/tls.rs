@@ -46,6 +46,72 @@ pub fn crypto_provider() -> Arc<CryptoProvider> {
     provider
 }
 
+/// Prefix of the SAN URI naming the device a client certificate is for:
+/// `wakewire:device:<device id>`.
+pub const DEVICE_URI_PREFIX: &str = "wakewire:device:";
+
+/// What a device's client certificate says about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CertIdentity {
+    /// No client certificate.
+    None,
+    /// The device id of its `wakewire:device:` SAN URI.
+    Device(String),
+    /// A certificate (valid: the handshake checked it) naming no device,
+    /// or more than one.
+    Unusable(String),
+}
+
+/// The device a connection's client certificate names.
+pub fn certificate_identity(conn: &quinn::Connection) -> CertIdentity {
+    let Some(chain) = conn
+        .peer_identity()
+        .and_then(|i| i.downcast::<Vec<CertificateDer<'static>>>().ok())
+    else {
+        return CertIdentity::None;
+    };
+    let Some(leaf) = chain.first() else {
+        return CertIdentity::None;
+    };
+    device_of_certificate(leaf)
+}
+
+/// The device a certificate's `wakewire:device:` SAN URI names.
+pub fn device_of_certificate(der: &CertificateDer<'_>) -> CertIdentity {
+    let cert = match webpki::EndEntityCert::try_from(der) {
+        Ok(c) => c,
+        Err(e) => return CertIdentity::Unusable(format!("unparsable certificate: {e:?}")),
+    };
+    let ids: Vec<&str> = cert
+        .valid_uri_names()
+        .filter_map(|u| u.strip_prefix(DEVICE_URI_PREFIX))
+        .collect();
+    match ids.as_slice() {
+        [one] => CertIdentity::Device((*one).to_owned()),
+        [] => CertIdentity::Unusable(format!(
+            "the client certificate has no {DEVICE_URI_PREFIX}<id> subject alternative name"
+        )),
+        _ => CertIdentity::Unusable("the client certificate names several devices".into()),
+    }
+}
+
+/// Reads the certificates of a PEM file.
+pub fn load_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let load = |message: String| TlsError::Load {
+        what: "certificates",
+        path: path.display().to_string(),
+        message,
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| load(e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| load(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(load("no CERTIFICATE block".into()));
+    }
+    Ok(certs)
+}
+
 /// Reads a PEM certificate chain and private key.
 pub fn load_pem(
     cert: &Path,
@@ -90,16 +156,39 @@ pub fn transport_config(idle_timeout: Duration) -> Result<quinn::TransportConfig
     Ok(t)
 }
 
-/// Server configuration for the device endpoint.
+/// Server configuration for the device endpoint. With `device_client_ca`,
+/// devices may present a client certificate issued by one of those CAs
+/// (an invalid or untrusted one fails the handshake; none at all is left
+/// to the relay's authentication mode).
 pub fn server_config(
     certs: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     idle_timeout: Duration,
+    device_client_ca: Option<Vec<CertificateDer<'static>>>,
 ) -> Result<quinn::ServerConfig, TlsError> {
-    let mut tls = rustls::ServerConfig::builder_with_provider(crypto_provider())
+    let builder = rustls::ServerConfig::builder_with_provider(crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| TlsError::Config(e.to_string()))?
-        .with_no_client_auth()
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let builder = match device_client_ca {
+        None => builder.with_no_client_auth(),
+        Some(cas) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in cas {
+                roots
+                    .add(c)
+                    .map_err(|e| TlsError::Config(format!("device client CA: {e}")))?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                crypto_provider(),
+            )
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| TlsError::Config(format!("device client CA: {e}")))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut tls = builder
         .with_single_cert(certs, key)
         .map_err(|e| TlsError::Config(e.to_string()))?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
