@@ -28,6 +28,8 @@ pub mod codec;
 pub mod device_connection;
 pub mod device_session;
 mod error_code;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzz;
 pub mod ids;
 pub mod names;
 pub mod pb;
