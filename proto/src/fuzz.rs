@@ -39,12 +39,7 @@ pub fn frame_decoder(data: &[u8]) {
     let mut d = FrameDecoder::new(MAX_FRAME_SIZE);
     for c in chunks(data) {
         d.extend(c);
-        loop {
-            match d.next_frame() {
-                Ok(Some(_)) => {}
-                Ok(None) | Err(_) => break,
-            }
-        }
+        while let Ok(Some(_)) = d.next_frame() {}
     }
 }
 
@@ -199,7 +194,8 @@ mod tests {
 
     #[test]
     fn the_seed_corpus_passes_every_harness() {
-        let targets: [(&str, fn(&[u8])); 5] = [
+        type Harness = (&'static str, fn(&[u8]));
+        let targets: [Harness; 5] = [
             ("frame_decoder", frame_decoder),
             ("token", token),
             ("probe", probe),
