@@ -25,6 +25,8 @@ for mode in true false; do
 done
 # D: the adaptive keepalive in simulated standby (deterministic, no network).
 $LT standby --out "$OUT/standby"
+# F: legitimate devices during a ClientHello flood, with and without Retry.
+$LT hello-flood --flood-rate 10000 --secs 10 --concurrency 16 --out "$OUT/helloflood"
 # E: one device flooding acks: other tenants' latency and the relay's memory.
 $LT ack-flood --devices 200 --rate 500 --phase-secs 10 --flooders 1 --out "$OUT/ackflood"
 
@@ -70,6 +72,13 @@ cp "$OUT/standby/standby-interval.svg" docs/bench/
   echo "(relay child process, loopback; $(date -u +%Y-%m-%d))."
   echo
   cat "$OUT/ackflood/ackflood.md"
+  echo
+  echo "## ClientHello flood"
+  echo
+  echo "Command: \`target/release/wakewire-loadtest hello-flood --flood-rate 10000 --secs 10 --concurrency 16\`"
+  echo "(relay child process, loopback; $(date -u +%Y-%m-%d))."
+  echo
+  cat "$OUT/helloflood/helloflood.md"
   echo
   cat docs/benchmarks.tail.md
 } > docs/benchmarks.md

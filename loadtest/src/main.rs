@@ -17,6 +17,7 @@
 
 mod ackflood;
 mod fleet;
+mod helloflood;
 mod floor;
 mod plot;
 mod procstat;
@@ -179,6 +180,25 @@ enum Cmd {
         #[arg(long, default_value = "loadtest-out")]
         out: PathBuf,
     },
+    /// Legitimate devices connecting during a ClientHello flood, with and
+    /// without the relay's QUIC Retry.
+    HelloFlood {
+        /// ClientHellos per second.
+        #[arg(long, default_value_t = 10_000)]
+        flood_rate: u64,
+        /// Seconds of flood.
+        #[arg(long, default_value_t = 10.0)]
+        secs: f64,
+        /// Legitimate connection attempts in flight.
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        /// Path of wakewire-relay (default: next to this binary).
+        #[arg(long)]
+        relay_bin: Option<PathBuf>,
+        /// Output directory (helloflood.md, helloflood.json).
+        #[arg(long, default_value = "loadtest-out")]
+        out: PathBuf,
+    },
     /// The raw-quinn floor server (started by `compare`; commands on stdin).
     #[command(hide = true)]
     FloorServer {
@@ -253,6 +273,32 @@ async fn main() -> anyhow::Result<()> {
             let md = standby::standby(&nat_timeouts, hours, wakes_per_hour, seed, &out)?;
             println!(
                 "{md}\nwrote {}/standby.md, standby-interval.svg",
+                out.display()
+            );
+            Ok(())
+        }
+        Cmd::HelloFlood {
+            flood_rate,
+            secs,
+            concurrency,
+            relay_bin,
+            out,
+        } => {
+            let relay_bin = match relay_bin {
+                Some(b) => b,
+                None => target::sibling_binary("wakewire-relay")?,
+            };
+            helloflood::run(helloflood::HelloFloodOpts {
+                flood_rate,
+                secs,
+                concurrency,
+                relay_bin,
+                out: out.clone(),
+            })
+            .await?;
+            println!(
+                "{}\nwrote {}/helloflood.md, helloflood.json",
+                std::fs::read_to_string(out.join("helloflood.md")).unwrap_or_default(),
                 out.display()
             );
             Ok(())

@@ -122,3 +122,22 @@ fn ack_flood_benchmark_runs_its_three_phases() -> anyhow::Result<()> {
     assert!(phases[1]["flood_connections"].as_u64() > Some(0));
     Ok(())
 }
+
+#[test]
+fn hello_flood_benchmark_runs_its_three_variants() -> anyhow::Result<()> {
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_wakewire-loadtest"));
+    let out = tempfile::tempdir()?;
+    let status = Command::new(&exe)
+        .args(["hello-flood", "--flood-rate", "2000", "--secs", "1", "--concurrency", "4"])
+        .arg("--out")
+        .arg(out.path())
+        .status()?;
+    assert!(status.success());
+    let runs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("helloflood.json"))?)?;
+    let runs = runs.as_array().expect("runs");
+    assert_eq!(runs.len(), 3);
+    assert!(runs[0]["connected"].as_u64() > Some(0), "{}", runs[0]);
+    assert!(runs[1]["connected"].as_u64() > Some(0), "with Retry: {}", runs[1]);
+    Ok(())
+}
