@@ -241,3 +241,62 @@ async fn bad_configuration_exits_with_a_clear_message() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn token_commands_refuse_ambiguous_scopes_and_revoke_by_id() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    let data = data.to_str().expect("utf-8");
+    // Keys exist once a token has been minted... by a relay start; make them.
+    wakewire_server::data_dir::DataDir::open(std::path::Path::new(data))?.keys()?;
+    for bad in [
+        vec!["token", "publisher", "--device-id", "*"],
+        vec!["token", "publisher", "--device-id", ""],
+        vec!["token", "publisher", "--channel", "not-a-channel"],
+        vec!["token", "publisher"],
+        vec!["token", "device", "--device-id", ""],
+    ] {
+        let mut args = bad.clone();
+        args.extend(["--data-dir", data]);
+        let out = relay_cmd(&args).output().await?;
+        assert!(!out.status.success(), "{bad:?} was accepted");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).starts_with("error: "),
+            "{bad:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let minted = relay_cmd(&["token", "publisher", "--all-devices", "--data-dir", data])
+        .output()
+        .await?;
+    assert!(minted.status.success());
+    let token = String::from_utf8_lossy(&minted.stdout).trim().to_owned();
+    let inspect = relay_cmd(&["token", "inspect", &token, "--data-dir", data])
+        .output()
+        .await?;
+    let shown = String::from_utf8_lossy(&inspect.stdout).into_owned();
+    assert!(
+        shown.contains("kind=publisher") && shown.contains("devices=[\"*\"]"),
+        "{shown}"
+    );
+    let revoke = relay_cmd(&["token", "revoke", &token, "--data-dir", data])
+        .output()
+        .await?;
+    assert!(revoke.status.success());
+    let inspect = relay_cmd(&["token", "inspect", &token, "--data-dir", data])
+        .output()
+        .await?;
+    assert!(String::from_utf8_lossy(&inspect.stdout).contains("REVOKED"));
+    // Key rotation: listed, and the old key's tokens still inspect.
+    let rotate = relay_cmd(&["keys", "rotate", "--data-dir", data])
+        .output()
+        .await?;
+    assert!(rotate.status.success());
+    let list = relay_cmd(&["keys", "list", "--data-dir", data])
+        .output()
+        .await?;
+    let listed = String::from_utf8_lossy(&list.stdout).into_owned();
+    assert_eq!(listed.lines().count(), 2, "{listed}");
+    assert!(listed.contains("retired"));
+    Ok(())
+}

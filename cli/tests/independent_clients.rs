@@ -1,7 +1,8 @@
 //! Independent clients against the relay process: a publisher written with
 //! Python grpcio (gRPC C-core, the stack the field report came from), with
 //! stubs generated from our `.proto` by grpcio-tools. The test installs both
-//! into a virtualenv under `target/` from PyPI (about 10 s the first time).
+//! with pip into a directory under `target/` from PyPI (about 10 s the first
+//! time).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -33,28 +34,31 @@ fn run(cmd: &mut Command) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// A virtualenv with grpcio and grpcio-tools, and stubs generated from the
-/// publisher API; returns (python, stubs dir).
-fn python_with_stubs() -> anyhow::Result<(PathBuf, PathBuf)> {
+/// grpcio and grpcio-tools installed (with pip, into a directory under
+/// `target/`: no virtualenv needed) and stubs generated from the publisher
+/// API; returns (python, PYTHONPATH with both).
+fn python_with_stubs() -> anyhow::Result<(PathBuf, String)> {
     let root = workspace().join("target/independent-clients");
-    let venv = root.join("venv");
-    let python = venv.join("bin/python");
-    if !python.exists() {
-        run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+    let site = root.join("site-packages");
+    let python = PathBuf::from("python3");
+    if !site.join("grpc_tools").exists() {
+        run(Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .arg("--target")
+            .arg(&site)
+            .args(["grpcio==1.*", "grpcio-tools==1.*"]))?;
     }
-    run(Command::new(&python).args([
-        "-m",
-        "pip",
-        "install",
-        "--quiet",
-        "--disable-pip-version-check",
-        "grpcio==1.*",
-        "grpcio-tools==1.*",
-    ]))?;
     let stubs = root.join("stubs");
     std::fs::create_dir_all(&stubs)?;
     let proto = workspace().join("api/proto");
     run(Command::new(&python)
+        .env("PYTHONPATH", &site)
         .args(["-m", "grpc_tools.protoc"])
         .arg(format!("-I{}", proto.display()))
         .arg(format!("--python_out={}", stubs.display()))
@@ -63,13 +67,14 @@ fn python_with_stubs() -> anyhow::Result<(PathBuf, PathBuf)> {
     for pkg in ["wakewire", "wakewire/publish", "wakewire/publish/v1"] {
         std::fs::write(stubs.join(pkg).join("__init__.py"), "")?;
     }
-    Ok((python, stubs))
+    Ok((python, format!("{}:{}", site.display(), stubs.display())))
 }
 
 #[tokio::test]
 async fn a_python_grpcio_publisher_sees_idempotent_retries_and_clear_errors() -> anyhow::Result<()>
 {
-    let (python, stubs) = tokio::task::spawn_blocking(python_with_stubs).await??;
+    let (python, pythonpath) = tokio::task::spawn_blocking(python_with_stubs).await??;
+    let stubs = pythonpath.rsplit(':').next().unwrap_or_default().to_owned();
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("data");
     let any = "127.0.0.1:0".parse()?;
@@ -95,6 +100,7 @@ async fn a_python_grpcio_publisher_sees_idempotent_retries_and_clear_errors() ->
     );
     let script = workspace().join("cli/tests/independent/publisher_grpcio.py");
     let out = tokio::process::Command::new(&python)
+        .env("PYTHONPATH", &pythonpath)
         .arg(&script)
         .arg("--stubs")
         .arg(&stubs)

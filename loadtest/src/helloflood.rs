@@ -106,9 +106,11 @@ async fn one(
     extra: &[&str],
     flood_rate: u64,
 ) -> anyhow::Result<FloodRun> {
-    let work = opts
-        .out
-        .join(format!("helloflood-{}-{}-{flood_rate}", std::process::id(), extra.len()));
+    let work = opts.out.join(format!(
+        "helloflood-{}-{}-{flood_rate}",
+        std::process::id(),
+        extra.len()
+    ));
     let data = work.join("data");
     let any = "127.0.0.1:0".parse()?;
     let mut relay = RelayProc::start(&opts.relay_bin, &data, any, any, extra).await?;

@@ -17,8 +17,8 @@
 
 mod ackflood;
 mod fleet;
-mod helloflood;
 mod floor;
+mod helloflood;
 mod plot;
 mod procstat;
 mod publisher;

@@ -128,16 +128,29 @@ fn hello_flood_benchmark_runs_its_three_variants() -> anyhow::Result<()> {
     let exe = PathBuf::from(env!("CARGO_BIN_EXE_wakewire-loadtest"));
     let out = tempfile::tempdir()?;
     let status = Command::new(&exe)
-        .args(["hello-flood", "--flood-rate", "2000", "--secs", "1", "--concurrency", "4"])
+        .args([
+            "hello-flood",
+            "--flood-rate",
+            "2000",
+            "--secs",
+            "1",
+            "--concurrency",
+            "4",
+        ])
         .arg("--out")
         .arg(out.path())
         .status()?;
     assert!(status.success());
-    let runs: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.path().join("helloflood.json"))?)?;
+    let runs: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        out.path().join("helloflood.json"),
+    )?)?;
     let runs = runs.as_array().expect("runs");
     assert_eq!(runs.len(), 3);
     assert!(runs[0]["connected"].as_u64() > Some(0), "{}", runs[0]);
-    assert!(runs[1]["connected"].as_u64() > Some(0), "with Retry: {}", runs[1]);
+    assert!(
+        runs[1]["connected"].as_u64() > Some(0),
+        "with Retry: {}",
+        runs[1]
+    );
     Ok(())
 }

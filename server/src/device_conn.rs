@@ -260,7 +260,7 @@ impl Driver {
         counter!(m::CLOSES, "code" => close.code.name()).increment(1);
         // Closes before authentication say nothing about a device: not
         // worth a log line each (a scanner would fill the log).
-        if close.code == ErrorCode::NoError || close.code == ErrorCode::HelloTimeout {
+        if close.code == ErrorCode::NoError || self.device_id.is_none() {
             debug!(reason = %close.reason, "closing");
         } else {
             info!(code = %close.code, reason = %close.reason, "closing connection");

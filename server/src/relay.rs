@@ -529,3 +529,20 @@ async fn expire_channels(shared: &Shared, now: u64) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_task_that_ends_on_its_own_is_reported_by_name() {
+        let mut tasks = Tasks::new();
+        let (_keep, held) = tokio::sync::oneshot::channel::<()>();
+        tasks.spawn("the long one", async move {
+            let _ = held.await;
+        });
+        tasks.spawn("the probe service", async {});
+        assert_eq!(tasks.ended.recv().await, Some("the probe service"));
+        tasks.abort_all();
+    }
+}
