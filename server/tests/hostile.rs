@@ -366,3 +366,36 @@ async fn a_slow_answer_is_not_mistaken_for_an_idle_connection() -> anyhow::Resul
     assert!(r.is_ok(), "{r:?}");
     Ok(())
 }
+
+/// A request without credentials whose body never completes (a slow-body
+/// attack) is answered UNAUTHENTICATED on its headers: the relay buffers
+/// none of the body, and the stream is over at once.
+#[tokio::test]
+async fn an_unauthenticated_request_is_refused_before_its_body_is_read() -> anyhow::Result<()> {
+    let relay = TestRelay::start().await?;
+    let tcp = tokio::net::TcpStream::connect(relay.relay().grpc_addr()).await?;
+    let (client, conn) = h2::client::handshake(tcp).await?;
+    tokio::spawn(conn);
+    let mut client = client.ready().await?;
+    let mut streams = vec![];
+    for _ in 0..25 {
+        let req = http::Request::post("http://localhost/wakewire.publish.v1.Publisher/Publish")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())?;
+        let (response, mut body) = client.send_request(req, false)?;
+        // A gRPC frame header announcing 4 MB, then nothing more.
+        body.send_data(bytes::Bytes::from_static(&[0, 0, 0x40, 0, 0, 1]), false)?;
+        streams.push((response, body));
+        client = client.ready().await?;
+    }
+    for (response, _body) in streams {
+        let response = tokio::time::timeout(Duration::from_secs(10), response).await??;
+        let status = response
+            .headers()
+            .get("grpc-status")
+            .map(|v| v.to_str().unwrap_or("").to_owned());
+        assert_eq!(status.as_deref(), Some("16"), "{:?}", response.headers());
+    }
+    Ok(())
+}
