@@ -64,7 +64,7 @@ pub(crate) async fn server(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| e.to_string())?;
-    let (mut health, health_service) = tonic_health::server::health_reporter();
+    let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<PublisherServer<PublisherService>>()
         .await;
