@@ -45,7 +45,10 @@ pub(crate) struct ListenArgs {
 }
 
 pub(crate) async fn listen(args: ListenArgs) -> anyhow::Result<()> {
-    init_logs(&std::env::var("WAKEWIRE_LOG").unwrap_or_else(|_| "warn".into()))?;
+    init_logs(
+        &std::env::var("WAKEWIRE_LOG").unwrap_or_else(|_| "warn".into()),
+        "text",
+    )?;
     let token = match args.token {
         Some(t) => t,
         None => keys(&args.data_dir)?.device_token(

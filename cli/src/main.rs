@@ -1,6 +1,7 @@
 //! `wakewire-relay`: run the relay, mint tokens, and try it out (listen as a
 //! device, publish a wake).
 
+mod health;
 mod listen;
 mod publish;
 mod serve;
@@ -40,6 +41,11 @@ enum Cmd {
     Listen(listen::ListenArgs),
     /// Publish one wake event to a channel.
     Publish(publish::PublishArgs),
+    /// Ask a running relay whether it is serving (exit 0) or not (exit 1).
+    Health(health::HealthArgs),
+    /// Validate a config file and the WAKEWIRE_* environment without
+    /// starting; prints the effective settings.
+    CheckConfig(Box<serve::ServeArgs>),
 }
 
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -75,20 +81,30 @@ pub(crate) fn unix_secs() -> u64 {
         .unwrap_or(0)
 }
 
-pub(crate) fn init_logs(filter: &str) -> anyhow::Result<()> {
+pub(crate) fn init_logs(filter: &str, format: &str) -> anyhow::Result<()> {
     let filter =
         EnvFilter::try_new(filter).with_context(|| format!("invalid log filter {filter:?}"))?;
     use std::io::IsTerminal;
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init();
+    } else {
+        builder.with_ansi(std::io::stderr().is_terminal()).init();
+    }
     Ok(())
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // The one rustls crypto provider (ring), installed before anything
+    // (the relay, the SDK, tonic's TLS client) builds a TLS config.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
@@ -112,6 +128,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Listen(args) => listen::listen(args).await,
         Cmd::Publish(args) => publish::publish(args).await,
+        Cmd::Health(args) => health::health(args).await,
+        Cmd::CheckConfig(args) => serve::check_config(&args),
     }
 }
 

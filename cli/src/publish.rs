@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 use wakewire_api::pb::{publisher_client::PublisherClient, Priority, PublishRequest};
+use wakewire_server::data_dir::DEV_CERT_FILE;
 
 use crate::{keys, unix_secs};
 
@@ -22,9 +24,23 @@ pub(crate) struct PublishArgs {
     channel: String,
     /// Payload (UTF-8 text, at most 4096 bytes).
     payload: String,
-    /// Publisher gRPC endpoint.
+    /// Publisher gRPC endpoint: http://... (plaintext, loopback) or
+    /// https://... (TLS).
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     grpc: String,
+    /// PEM file of the certificate(s) to trust for https:// [default:
+    /// <data-dir>/dev-cert.pem].
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// TLS server name to verify [default: the endpoint's host].
+    #[arg(long)]
+    server_name: Option<String>,
+    /// Client certificate (PEM) for relays that require one from backends.
+    #[arg(long, requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    /// Private key (PEM) of --client-cert.
+    #[arg(long, requires = "client_cert")]
+    client_key: Option<PathBuf>,
     /// Publisher token; when absent one is minted for this channel from the local data directory.
     #[arg(long, env = "WAKEWIRE_PUBLISHER_TOKEN")]
     token: Option<String>,
@@ -56,9 +72,31 @@ pub(crate) async fn publish(args: PublishArgs) -> anyhow::Result<()> {
             unix_secs(),
         ),
     };
-    let mut client = PublisherClient::connect(args.grpc.clone())
+    let mut endpoint = tonic::transport::Endpoint::from_shared(args.grpc.clone())
+        .with_context(|| format!("{:?} is not a URL", args.grpc))?;
+    if args.grpc.starts_with("https://") {
+        let ca = args
+            .ca
+            .clone()
+            .unwrap_or_else(|| args.data_dir.join(DEV_CERT_FILE));
+        let pem = std::fs::read(&ca)
+            .with_context(|| format!("cannot read the CA file {}", ca.display()))?;
+        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem));
+        if let Some(name) = &args.server_name {
+            tls = tls.domain_name(name.clone());
+        }
+        if let (Some(c), Some(k)) = (&args.client_cert, &args.client_key) {
+            let cert = std::fs::read(c).with_context(|| format!("{}", c.display()))?;
+            let key = std::fs::read(k).with_context(|| format!("{}", k.display()))?;
+            tls = tls.identity(Identity::from_pem(cert, key));
+        }
+        endpoint = endpoint.tls_config(tls).context("TLS settings")?;
+    }
+    let channel = endpoint
+        .connect()
         .await
         .with_context(|| format!("cannot reach the publisher API at {}", args.grpc))?;
+    let mut client = PublisherClient::new(channel);
     let req = wakewire_api::with_token(
         PublishRequest {
             channel_id: args.channel,

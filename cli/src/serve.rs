@@ -1,9 +1,12 @@
 //! `wakewire-relay serve`: settings from file, env and flags; run until
-//! SIGINT or SIGTERM, then drain.
+//! SIGINT or SIGTERM, then drain (a second signal exits at once); SIGHUP
+//! reloads the certificates.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::Args;
+use tokio::signal::unix::{signal, SignalKind};
 use wakewire_server::{Listeners, Settings};
 
 #[derive(Args)]
@@ -14,9 +17,33 @@ pub(crate) struct ServeArgs {
     /// UDP address for devices (QUIC) [env: WAKEWIRE_QUIC_LISTEN] [default: 0.0.0.0:4433]
     #[arg(long)]
     quic_listen: Option<std::net::SocketAddr>,
-    /// TCP address of the publisher gRPC API [env: WAKEWIRE_GRPC_LISTEN] [default: 0.0.0.0:50051]
+    /// TCP address of the publisher gRPC API; without TLS only loopback [env: WAKEWIRE_GRPC_LISTEN] [default: 127.0.0.1:50051]
     #[arg(long)]
     grpc_listen: Option<std::net::SocketAddr>,
+    /// PEM certificate chain of the publisher API (TLS) [env: WAKEWIRE_GRPC_TLS_CERT]
+    #[arg(long, requires = "grpc_tls_key")]
+    grpc_tls_cert: Option<PathBuf>,
+    /// PEM private key for --grpc-tls-cert [env: WAKEWIRE_GRPC_TLS_KEY]
+    #[arg(long, requires = "grpc_tls_cert")]
+    grpc_tls_key: Option<PathBuf>,
+    /// Serve the device endpoint's certificate on the publisher API too [env: WAKEWIRE_GRPC_TLS_USE_DEVICE_CERTIFICATE]
+    #[arg(long)]
+    grpc_tls_use_device_certificate: Option<bool>,
+    /// PEM file of CAs backends' client certificates must come from (mTLS) [env: WAKEWIRE_GRPC_CLIENT_CA]
+    #[arg(long)]
+    grpc_client_ca: Option<PathBuf>,
+    /// Allow a plaintext publisher API beyond loopback [env: WAKEWIRE_GRPC_INSECURE_PLAINTEXT_ON_ANY_ADDRESS] [default: false]
+    #[arg(long)]
+    grpc_insecure_plaintext_on_any_address: Option<bool>,
+    /// Seconds between NOT_SERVING and telling devices to leave, on shutdown [env: WAKEWIRE_DRAIN_DELAY_SECS] [default: 5]
+    #[arg(long)]
+    drain_delay_secs: Option<u64>,
+    /// Longest graceful shutdown, seconds [env: WAKEWIRE_DRAIN_TIMEOUT_SECS] [default: 30]
+    #[arg(long)]
+    drain_timeout_secs: Option<u64>,
+    /// Log format: text or json [env: WAKEWIRE_LOG_FORMAT] [default: text]
+    #[arg(long)]
+    log_format: Option<String>,
     /// TCP address of the Prometheus /metrics endpoint, or "off" [env: WAKEWIRE_METRICS_LISTEN] [default: 127.0.0.1:9464]
     #[arg(long)]
     metrics_listen: Option<String>,
@@ -178,8 +205,20 @@ impl ServeArgs {
             retry_threshold,
             max_pending_handshakes_per_prefix,
             handshake_timeout_secs,
+            grpc_tls_use_device_certificate,
+            grpc_insecure_plaintext_on_any_address,
+            drain_delay_secs,
+            drain_timeout_secs,
+            log_format,
             log
         );
+        if self.grpc_tls_cert.is_some() {
+            s.grpc_tls_cert = self.grpc_tls_cert.clone();
+            s.grpc_tls_key = self.grpc_tls_key.clone();
+        }
+        if self.grpc_client_ca.is_some() {
+            s.grpc_client_ca = self.grpc_client_ca.clone();
+        }
         if self.device_client_ca.is_some() {
             s.device_client_ca = self.device_client_ca.clone();
         }
@@ -194,20 +233,57 @@ impl ServeArgs {
     }
 }
 
+/// Validates the settings (file, environment, flags) without starting;
+/// prints them, effective, as TOML.
+pub(crate) fn check_config(args: &ServeArgs) -> anyhow::Result<()> {
+    let settings = args.settings(std::env::vars())?;
+    settings.validate()?;
+    print!("{}", settings.to_toml()?);
+    eprintln!("configuration is valid");
+    Ok(())
+}
+
 pub(crate) async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
     let settings = args.settings(std::env::vars())?;
-    crate::init_logs(&settings.log)?;
+    crate::init_logs(&settings.log, &settings.log_format)?;
     let config = settings.validate()?;
     let listeners = Listeners::bind(&config)?;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let stop = async move {
+    let mut relay = wakewire_server::start_on(config, listeners).await?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let failed = loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+            _ = term.recv() => break None,
+            _ = int.recv() => break None,
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading certificates");
+                relay.reload_certificates();
+            }
+            name = relay.failed() => break Some(name),
         }
     };
-    wakewire_server::run(config, listeners, stop).await?;
-    Ok(())
+    if let Some(name) = failed {
+        tracing::error!(part = name, "stopped unexpectedly; shutting down");
+    }
+    // A second SIGTERM or SIGINT exits at once (accepted events are
+    // durable; what was in flight is sent again after the restart).
+    let drain = relay.shutdown(Duration::from_secs(1));
+    tokio::select! {
+        () = drain => {}
+        _ = term.recv() => {
+            tracing::warn!("second signal: exiting without finishing the drain");
+            std::process::exit(2);
+        }
+        _ = int.recv() => {
+            tracing::warn!("second signal: exiting without finishing the drain");
+            std::process::exit(2);
+        }
+    }
+    match failed {
+        None => Ok(()),
+        Some(name) => Err(wakewire_server::StartError::Stopped(name).into()),
+    }
 }
 
 #[cfg(test)]

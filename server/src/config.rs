@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use wakewire_proto::relay_connection::RelayConnectionConfig;
 use wakewire_proto::relay_session::RelaySessionConfig;
@@ -20,15 +20,41 @@ pub const ENV_PREFIX: &str = "WAKEWIRE_";
 /// Everything an operator can set, as written in the config file. Field
 /// names are the TOML keys; the env variable is `WAKEWIRE_` + the upper-case
 /// name.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
     /// UDP address of the device (QUIC) endpoint.
     pub quic_listen: SocketAddr,
-    /// TCP address of the publisher gRPC API.
+    /// TCP address of the publisher gRPC API. Without TLS it must be a
+    /// loopback address (unless `grpc_insecure_plaintext_on_any_address`).
     pub grpc_listen: SocketAddr,
+    /// PEM certificate chain of the publisher API (TLS); reloaded when the
+    /// file changes and on SIGHUP.
+    pub grpc_tls_cert: Option<PathBuf>,
+    /// PEM private key matching `grpc_tls_cert`.
+    pub grpc_tls_key: Option<PathBuf>,
+    /// Serve the device endpoint's certificate (dev or `tls_cert`) on the
+    /// publisher API too.
+    pub grpc_tls_use_device_certificate: bool,
+    /// PEM file of CAs whose client certificates backends must present on
+    /// the publisher API (mTLS, besides their token); needs TLS.
+    pub grpc_client_ca: Option<PathBuf>,
+    /// Allow a plaintext publisher API on a non-loopback address (bearer
+    /// tokens then cross the network in the clear).
+    pub grpc_insecure_plaintext_on_any_address: bool,
+    /// On shutdown, seconds between reporting NOT_SERVING (readiness) and
+    /// telling devices to leave, so load balancers stop sending first.
+    pub drain_delay_secs: u64,
+    /// Longest a graceful shutdown may take, seconds; then the relay exits
+    /// anyway (accepted events are durable; unacked ones are resent).
+    pub drain_timeout_secs: u64,
     /// TCP address of the Prometheus metrics endpoint; empty = off.
     pub metrics_listen: String,
+    /// TCP address of a plaintext endpoint serving only the gRPC health
+    /// service (for `wakewire-relay health`, container health checks and
+    /// Kubernetes gRPC probes, which cannot speak TLS); empty or "off" =
+    /// off. It carries no secrets.
+    pub health_listen: String,
     /// UDP address of the binding-lifetime probe service (devices learn
     /// their NAT timeout with it); empty or "off" = off.
     pub probe_listen: String,
@@ -127,14 +153,25 @@ pub struct Settings {
     pub handshake_timeout_secs: u64,
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info,wakewire_server=debug`.
     pub log: String,
+    /// Log line format: `text` (for people) or `json` (one object per line,
+    /// for log collectors).
+    pub log_format: String,
 }
 
 impl Default for Settings {
     fn default() -> Self {
         Self {
             quic_listen: SocketAddr::from(([0, 0, 0, 0], DEFAULT_QUIC_PORT)),
-            grpc_listen: SocketAddr::from(([0, 0, 0, 0], DEFAULT_GRPC_PORT)),
+            grpc_listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_GRPC_PORT)),
+            grpc_tls_cert: None,
+            grpc_tls_key: None,
+            grpc_tls_use_device_certificate: false,
+            grpc_client_ca: None,
+            grpc_insecure_plaintext_on_any_address: false,
+            drain_delay_secs: 5,
+            drain_timeout_secs: 30,
             metrics_listen: "127.0.0.1:9464".into(),
+            health_listen: "127.0.0.1:50052".into(),
             probe_listen: "0.0.0.0:4434".into(),
             data_dir: PathBuf::from("wakewire-data"),
             tls_cert: None,
@@ -172,6 +209,7 @@ impl Default for Settings {
             max_pending_handshakes_per_prefix: 256,
             handshake_timeout_secs: 5,
             log: "info".into(),
+            log_format: "text".into(),
         }
     }
 }
@@ -258,6 +296,22 @@ impl Settings {
             })
     }
 
+    /// The settings as TOML (every key, in declaration order).
+    pub fn to_toml(&self) -> Result<String, ConfigError> {
+        toml::to_string(self).map_err(|e| ConfigError::Parse {
+            origin: "settings".into(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Every setting's key (unset optional ones included).
+    pub fn keys() -> Vec<String> {
+        match serde_json::to_value(Settings::default()) {
+            Ok(serde_json::Value::Object(m)) => m.keys().cloned().collect(),
+            _ => vec![],
+        }
+    }
+
     /// Checks every setting and builds the typed configuration.
     pub fn validate(&self) -> Result<RelayConfig, ConfigError> {
         let invalid = |setting, message: &str| ConfigError::Invalid {
@@ -312,12 +366,90 @@ impl Settings {
                 "certificate, either and both need device_client_ca",
             ));
         }
+        let grpc_tls = match (
+            &self.grpc_tls_cert,
+            &self.grpc_tls_key,
+            self.grpc_tls_use_device_certificate,
+        ) {
+            (None, None, false) => None,
+            (None, None, true) => Some(GrpcTls::DeviceCertificate),
+            (Some(cert), Some(key), false) => {
+                for (setting, p) in [("grpc_tls_cert", cert), ("grpc_tls_key", key)] {
+                    if !p.is_file() {
+                        return Err(invalid(
+                            setting,
+                            &format!("{} is not a readable file", p.display()),
+                        ));
+                    }
+                }
+                Some(GrpcTls::Files {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                })
+            }
+            (Some(_), Some(_), true) => {
+                return Err(invalid(
+                    "grpc_tls_use_device_certificate",
+                    "set either it or grpc_tls_cert/grpc_tls_key, not both",
+                ))
+            }
+            _ => {
+                return Err(invalid(
+                    "grpc_tls_cert",
+                    "grpc_tls_cert and grpc_tls_key must be set together",
+                ))
+            }
+        };
+        if grpc_tls.is_none()
+            && !self.grpc_listen.ip().is_loopback()
+            && !self.grpc_insecure_plaintext_on_any_address
+        {
+            return Err(invalid(
+                "grpc_listen",
+                &format!(
+                    "{} is not a loopback address and the publisher API has no TLS: bearer tokens would cross the network in the clear. Set grpc_tls_cert/grpc_tls_key (or grpc_tls_use_device_certificate), or grpc_insecure_plaintext_on_any_address = true",
+                    self.grpc_listen
+                ),
+            ));
+        }
+        if let Some(ca) = &self.grpc_client_ca {
+            if grpc_tls.is_none() {
+                return Err(invalid("grpc_client_ca", "needs TLS on the publisher API"));
+            }
+            if !ca.is_file() {
+                return Err(invalid(
+                    "grpc_client_ca",
+                    &format!("{} is not a readable file", ca.display()),
+                ));
+            }
+        }
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            return Err(invalid("log_format", "must be text or json"));
+        }
+        if self.drain_timeout_secs == 0 {
+            return Err(invalid("drain_timeout_secs", "must be at least 1"));
+        }
+        if self.drain_delay_secs >= self.drain_timeout_secs {
+            return Err(invalid(
+                "drain_delay_secs",
+                "must be shorter than drain_timeout_secs",
+            ));
+        }
         let metrics_listen = match self.metrics_listen.trim() {
             "" | "off" => None,
             s => Some(s.parse::<SocketAddr>().map_err(|e| {
                 invalid(
                     "metrics_listen",
                     &format!("{s:?} is not an address like 127.0.0.1:9464 ({e})"),
+                )
+            })?),
+        };
+        let health_listen = match self.health_listen.trim() {
+            "" | "off" => None,
+            s => Some(s.parse::<SocketAddr>().map_err(|e| {
+                invalid(
+                    "health_listen",
+                    &format!("{s:?} is not an address like 127.0.0.1:50052 ({e})"),
                 )
             })?),
         };
@@ -433,7 +565,12 @@ impl Settings {
         Ok(RelayConfig {
             quic_listen: self.quic_listen,
             grpc_listen: self.grpc_listen,
+            grpc_tls,
+            grpc_client_ca: self.grpc_client_ca.clone(),
+            drain_delay: Duration::from_secs(self.drain_delay_secs),
+            drain_timeout: Duration::from_secs(self.drain_timeout_secs),
             metrics_listen,
+            health_listen,
             probe_listen,
             data_dir: self.data_dir.clone(),
             tls,
@@ -493,6 +630,20 @@ impl Settings {
     }
 }
 
+/// Where the publisher API's certificate comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GrpcTls {
+    /// The device endpoint's certificate (dev or files).
+    DeviceCertificate,
+    /// Its own files.
+    Files {
+        /// Certificate chain.
+        cert: PathBuf,
+        /// Private key.
+        key: PathBuf,
+    },
+}
+
 /// How devices prove who they are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceAuth {
@@ -528,8 +679,18 @@ pub struct RelayConfig {
     pub quic_listen: SocketAddr,
     /// TCP address of the gRPC API (port 0 = any free port).
     pub grpc_listen: SocketAddr,
+    /// TLS of the publisher API, if any.
+    pub grpc_tls: Option<GrpcTls>,
+    /// CAs of backends' client certificates on the publisher API.
+    pub grpc_client_ca: Option<PathBuf>,
+    /// Readiness-to-GoAway delay of a graceful shutdown.
+    pub drain_delay: Duration,
+    /// Bound of a graceful shutdown.
+    pub drain_timeout: Duration,
     /// Prometheus endpoint, if any.
     pub metrics_listen: Option<SocketAddr>,
+    /// Plaintext health-only endpoint, if any.
+    pub health_listen: Option<SocketAddr>,
     /// Probe service, if any.
     pub probe_listen: Option<SocketAddr>,
     /// Data directory.
@@ -606,7 +767,9 @@ impl RelayConfig {
                 .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0))),
             grpc_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             metrics_listen: String::new(),
+            health_listen: "127.0.0.1:0".into(),
             probe_listen: "127.0.0.1:0".into(),
+            drain_delay_secs: 0,
             ..Settings::default()
         };
         s.data_dir = data_dir.into();

@@ -13,6 +13,9 @@
 //!   unauthenticated request is refused on its headers, before its body is
 //!   read.
 //!
+//! TLS (`grpc_tls_*`) is done here too, with the certificate renewable at
+//! run time; without it the relay refuses to listen beyond loopback.
+//!
 //! The accept loop is our own: every accepted socket gets TCP_NODELAY (a
 //! receipt or answer is one small write that Nagle's algorithm would hold
 //! for the peer's delayed ack, ~40 ms), and an accept error (the file
@@ -28,6 +31,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 use tracing::warn;
@@ -46,37 +50,75 @@ pub const MAX_MESSAGE_BYTES: usize = 4_700_000;
 const ACCEPT_RETRY: Duration = Duration::from_millis(10);
 /// Longest pause between accept retries.
 const ACCEPT_RETRY_MAX: Duration = Duration::from_secs(1);
+/// Longest a TLS handshake on the publisher port may take.
+const TLS_HANDSHAKE: Duration = Duration::from_secs(10);
 /// Longest interval of the server's HTTP/2 keepalive pings (they are sent
 /// at a quarter of the idle timeout, so a live client's answers keep its
 /// connection from looking idle while it waits for a long answer or a
 /// receipt stream).
 const KEEPALIVE_MAX: Duration = Duration::from_secs(30);
 
+/// The health service's handle: reports SERVING, then NOT_SERVING while
+/// the relay drains (readiness probes see it before devices are told to
+/// leave).
+#[derive(Clone)]
+pub(crate) struct Health(tonic_health::server::HealthReporter);
+
+impl Health {
+    pub(crate) async fn set(&self, serving: bool) {
+        if serving {
+            self.0
+                .set_serving::<PublisherServer<PublisherService>>()
+                .await;
+            self.0
+                .set_service_status("", tonic_health::ServingStatus::Serving)
+                .await;
+        } else {
+            self.0
+                .set_not_serving::<PublisherServer<PublisherService>>()
+                .await;
+            self.0
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
+        }
+    }
+}
+
+impl std::fmt::Debug for Health {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Health").finish_non_exhaustive()
+    }
+}
+
 /// Builds the services; the future serves until `stop` turns true.
 pub(crate) async fn server(
     listener: TcpListener,
+    tls: Option<TlsAcceptor>,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
-) -> Result<impl std::future::Future<Output = ()>, String> {
+) -> Result<(impl std::future::Future<Output = ()>, Health), String> {
     let limits = shared.config.grpc.clone();
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(wakewire_api::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| e.to_string())?;
+    // Reflection in both versions: grpcio's reflection client, Postman and
+    // older grpcurl speak only v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(wakewire_api::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1().map_err(|e| e.to_string())?;
+    let reflection_v1alpha = reflection().build_v1alpha().map_err(|e| e.to_string())?;
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<PublisherServer<PublisherService>>()
-        .await;
+    let health = Health(health);
+    health.set(true).await;
     let auth = Authenticator::new(shared.clone());
     let publisher = PublisherServer::new(PublisherService::new(shared))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
     #[allow(clippy::result_large_err)] // tonic's interceptor signature
     let intercept = move |req| auth.intercept(req);
     let publisher = tonic::service::interceptor::InterceptedService::new(publisher, intercept);
-    let incoming = accept(listener, limits.clone(), stop.clone());
+    let incoming = accept(listener, tls, limits.clone(), stop.clone());
     let keepalive = (limits.idle_timeout / 4).min(KEEPALIVE_MAX);
-    Ok(async move {
+    let serve = async move {
         let result = tonic::transport::Server::builder()
             .max_concurrent_streams(limits.max_streams_per_connection)
             .concurrency_limit_per_connection(limits.max_streams_per_connection as usize)
@@ -84,7 +126,8 @@ pub(crate) async fn server(
             .http2_keepalive_interval(Some(keepalive))
             .http2_keepalive_timeout(Some(keepalive))
             .add_service(health_service)
-            .add_service(reflection)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
             .add_service(publisher)
             .serve_with_incoming_shutdown(incoming, async move {
                 let _ = stop.wait_for(|s| *s).await;
@@ -93,14 +136,41 @@ pub(crate) async fn server(
         if let Err(e) = result {
             warn!(error = %e, "gRPC server stopped with an error");
         }
-    })
+    };
+    Ok((serve, health))
+}
+
+/// The plaintext health-only endpoint (`health_listen`): the same statuses
+/// as the publisher port's health service, nothing else.
+pub(crate) async fn health_server(
+    listener: TcpListener,
+    health: Health,
+    mut stop: watch::Receiver<bool>,
+) {
+    let service = tonic_health::pb::health_server::HealthServer::new(
+        tonic_health::server::HealthService::from_health_reporter(health.0),
+    );
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let result = tonic::transport::Server::builder()
+        .timeout(Duration::from_secs(5))
+        .concurrency_limit_per_connection(4)
+        .add_service(service)
+        .serve_with_incoming_shutdown(incoming, async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await;
+    if let Err(e) = result {
+        warn!(error = %e, "health endpoint stopped with an error");
+    }
 }
 
 /// Accepted sockets as a stream: TCP_NODELAY, a connection permit, an
-/// idle deadline. Accept errors are retried, never passed on (tonic would
+/// idle deadline, TLS if configured (the handshake bounded in time, off the
+/// accept loop). Accept errors are retried, never passed on (tonic would
 /// stop serving).
 fn accept(
     listener: TcpListener,
+    tls: Option<TlsAcceptor>,
     limits: GrpcLimits,
     mut stop: watch::Receiver<bool>,
 ) -> ReceiverStream<Result<GuardedStream, std::io::Error>> {
@@ -125,9 +195,38 @@ fn accept(
                         continue;
                     };
                     let _ = stream.set_nodelay(true);
-                    let guarded = GuardedStream::new(stream, permit, limits.idle_timeout);
-                    if tx.send(Ok(guarded)).await.is_err() {
-                        return;
+                    let idle = limits.idle_timeout;
+                    match &tls {
+                        None => {
+                            let guarded = GuardedStream::new(Io::Plain(stream), permit, idle);
+                            if tx.send(Ok(guarded)).await.is_err() {
+                                return;
+                            }
+                        }
+                        Some(acceptor) => {
+                            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                            tokio::spawn(async move {
+                                let hs =
+                                    tokio::time::timeout(TLS_HANDSHAKE, acceptor.accept(stream));
+                                match hs.await {
+                                    Ok(Ok(s)) => {
+                                        let io = Io::Tls(Box::new(s));
+                                        let _ =
+                                            tx.send(Ok(GuardedStream::new(io, permit, idle))).await;
+                                    }
+                                    Ok(Err(e)) => {
+                                        metrics::counter!(crate::metrics::GRPC_TLS_FAILURES)
+                                            .increment(1);
+                                        tracing::debug!(%peer, error = %e, "gRPC TLS handshake failed");
+                                    }
+                                    Err(_) => {
+                                        metrics::counter!(crate::metrics::GRPC_TLS_FAILURES)
+                                            .increment(1);
+                                        tracing::debug!(%peer, "gRPC TLS handshake timed out");
+                                    }
+                                }
+                            });
+                        }
                     }
                 }
                 Err(e) => {
@@ -147,10 +246,77 @@ fn accept(
     ReceiverStream::new(rx)
 }
 
+/// A publisher connection's transport.
+pub(crate) enum Io {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl Io {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Io::Plain(s) => s,
+            Io::Tls(s) => s.get_ref().0,
+        }
+    }
+}
+
+macro_rules! delegate {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            Io::Plain($s) => $e,
+            Io::Tls($s) => $e,
+        }
+    };
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        delegate!(self, s => Pin::new(s).poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        delegate!(self, s => Pin::new(s).poll_write(cx, buf))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        delegate!(self, s => Pin::new(s).poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        delegate!(self, s => Pin::new(s).poll_shutdown(cx))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        delegate!(self, s => Pin::new(s).poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Io::Plain(s) => s.is_write_vectored(),
+            Io::Tls(s) => s.is_write_vectored(),
+        }
+    }
+}
+
 /// An accepted connection holding its connection permit, closed (read
 /// error) when nothing has been read from it for the idle timeout.
 pub(crate) struct GuardedStream {
-    inner: TcpStream,
+    inner: Io,
     /// Given back as soon as the connection is over (read error, end or
     /// idle), before the socket is even closed.
     permit: Option<OwnedSemaphorePermit>,
@@ -159,7 +325,7 @@ pub(crate) struct GuardedStream {
 }
 
 impl GuardedStream {
-    fn new(inner: TcpStream, permit: OwnedSemaphorePermit, idle: Duration) -> Self {
+    fn new(inner: Io, permit: OwnedSemaphorePermit, idle: Duration) -> Self {
         Self {
             inner,
             permit: Some(permit),
@@ -234,6 +400,6 @@ impl Connected for GuardedStream {
     type ConnectInfo = TcpConnectInfo;
 
     fn connect_info(&self) -> TcpConnectInfo {
-        self.inner.connect_info()
+        self.inner.tcp().connect_info()
     }
 }

@@ -28,6 +28,7 @@
 //! - [`metrics`]: metric names; [`probe`]: the NAT probe responder.
 
 mod auth;
+pub mod certs;
 pub mod claims;
 pub mod config;
 pub mod data_dir;

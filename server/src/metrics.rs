@@ -50,3 +50,5 @@ pub const THROTTLED: &str = "wakewire_relay_throttled_total";
 pub const RETRIES: &str = "wakewire_relay_retries_total";
 /// Counter: device connections closed because their token was revoked.
 pub const REVOKED: &str = "wakewire_relay_revoked_total";
+/// Counter: TLS handshakes on the publisher port that failed or timed out.
+pub const GRPC_TLS_FAILURES: &str = "wakewire_relay_grpc_tls_failures_total";

@@ -16,8 +16,9 @@ use tracing::{info, warn};
 use wakewire_proto::pb::device::GoAwayReason;
 use wakewire_proto::ErrorCode;
 
+use crate::certs::ReloadableCert;
 use crate::claims::Claims;
-use crate::config::{RelayConfig, TlsSource};
+use crate::config::{GrpcTls, RelayConfig, TlsSource};
 use crate::data_dir::{DataDir, DataDirError, Keys};
 use crate::registry::{ConnCommand, Registry};
 use crate::revocation::Revocations;
@@ -83,6 +84,8 @@ pub struct Listeners {
     pub grpc: std::net::TcpListener,
     /// UDP socket of the probe service, if on.
     pub probe: Option<std::net::UdpSocket>,
+    /// TCP listener of the plaintext health endpoint, if on.
+    pub health: Option<std::net::TcpListener>,
 }
 
 impl Listeners {
@@ -106,7 +109,20 @@ impl Listeners {
             })?),
             None => None,
         };
-        Ok(Self { quic, grpc, probe })
+        let health = match config.health_listen {
+            Some(addr) => Some(bind_tcp(addr).map_err(|source| StartError::Bind {
+                what: "health (TCP)",
+                addr,
+                source,
+            })?),
+            None => None,
+        };
+        Ok(Self {
+            quic,
+            grpc,
+            probe,
+            health,
+        })
     }
 }
 
@@ -209,6 +225,8 @@ pub struct RelayHandle {
     tasks: Tasks,
     probe: Option<SocketAddr>,
     grpc_task: JoinHandle<()>,
+    health: crate::grpc::Health,
+    health_addr: Option<SocketAddr>,
 }
 
 /// Binds the configured addresses and starts a relay on the current tokio
@@ -240,17 +258,38 @@ pub async fn start_on(
         }
         TlsSource::Files { cert, key } => (cert.clone(), key.clone(), None),
     };
-    let (certs, key) = tls::load_pem(&cert_path, &key_path)?;
+    let device_cert = ReloadableCert::load(&cert_path, &key_path)?;
     let client_ca = match &config.device_client_ca {
         Some(path) => Some(tls::load_certificates(path)?),
         None => None,
     };
     let server_config = tls::server_config(
-        certs,
-        key,
+        device_cert.clone(),
         config.connection.session.idle_timeout,
         client_ca,
     )?;
+    let mut certificates = vec![device_cert.clone()];
+    let grpc_tls = match &config.grpc_tls {
+        None => None,
+        Some(GrpcTls::DeviceCertificate) => Some(device_cert.clone()),
+        Some(GrpcTls::Files { cert, key }) => {
+            let c = ReloadableCert::load(cert, key)?;
+            certificates.push(c.clone());
+            Some(c)
+        }
+    };
+    let grpc_tls = match grpc_tls {
+        None => None,
+        Some(cert) => {
+            let ca = match &config.grpc_client_ca {
+                Some(path) => Some(tls::load_certificates(path)?),
+                None => None,
+            };
+            Some(tokio_rustls::TlsAcceptor::from(Arc::new(
+                tls::grpc_tls_config(cert, ca)?,
+            )))
+        }
+    };
     let bind_err = |what, addr, source| StartError::Bind { what, addr, source };
     let quic_addr = listeners
         .quic
@@ -326,18 +365,42 @@ pub async fn start_on(
         }
     }
     info!(channels = known, "store opened");
-    let shared = Arc::new(Shared::new(config, keys, registry, store, revocations));
+    let shared = Arc::new(Shared::new(
+        config,
+        keys,
+        registry,
+        store,
+        revocations,
+        certificates,
+    ));
     let (stop, stop_rx) = watch::channel(false);
     tasks.spawn(
         "the QUIC accept loop",
         crate::quic::accept_loop(endpoint.clone(), shared.clone()),
     );
     tasks.spawn("the sweeper", sweep_loop(shared.clone()));
-    let grpc = crate::grpc::server(listener, shared.clone(), stop_rx)
+    let (grpc, health) = crate::grpc::server(listener, grpc_tls, shared.clone(), stop_rx)
         .await
         .map_err(StartError::Grpc)?;
     let grpc_task = tasks.spawn("the gRPC server", grpc);
-    info!(quic = %quic_addr, grpc = %grpc_addr, probe = ?probe.as_ref().map(|p| p.0), data_dir = %shared.config.data_dir.display(), "relay started");
+    let health_addr = match listeners.health {
+        Some(l) => {
+            l.set_nonblocking(true)
+                .map_err(|e| bind_err("health (TCP)", grpc_addr, e))?;
+            let l = tokio::net::TcpListener::from_std(l)
+                .map_err(|e| bind_err("health (TCP)", grpc_addr, e))?;
+            let addr = l
+                .local_addr()
+                .map_err(|e| bind_err("health (TCP)", grpc_addr, e))?;
+            tasks.spawn(
+                "the health endpoint",
+                crate::grpc::health_server(l, health.clone(), stop.subscribe()),
+            );
+            Some(addr)
+        }
+        None => None,
+    };
+    info!(quic = %quic_addr, grpc = %grpc_addr, grpc_tls = shared.config.grpc_tls.is_some(), health = ?health_addr, probe = ?probe.as_ref().map(|p| p.0), data_dir = %shared.config.data_dir.display(), "relay started");
     if let Some(cert) = &dev_cert {
         info!(
             cert = %cert.display(),
@@ -356,6 +419,8 @@ pub async fn start_on(
         tasks,
         probe: probe.map(|(addr, _)| addr),
         grpc_task,
+        health,
+        health_addr,
     })
 }
 
@@ -385,16 +450,30 @@ impl RelayHandle {
         self.shared.registry.connected_devices()
     }
 
-    /// Stops the relay: asks every device to go away, waits up to 2 s for
-    /// them to leave, then closes the endpoint and the gRPC server. Devices
-    /// are told to come back after `reconnect_after` plus a share of a window
-    /// of `connected / shutdown_reconnect_rate` seconds, so a restart is not
-    /// followed by every device at once.
+    /// Drains and stops the relay, within `drain_timeout`:
+    /// 1. the health service reports NOT_SERVING, then `drain_delay` passes
+    ///    (readiness probes and load balancers stop sending first);
+    /// 2. no new device connection is accepted; every device gets a GoAway
+    ///    telling it to come back after `reconnect_after` plus a share of a
+    ///    window of `connected / shutdown_reconnect_rate` seconds (a restart
+    ///    is not followed by every device at once);
+    /// 3. connections finish (their acks are written), publishes in flight
+    ///    are answered, the gRPC server stops;
+    /// 4. the store commits everything it was given.
+    ///
+    /// Accepted events are durable all along: whatever the bound cuts off
+    /// is only sent again.
     pub async fn shutdown(self, reconnect_after: Duration) {
+        let config = &self.shared.config;
+        #[allow(clippy::disallowed_methods)] // a deadline, read once
+        let deadline = tokio::time::Instant::now() + config.drain_timeout;
+        self.health.set(false).await;
+        info!(delay = ?config.drain_delay, "draining: health NOT_SERVING");
+        tokio::time::sleep(config.drain_delay).await;
         self.endpoint.set_server_config(None);
         let conns = self.shared.registry.all_connections();
-        let window_ms = (conns.len() as u64).saturating_mul(1000)
-            / u64::from(self.shared.config.shutdown_reconnect_rate);
+        let window_ms =
+            (conns.len() as u64).saturating_mul(1000) / u64::from(config.shutdown_reconnect_rate);
         for (i, conn) in conns.iter().enumerate() {
             let spread = if conns.len() > 1 {
                 window_ms * i as u64 / (conns.len() as u64 - 1)
@@ -407,25 +486,59 @@ impl RelayHandle {
                 message: "relay shutting down",
             }));
         }
-        let drained = tokio::time::timeout(Duration::from_secs(2), async {
-            while self.shared.registry.connected_devices() > 0 {
+        let left = tokio::time::timeout_at(deadline, async {
+            while self
+                .shared
+                .connections
+                .load(std::sync::atomic::Ordering::Relaxed)
+                > 0
+            {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         })
         .await;
-        if drained.is_err() {
+        if left.is_err() {
             warn!(
-                left = self.shared.registry.connected_devices(),
-                "devices still connected at shutdown"
+                left = self
+                    .shared
+                    .connections
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                "device connections still open at the drain timeout"
             );
         }
         self.endpoint
             .close(ErrorCode::GoingAway.as_u32().into(), b"relay shutting down");
         let _ = self.stop.send(true);
-        let _ = self.grpc_task.await;
+        if tokio::time::timeout_at(deadline, self.grpc_task)
+            .await
+            .is_err()
+        {
+            warn!("publisher requests still running at the drain timeout");
+        }
+        match tokio::time::timeout_at(deadline, self.shared.store.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = %e, "store flush failed"),
+            Err(_) => warn!("store still committing at the drain timeout"),
+        }
         self.tasks.abort_all();
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
         info!("relay stopped");
+    }
+
+    /// Re-reads every certificate (device endpoint, publisher API): new
+    /// handshakes use the new ones, connections stay. (Also done when the
+    /// files change.) What does not load is logged; the old one stays.
+    pub fn reload_certificates(&self) {
+        reload_certificates(&self.shared, true);
+    }
+
+    /// The certificate chain the device endpoint serves now.
+    pub fn device_certificate(&self) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+        self.shared
+            .certificates
+            .first()
+            .map(|c| c.chain())
+            .unwrap_or_default()
     }
 
     /// Stops at once without telling devices (as a crash would, minus the
@@ -437,6 +550,11 @@ impl RelayHandle {
         self.tasks.abort_all();
         let _ = self.grpc_task.await;
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+
+    /// Bound TCP address of the plaintext health endpoint, if on.
+    pub fn health_addr(&self) -> Option<SocketAddr> {
+        self.health_addr
     }
 
     /// Bound UDP address of the probe service, if on.
@@ -478,6 +596,7 @@ async fn sweep_loop(shared: Arc<Shared>) {
             Ok(_) => {}
             Err(e) => warn!(error = %e, "sweep failed"),
         }
+        reload_certificates(&shared, false);
         match shared.revocations.reload() {
             Ok(true) => info!(
                 revoked = shared.revocations.len(),
@@ -489,6 +608,25 @@ async fn sweep_loop(shared: Arc<Shared>) {
         if n % 60 == 1 {
             expire_channels(&shared, now).await;
             shared.quotas.prune(clock::now());
+        }
+    }
+}
+
+/// Re-reads the certificates (all of them, or those whose files changed);
+/// a pair that does not load is reported and the old one stays in service.
+fn reload_certificates(shared: &Shared, all: bool) {
+    for c in &shared.certificates {
+        let r = if all {
+            c.reload().map(|()| true)
+        } else {
+            c.reload_if_changed()
+        };
+        match r {
+            Ok(true) => info!("certificate reloaded: new handshakes use it, connections stay"),
+            Ok(false) => {}
+            Err(e) => {
+                warn!(error = %e, "certificate not reloaded; the previous one stays in service")
+            }
         }
     }
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use wakewire_proto::token::{Claims, TokenError};
 
+use crate::certs::ReloadableCert;
 use crate::config::RelayConfig;
 use crate::data_dir::Keys;
 use crate::publish::PublishError;
@@ -24,6 +25,8 @@ pub(crate) struct Shared {
     pub(crate) store: Store,
     pub(crate) revocations: Revocations,
     pub(crate) quotas: Arc<Quotas>,
+    /// Certificates in service (renewable).
+    pub(crate) certificates: Vec<Arc<ReloadableCert>>,
     conn_ids: AtomicU64,
     /// Handshakes in progress (admission control).
     pub(crate) handshaking: AtomicUsize,
@@ -38,8 +41,10 @@ impl Shared {
         registry: Registry,
         store: Store,
         revocations: Revocations,
+        certificates: Vec<Arc<ReloadableCert>>,
     ) -> Self {
         Self {
+            certificates,
             quotas: Arc::new(Quotas::new(config.quotas.clone())),
             config,
             keys,

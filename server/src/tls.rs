@@ -46,6 +46,51 @@ pub fn crypto_provider() -> Arc<CryptoProvider> {
     provider
 }
 
+/// A verifier of client certificates issued by `cas`; `optional` lets
+/// clients present none.
+fn client_verifier(
+    cas: Vec<CertificateDer<'static>>,
+    optional: bool,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in cas {
+        roots
+            .add(c)
+            .map_err(|e| TlsError::Config(format!("client CA: {e}")))?;
+    }
+    let builder = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        crypto_provider(),
+    );
+    let builder = if optional {
+        builder.allow_unauthenticated()
+    } else {
+        builder
+    };
+    builder
+        .build()
+        .map_err(|e| TlsError::Config(format!("client CA: {e}")))
+}
+
+/// TLS for the publisher API (HTTP/2 over TLS 1.3 or 1.2), its certificate
+/// resolved through `cert`; with `client_ca`, backends must present a
+/// client certificate from it (mTLS) besides their token.
+pub fn grpc_tls_config(
+    cert: Arc<dyn rustls::server::ResolvesServerCert>,
+    client_ca: Option<Vec<CertificateDer<'static>>>,
+) -> Result<rustls::ServerConfig, TlsError> {
+    let builder = rustls::ServerConfig::builder_with_provider(crypto_provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(cas) => builder.with_client_cert_verifier(client_verifier(cas, false)?),
+    };
+    let mut tls = builder.with_cert_resolver(cert);
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(tls)
+}
+
 /// Prefix of the SAN URI naming the device a client certificate is for:
 /// `wakewire:device:<device id>`.
 pub const DEVICE_URI_PREFIX: &str = "wakewire:device:";
@@ -156,13 +201,13 @@ pub fn transport_config(idle_timeout: Duration) -> Result<quinn::TransportConfig
     Ok(t)
 }
 
-/// Server configuration for the device endpoint. With `device_client_ca`,
+/// Server configuration for the device endpoint, its certificate resolved
+/// through `cert` (renewable at run time). With `device_client_ca`,
 /// devices may present a client certificate issued by one of those CAs
 /// (an invalid or untrusted one fails the handshake; none at all is left
 /// to the relay's authentication mode).
 pub fn server_config(
-    certs: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
+    cert: Arc<dyn rustls::server::ResolvesServerCert>,
     idle_timeout: Duration,
     device_client_ca: Option<Vec<CertificateDer<'static>>>,
 ) -> Result<quinn::ServerConfig, TlsError> {
@@ -171,26 +216,9 @@ pub fn server_config(
         .map_err(|e| TlsError::Config(e.to_string()))?;
     let builder = match device_client_ca {
         None => builder.with_no_client_auth(),
-        Some(cas) => {
-            let mut roots = rustls::RootCertStore::empty();
-            for c in cas {
-                roots
-                    .add(c)
-                    .map_err(|e| TlsError::Config(format!("device client CA: {e}")))?;
-            }
-            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-                Arc::new(roots),
-                crypto_provider(),
-            )
-            .allow_unauthenticated()
-            .build()
-            .map_err(|e| TlsError::Config(format!("device client CA: {e}")))?;
-            builder.with_client_cert_verifier(verifier)
-        }
+        Some(cas) => builder.with_client_cert_verifier(client_verifier(cas, true)?),
     };
-    let mut tls = builder
-        .with_single_cert(certs, key)
-        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let mut tls = builder.with_cert_resolver(cert);
     tls.alpn_protocols = vec![ALPN.to_vec()];
     // Session resumption from a server-side cache (single use, so a
     // replayed resumption fails at the TLS layer), which also allows 0-RTT:

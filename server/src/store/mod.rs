@@ -422,6 +422,11 @@ impl Store {
         .map(|_| ())
     }
 
+    /// Waits until every operation submitted before has been committed.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.submit(Op::Barrier).await.map(|_| ())
+    }
+
     /// The queued events of these channels, oldest first per channel, each
     /// claimed for the caller. Sees every operation submitted before it.
     pub async fn claim_queued(

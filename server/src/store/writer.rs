@@ -71,6 +71,8 @@ pub(crate) enum Op {
         ids: Vec<String>,
         gone_before_ms: u64,
     },
+    /// Answered once everything before it is committed.
+    Barrier,
 }
 
 type Finished = Vec<(StoredEvent, FinishReason)>;
@@ -136,7 +138,10 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            if batch.iter().all(|j| matches!(j.op, Op::ClaimQueued { .. })) {
+            if batch
+                .iter()
+                .all(|j| matches!(j.op, Op::ClaimQueued { .. } | Op::Barrier))
+            {
                 self.read_only(batch);
             } else {
                 self.commit(batch);
@@ -157,6 +162,7 @@ impl Writer {
                 (Ok((queue, events)), Op::ClaimQueued { channel_ids }) => {
                     self.claim_queued(queue, events, channel_ids)
                 }
+                (_, Op::Barrier) => Ok(Reply::Done),
                 (Err(e), _) => Err(e.clone()),
                 _ => Err(StoreError::Read("not a read".into())),
             };
@@ -360,6 +366,7 @@ impl Writer {
                 let reply = self.claim_queued(&t.queue, &t.events, channel_ids)?;
                 Ok((reply, vec![]))
             }
+            Op::Barrier => Ok((Reply::Done, vec![])),
             Op::ForgetChannels {
                 ids,
                 gone_before_ms,
