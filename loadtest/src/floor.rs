@@ -39,8 +39,8 @@ struct Server {
 
 /// Runs the floor server until stdin closes.
 pub async fn serve(listen: SocketAddr, cert: &Path, key: &Path) -> anyhow::Result<()> {
-    let (certs, key) = wakewire_server::tls::load_pem(cert, key)?;
-    let config = wakewire_server::tls::server_config(certs, key, Duration::from_secs(660), None)?;
+    let resolver = wakewire_server::certs::ReloadableCert::load(cert, key)?;
+    let config = wakewire_server::tls::server_config(resolver, Duration::from_secs(660), None)?;
     let socket = crate::udp_socket(listen)?;
     let runtime = quinn::default_runtime().context("no runtime")?;
     let endpoint = quinn::Endpoint::new(
