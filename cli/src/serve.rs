@@ -80,6 +80,9 @@ pub(crate) struct ServeArgs {
     /// TTL of events published without one, seconds [env: WAKEWIRE_DEFAULT_TTL_SECS] [default: 2419200]
     #[arg(long)]
     default_ttl_secs: Option<u32>,
+    /// TCP address of the plaintext health endpoint, or "off" [env: WAKEWIRE_HEALTH_LISTEN] [default: 127.0.0.1:50052]
+    #[arg(long)]
+    health_listen: Option<String>,
     /// UDP address of the NAT binding-lifetime probe service, or "off" [env: WAKEWIRE_PROBE_LISTEN] [default: 0.0.0.0:4434]
     #[arg(long)]
     probe_listen: Option<String>,
@@ -210,6 +213,7 @@ impl ServeArgs {
             drain_delay_secs,
             drain_timeout_secs,
             log_format,
+            health_listen,
             log
         );
         if self.grpc_tls_cert.is_some() {

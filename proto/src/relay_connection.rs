@@ -152,6 +152,8 @@ pub enum ConnectionEvent {
         channel_id: String,
         /// Whether the event is in the store.
         durable: bool,
+        /// Time from the wake's send to its ack.
+        after: Duration,
     },
     /// A tracked wake will not be sent here.
     Released {
@@ -191,6 +193,8 @@ struct Tracked {
     stage: Stage,
     /// Arrival order, to hand wakes over in order.
     seq: u64,
+    /// When it was written (stage Sent).
+    sent_at: Option<Instant>,
 }
 
 /// The relay's end of one device connection.
@@ -273,7 +277,7 @@ impl RelayConnection {
         }
         self.last_rx = Some(now);
         self.session.handle_data(now, data);
-        self.pump();
+        self.pump(now);
         // The device just sent something: its radio is on.
         if !self.held.is_empty() && self.session.device_id().is_some() {
             self.flush_held(now);
@@ -281,9 +285,9 @@ impl RelayConnection {
     }
 
     /// The device finished its side of the control stream.
-    pub fn handle_stream_finished(&mut self) {
+    pub fn handle_stream_finished(&mut self, now: Instant) {
         self.session.handle_stream_finished();
-        self.pump();
+        self.pump(now);
     }
 
     /// Timer expiry: hello timeout, hold timer, register grace.
@@ -333,7 +337,7 @@ impl RelayConnection {
                 self.release(&id, ReleaseReason::NotRegistered);
             }
         }
-        self.pump();
+        self.pump(now);
     }
 
     /// Accepts the Hello: the credential names `device_id`.
@@ -463,6 +467,7 @@ impl RelayConnection {
                 durable,
                 stage: Stage::Pending,
                 seq: self.next_seq,
+                sent_at: None,
             },
         );
         self.pending
@@ -537,7 +542,7 @@ impl RelayConnection {
 
     /// Moves the session's events into ours, deciding on acks, unregisters
     /// and pings on the way.
-    fn pump(&mut self) {
+    fn pump(&mut self, now: Instant) {
         while let Some(ev) = self.session.poll_event() {
             match ev {
                 RelayEvent::Hello { credential, sdk } => self
@@ -566,14 +571,14 @@ impl RelayConnection {
                     self.events
                         .push_back(ConnectionEvent::Unregister { channel_ids });
                 }
-                RelayEvent::Ack { event_id } => self.handle_ack(event_id),
+                RelayEvent::Ack { event_id } => self.handle_ack(now, event_id),
                 RelayEvent::Ping => self.events.push_back(ConnectionEvent::Ping),
             }
         }
         self.maybe_refill();
     }
 
-    fn handle_ack(&mut self, event_id: String) {
+    fn handle_ack(&mut self, now: Instant, event_id: String) {
         let sent = self
             .tracked
             .get(&event_id)
@@ -609,6 +614,9 @@ impl RelayConnection {
             event_id,
             channel_id: t.wake.channel_id,
             durable: t.durable,
+            after: t
+                .sent_at
+                .map_or(Duration::ZERO, |at| now.saturating_duration_since(at)),
         });
     }
 
@@ -662,6 +670,7 @@ impl RelayConnection {
         if self.session.send_wake(wake).is_ok() {
             if let Some(t) = self.tracked.get_mut(id) {
                 t.stage = Stage::Sent;
+                t.sent_at = Some(now);
             }
             if let Some(at) = give_up {
                 self.give_up.push(Reverse((at, id.to_owned())));

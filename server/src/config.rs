@@ -925,4 +925,32 @@ mod tests {
         };
         assert_eq!(off.validate().unwrap().metrics_listen, None);
     }
+
+    fn repo_file(path: &str) -> String {
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join(path);
+        std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    }
+
+    #[test]
+    fn every_setting_is_in_the_sample_file_and_the_docs() {
+        let sample = repo_file("deploy/wakewire.toml");
+        let docs = repo_file("docs/configuration.md");
+        let keys = Settings::keys();
+        assert!(keys.len() > 40, "{keys:?}");
+        for key in &keys {
+            assert!(
+                sample.contains(&format!("{key} =")),
+                "{key} is missing from deploy/wakewire.toml"
+            );
+            assert!(
+                docs.contains(&format!("`{key}`")),
+                "{key} is missing from docs/configuration.md"
+            );
+        }
+        // The sample is valid as it is, with its defaults.
+        let parsed: Settings = toml::from_str(&sample).unwrap();
+        assert_eq!(parsed, Settings::default());
+    }
 }

@@ -218,7 +218,7 @@ impl Driver {
                         rc.set_observed_addr(self.conn.remote_address());
                         rc.handle_data(clock::now(), &chunk.bytes);
                     }
-                    Ok(None) => rc.handle_stream_finished(),
+                    Ok(None) => rc.handle_stream_finished(clock::now()),
                     Err(e) => {
                         debug!(error = %e, "control stream read failed");
                         return self.drain(&mut rc);
@@ -302,8 +302,10 @@ impl Driver {
                 event_id,
                 channel_id,
                 durable,
+                after,
             } => {
                 counter!(m::ACKS).increment(1);
+                metrics::histogram!(m::WAKE_TO_ACK_SECONDS).record(after.as_secs_f64());
                 if let Some(w) = self.waiters.remove(&event_id) {
                     let _ = w.send(Delivery::Delivered);
                 }

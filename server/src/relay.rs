@@ -316,9 +316,12 @@ pub async fn start_on(
         let metrics_err = |message: String| StartError::Metrics { addr, message };
         let (recorder, exporter) = metrics_exporter_prometheus::PrometheusBuilder::new()
             .with_http_listener(addr)
+            .set_buckets(crate::metrics::BUCKETS)
+            .map_err(|e| metrics_err(e.to_string()))?
             .build()
             .map_err(|e| metrics_err(e.to_string()))?;
         metrics::set_global_recorder(recorder).map_err(|e| metrics_err(e.to_string()))?;
+        crate::metrics::register_all();
         tasks.spawn("the metrics endpoint", async move {
             if let Err(e) = exporter.await {
                 warn!(error = ?e, "metrics endpoint stopped");

@@ -8,7 +8,7 @@ use prost::Message;
 use std::collections::HashMap;
 
 use dashmap::DashMap;
-use redb::{Database, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
 use tokio::sync::{broadcast, mpsc};
 use wakewire_api::pb::EventState;
 
@@ -91,6 +91,10 @@ pub(crate) struct Writer {
     /// Byte counts changed by the batch being applied (into the mirror
     /// once committed).
     touched: HashMap<String, u64>,
+    /// Events queued (as committed), for the gauge.
+    queued: u64,
+    /// Change of `queued` by the batch being applied.
+    queued_delta: i64,
 }
 
 impl Writer {
@@ -103,12 +107,14 @@ impl Writer {
         mirror: Arc<DashMap<String, u64>>,
     ) -> Result<Self, StoreError> {
         let txn = db.begin_write().map_err(super::db)?;
+        let queued;
         let next_seq = {
             let t = Tables::open(&txn)?;
             for row in t.publisher_bytes.iter().map_err(super::db)? {
                 let (k, v) = row.map_err(super::db)?;
                 mirror.insert(k.value().to_owned(), v.value());
             }
+            queued = ReadableTableMetadata::len(&t.queue).map_err(super::db)?;
             let meta = txn.open_table(META).map_err(super::db)?;
             drop(t);
             let seq = meta
@@ -126,6 +132,8 @@ impl Writer {
             claims,
             mirror,
             touched: HashMap::new(),
+            queued,
+            queued_delta: 0,
         })
     }
 
@@ -195,6 +203,8 @@ impl Writer {
 
     fn commit(&mut self, batch: Vec<Job>) {
         let seq_before = self.next_seq;
+        let started = crate::state::clock::now();
+        let ops = batch.len();
         let attempt = (|| -> BatchResult {
             let txn = self.db.begin_write().map_err(db)?;
             let results = batch.iter().map(|job| self.apply(&txn, &job.op)).collect();
@@ -207,6 +217,15 @@ impl Writer {
         })();
         match attempt {
             Ok(results) => {
+                metrics::histogram!(m::STORE_COMMIT_SECONDS).record(
+                    crate::state::clock::now()
+                        .saturating_duration_since(started)
+                        .as_secs_f64(),
+                );
+                metrics::histogram!(m::STORE_BATCH_OPS).record(ops as f64);
+                self.queued = self.queued.saturating_add_signed(self.queued_delta);
+                self.queued_delta = 0;
+                metrics::gauge!(m::QUEUED_EVENTS).set(self.queued as f64);
                 for (p, v) in std::mem::take(&mut self.touched) {
                     if v == 0 {
                         self.mirror.remove(&p);
@@ -232,6 +251,7 @@ impl Writer {
             Err(e) => {
                 self.next_seq = seq_before;
                 self.touched.clear();
+                self.queued_delta = 0;
                 tracing::error!(error = %e, "store commit failed");
                 for job in batch {
                     let _ = job.reply.send(Err(e.clone()));
@@ -244,6 +264,7 @@ impl Writer {
         let mut t = Tables::open(txn)?;
         let result = self.apply_on(&mut t, op);
         self.touched.extend(t.touched.drain());
+        self.queued_delta += t.queued_delta;
         result
     }
 
@@ -474,6 +495,7 @@ impl Writer {
         t.queue
             .insert((ch.as_str(), ev.seq), ev.event_id.as_str())
             .map_err(db)?;
+        t.queued_delta += 1;
         t.sweep
             .insert((expiry(&ev), ev.event_id.as_str()), ())
             .map_err(db)?;
@@ -565,6 +587,8 @@ struct Tables<'t> {
     publisher_bytes: redb::Table<'t, &'static str, u64>,
     /// Publishers whose byte count changed, with the new count.
     touched: HashMap<String, u64>,
+    /// Change in the number of queued events.
+    queued_delta: i64,
 }
 
 impl<'t> Tables<'t> {
@@ -579,6 +603,7 @@ impl<'t> Tables<'t> {
             idempotency_sweep: txn.open_table(IDEMPOTENCY_SWEEP).map_err(db)?,
             publisher_bytes: txn.open_table(PUBLISHER_BYTES).map_err(db)?,
             touched: HashMap::new(),
+            queued_delta: 0,
         })
     }
 
@@ -718,9 +743,14 @@ impl<'t> Tables<'t> {
         at_ms: u64,
         retention: u64,
     ) -> Result<(StoredEvent, FinishReason), StoreError> {
-        self.queue
+        if self
+            .queue
             .remove((ev.channel_id.as_str(), ev.seq))
-            .map_err(db)?;
+            .map_err(db)?
+            .is_some()
+        {
+            self.queued_delta -= 1;
+        }
         self.sweep
             .remove((expiry(&ev), ev.event_id.as_str()))
             .map_err(db)?;
