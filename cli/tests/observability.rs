@@ -103,7 +103,12 @@ async fn the_dashboard_and_alerts_use_only_exported_metrics_and_logs_are_json() 
         .connect()
         .await?;
     let ch = client.channel("c").register().await?.into_string();
-    let token = keys.publisher_token(&[ch.clone()], &[], Duration::from_secs(600), unix_secs());
+    let token = keys.publisher_token(
+        std::slice::from_ref(&ch),
+        &[],
+        Duration::from_secs(600),
+        unix_secs(),
+    );
     let mut p =
         wakewire_api::pb::publisher_client::PublisherClient::connect(format!("http://{grpc}"))
             .await?;
