@@ -5,7 +5,10 @@
 #   1. health (the image's own check, and from the host's gRPC client view);
 #   2. the README's demo: a device listens, a backend publishes over TLS;
 #   3. a restart with the same volume keeps channel ids and queued events;
-#   4. `podman stop` (SIGTERM) drains with GoAway and loses no accepted event.
+#   4. `podman stop` (SIGTERM) drains with GoAway and loses no accepted event;
+#   5. a real certificate (a CA made here with openssl) mounted read-only,
+#      renewed by replacing the files, then again with SIGHUP: new handshakes
+#      see the new certificate, the connected device never reconnects.
 # Run by .ci/run. Needs podman and runc (installed by .ci/run when missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,7 +49,7 @@ fail() { echo "FAIL: $*" >&2; podman logs "$NAME" 2>&1 | tail -20 >&2 || true; e
 run_container() {
   podman run -d --name "$NAME" \
     --read-only --cap-drop=ALL --security-opt=no-new-privileges \
-    -v "$VOL:/var/lib/wakewire" \
+    -v "$VOL:/var/lib/wakewire" "$@" \
     -e WAKEWIRE_DRAIN_DELAY_SECS=1 \
     -p "$QUIC:4433/udp" -p 127.0.0.1:25051:50051/tcp -p "$METRICS:9464/tcp" \
     localhost/wakewire-relay:latest >/dev/null
@@ -151,5 +154,75 @@ done
 dups=$(grep -o 'wake event=[0-9a-f]*' "$WORK/listen.out" | sort | uniq -d | wc -l)
 [ "$dups" = 0 ] || fail "$dups events were printed twice"
 echo "ok: exit 0 on SIGTERM, GoAway seen; $n publishes accepted around the stop ($(wc -l < "$refused") refused while it was down), all $n delivered once after the restart"
+
+echo "== a real certificate, renewed without a device reconnecting"
+command -v openssl >/dev/null || fail "openssl is needed for this step"
+# issue NAME: a CA "NAME-ca.pem" and a relay.test certificate it signed.
+issue() {
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+    -subj "/CN=$1 test CA" -addext basicConstraints=critical,CA:TRUE \
+    -addext keyUsage=critical,keyCertSign -keyout "$WORK/$1-ca.key" -out "$WORK/$1-ca.pem" 2>/dev/null
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj /CN=relay.test \
+    -keyout "$WORK/$1.key" -out "$WORK/$1.csr" 2>/dev/null
+  printf 'subjectAltName=DNS:relay.test\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' > "$WORK/$1.ext"
+  openssl x509 -req -in "$WORK/$1.csr" -CA "$WORK/$1-ca.pem" -CAkey "$WORK/$1-ca.key" \
+    -CAcreateserial -days 2 -extfile "$WORK/$1.ext" -out "$WORK/$1.pem" 2>/dev/null
+}
+# install NAME: what certbot does, new files renamed into place.
+install_cert() {
+  cp "$WORK/$1.pem" "$WORK/tls/.cert.new"; cp "$WORK/$1.key" "$WORK/tls/.key.new"
+  chmod 0644 "$WORK/tls/.cert.new" "$WORK/tls/.key.new"
+  mv "$WORK/tls/.key.new" "$WORK/tls/key.pem"; mv "$WORK/tls/.cert.new" "$WORK/tls/cert.pem"
+}
+# publish_with CA: a new TLS handshake that trusts only that CA.
+publish_with() {
+  "$BIN" publish --grpc "$GRPC" --server-name relay.test --ca "$WORK/$1-ca.pem" \
+    --token "$PUBLISHER" --channel "$CHANNEL" "$2"
+}
+for n in first second third; do issue "$n"; done
+mkdir -p "$WORK/tls"; chmod 0755 "$WORK/tls"
+install_cert first
+kill "$LISTENER"; wait "$LISTENER" 2>/dev/null || true; LISTENER=
+podman rm -f "$NAME" >/dev/null
+# Mount the directory, not the files: a renewal renames new files into it.
+run_container -v "$WORK/tls:/etc/wakewire/tls:ro" \
+  -e WAKEWIRE_TLS_CERT=/etc/wakewire/tls/cert.pem -e WAKEWIRE_TLS_KEY=/etc/wakewire/tls/key.pem
+cp "$WORK/first-ca.pem" "$WORK/ca.pem"
+: > "$WORK/listen.out"; : > "$WORK/listen.err"
+"$BIN" listen --relay "$QUIC" --server-name relay.test --ca "$WORK/first-ca.pem" \
+  --token "$DEVICE" --channel mail --dedup-store "$WORK/seen" --keepalive 2s \
+  >"$WORK/listen.out" 2>"$WORK/listen.err" &
+LISTENER=$!
+for _ in $(seq 1 100); do grep -q "registered channel=mail" "$WORK/listen.out" && break; sleep 0.1; done
+grep -q "registered channel=mail" "$WORK/listen.out" || fail "the listener did not register with the real certificate"
+publish_with first "before renewal" | grep -q DELIVERY_STATUS_DELIVERED || fail "publish with the first certificate"
+# Renewal 1: files replaced, no signal; the relay's file watch picks it up.
+install_cert second
+ok=
+for _ in $(seq 1 50); do
+  if publish_with second "after renewal" >/dev/null 2>&1; then ok=1; break; fi
+  sleep 0.2
+done
+[ -n "$ok" ] || fail "new handshakes never saw the renewed certificate"
+publish_with first "old CA" >/dev/null 2>&1 && fail "the old certificate is still served"
+# Renewal 2: files replaced and SIGHUP, as a deploy hook would.
+install_cert third
+podman kill -s HUP "$NAME" >/dev/null
+ok=
+for _ in $(seq 1 50); do
+  if publish_with third "after SIGHUP" >/dev/null 2>&1; then ok=1; break; fi
+  sleep 0.2
+done
+[ -n "$ok" ] || fail "new handshakes never saw the certificate after SIGHUP"
+for p in "before renewal" "after renewal" "after SIGHUP"; do
+  for _ in $(seq 1 50); do grep -q "payload=$p\$" "$WORK/listen.out" && break; sleep 0.1; done
+  grep -q "payload=$p\$" "$WORK/listen.out" || fail "the connected device did not get \"$p\""
+done
+connects=$(grep -c "status: Connected" "$WORK/listen.err" || true)
+[ "$connects" = 1 ] || fail "the device connected $connects times across the renewals"
+grep -q "status: Disconnected" "$WORK/listen.err" && fail "the device lost its connection during a renewal"
+podman logs "$NAME" 2>&1 | grep -q "reloading certificates" || fail "the relay did not log the SIGHUP reload"
+echo "ok: two renewals (file watch, SIGHUP) seen by new handshakes; the device stayed on one connection and got every wake"
+
 size=$(podman image inspect wakewire-relay:latest --format '{{.Size}}')
 echo "image test passed; image size $((size / 1024 / 1024)) MB"
