@@ -66,6 +66,8 @@ async fn start_relay(data_dir: &str) -> anyhow::Result<Relay> {
         "off",
         "--probe-listen",
         "127.0.0.1:0",
+        "--health-listen",
+        "off",
     ])
     .spawn()?;
     let mut stderr = BufReader::new(child.stderr.take().expect("piped")).lines();

@@ -28,6 +28,7 @@ async fn the_publisher_api_survives_running_out_of_file_descriptors() -> anyhow:
             "127.0.0.1:0",
         ])
         .args(["--probe-listen", "off", "--metrics-listen", "off"])
+        .args(["--health-listen", "off"])
         .args(["--log", "warn,wakewire_server::relay=info"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -48,6 +48,9 @@ impl RelayProcess {
             .arg("--grpc-listen")
             .arg(grpc.to_string())
             .args(["--probe-listen", "127.0.0.1:0"])
+            // Several relays run at once in tests and benchmarks: none may
+            // take the fixed default health port.
+            .args(["--health-listen", "off"])
             .args(extra)
             .env_remove("WAKEWIRE_LOG")
             .stdin(Stdio::null())
