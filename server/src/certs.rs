@@ -2,12 +2,11 @@
 //! of both front doors resolve their certificate through a
 //! [`ReloadableCert`], so a renewed certificate (certbot, cert-manager)
 //! applies to new handshakes at once while established connections stay
-//! up. The relay re-reads the files when they change (checked every
-//! second) and on SIGHUP.
+//! up. The relay re-reads the files when their contents change (checked
+//! every second: two small reads) and on SIGHUP.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use std::time::SystemTime;
 
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
@@ -20,8 +19,10 @@ pub struct ReloadableCert {
     cert: PathBuf,
     key: PathBuf,
     current: RwLock<Arc<CertifiedKey>>,
-    /// Modification times of the files last loaded.
-    stamp: RwLock<Option<(SystemTime, SystemTime)>>,
+    /// Digest of the files' contents last loaded: a change of either is
+    /// seen whatever the file system's timestamp granularity (two writes
+    /// in the same tick share a modification time).
+    stamp: RwLock<Option<[u8; 32]>>,
 }
 
 impl ReloadableCert {
@@ -74,9 +75,16 @@ impl ResolvesServerCert for ReloadableCert {
     }
 }
 
-fn stamps(cert: &Path, key: &Path) -> Option<(SystemTime, SystemTime)> {
-    let m = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    Some((m(cert)?, m(key)?))
+fn stamps(cert: &Path, key: &Path) -> Option<[u8; 32]> {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for p in [cert, key] {
+        let bytes = std::fs::read(p).ok()?;
+        ctx.update(&(bytes.len() as u64).to_le_bytes());
+        ctx.update(&bytes);
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    Some(out)
 }
 
 fn certified(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
