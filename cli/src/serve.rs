@@ -161,6 +161,27 @@ pub(crate) struct ServeArgs {
     /// Log filter, e.g. "info" or "info,wakewire_server=debug" [env: WAKEWIRE_LOG] [default: info]
     #[arg(long)]
     log: Option<String>,
+    /// Cluster mode: NATS URLs, comma-separated; unset = one node on the embedded store [env: WAKEWIRE_CLUSTER_NATS_URLS]
+    #[arg(long)]
+    cluster_nats_urls: Option<String>,
+    /// NATS .creds file [env: WAKEWIRE_CLUSTER_NATS_CREDENTIALS]
+    #[arg(long)]
+    cluster_nats_credentials: Option<PathBuf>,
+    /// PEM CA of the NATS servers (TLS required) [env: WAKEWIRE_CLUSTER_NATS_TLS_CA]
+    #[arg(long)]
+    cluster_nats_tls_ca: Option<PathBuf>,
+    /// Cluster name: prefix of its streams and subjects [env: WAKEWIRE_CLUSTER_NAME] [default: wakewire]
+    #[arg(long)]
+    cluster_name: Option<String>,
+    /// JetStream replicas: 1, 3 or 5 [env: WAKEWIRE_CLUSTER_REPLICAS] [default: 3]
+    #[arg(long)]
+    cluster_replicas: Option<usize>,
+    /// Seconds without NATS before health says NOT_SERVING [env: WAKEWIRE_CLUSTER_UNAVAILABLE_AFTER_SECS] [default: 5]
+    #[arg(long)]
+    cluster_unavailable_after_secs: Option<u64>,
+    /// host:port devices reach this relay at, told to devices of a draining peer [env: WAKEWIRE_CLUSTER_ADVERTISE]
+    #[arg(long)]
+    cluster_advertise: Option<String>,
 }
 
 impl ServeArgs {
@@ -214,8 +235,19 @@ impl ServeArgs {
             drain_timeout_secs,
             log_format,
             health_listen,
-            log
+            log,
+            cluster_nats_urls,
+            cluster_name,
+            cluster_replicas,
+            cluster_unavailable_after_secs,
+            cluster_advertise
         );
+        if self.cluster_nats_credentials.is_some() {
+            s.cluster_nats_credentials = self.cluster_nats_credentials.clone();
+        }
+        if self.cluster_nats_tls_ca.is_some() {
+            s.cluster_nats_tls_ca = self.cluster_nats_tls_ca.clone();
+        }
         if self.grpc_tls_cert.is_some() {
             s.grpc_tls_cert = self.grpc_tls_cert.clone();
             s.grpc_tls_key = self.grpc_tls_key.clone();

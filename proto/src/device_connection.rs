@@ -90,6 +90,8 @@ pub enum DeviceConnectionEvent {
         reconnect_after: Duration,
         /// The relay's message.
         message: String,
+        /// Other relays to connect to instead (`host:port`), if any.
+        alternatives: Vec<String>,
     },
 }
 
@@ -344,10 +346,12 @@ impl DeviceConnection {
                     reason,
                     reconnect_after,
                     message,
+                    alternatives,
                 } => self.events.push_back(DeviceConnectionEvent::GoAway {
                     reason,
                     reconnect_after,
                     message,
+                    alternatives,
                 }),
             }
         }

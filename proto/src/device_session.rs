@@ -99,6 +99,8 @@ pub enum DeviceEvent {
         reconnect_after: Duration,
         /// The relay's message.
         message: String,
+        /// Other relays to connect to instead (`host:port`), if any.
+        alternatives: Vec<String>,
     },
 }
 
@@ -315,6 +317,7 @@ impl DeviceSession {
                 reason: GoAwayReason::try_from(g.reason).unwrap_or(GoAwayReason::Unspecified),
                 reconnect_after: Duration::from_millis(g.reconnect_after_ms),
                 message: g.message,
+                alternatives: g.alternatives,
             }),
             (State::Established, Body::Registered(r)) => {
                 let result = if r.error_code == 0 {

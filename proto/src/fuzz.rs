@@ -326,6 +326,7 @@ mod corpus {
                 reason: 1,
                 reconnect_after_ms: 10,
                 message: "bye".into(),
+                alternatives: vec!["relay-2.example:4433".into()],
             }),
         ];
         let mut stream = vec![16, 1, 7, 64];

@@ -481,6 +481,19 @@ impl RelayConnection {
         self.session.go_away(reason, reconnect_after, message);
     }
 
+    /// [`RelayConnection::go_away`], naming other relays of the cluster
+    /// the device may connect to instead.
+    pub fn go_away_to(
+        &mut self,
+        reason: GoAwayReason,
+        reconnect_after: Duration,
+        message: &str,
+        alternatives: Vec<String>,
+    ) {
+        self.session
+            .go_away_to(reason, reconnect_after, message, alternatives);
+    }
+
     /// Ends the connection's delivery state: returns the durable wakes not
     /// acked, in arrival order, for the device's next connection; wakes
     /// that are not durable are released ([`ReleaseReason::Closed`]).

@@ -327,11 +327,24 @@ impl RelaySession {
     /// Asks the device to leave, then closes with [`ErrorCode::GoingAway`]
     /// (or [`ErrorCode::Replaced`] for [`GoAwayReason::Replaced`]).
     pub fn go_away(&mut self, reason: GoAwayReason, reconnect_after: Duration, message: &str) {
+        self.go_away_to(reason, reconnect_after, message, Vec::new());
+    }
+
+    /// [`RelaySession::go_away`], naming other relays of the cluster the
+    /// device may connect to instead.
+    pub fn go_away_to(
+        &mut self,
+        reason: GoAwayReason,
+        reconnect_after: Duration,
+        message: &str,
+        alternatives: Vec<String>,
+    ) {
         if self.device_id().is_some() {
             self.core.send(Body::GoAway(GoAway {
                 reason: reason as i32,
                 reconnect_after_ms: millis(reconnect_after),
                 message: message.to_owned(),
+                alternatives,
             }));
         }
         let code = match reason {

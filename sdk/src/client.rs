@@ -49,7 +49,10 @@ impl std::fmt::Debug for ClientBuilder {
 }
 
 impl ClientBuilder {
-    /// A builder for the relay at `relay` (`host:port`).
+    /// A builder for the relay at `relay` (`host:port`). A cluster: several
+    /// addresses separated by commas (`relay-1:4433,relay-2:4433`), or a
+    /// name with several DNS records; each connection picks one at random,
+    /// avoiding relays that were just lost or asked the device to leave.
     pub fn new(relay: impl Into<String>) -> Self {
         Self {
             relay: relay.into(),
@@ -230,14 +233,10 @@ impl ClientBuilder {
                 "no trusted certificates: call trust_pem_file() or trust_certificate()".into(),
             ));
         }
-        let server_name = match self.server_name {
-            Some(n) => n,
-            None => host_of(&self.relay),
-        };
         let (tls, suite_probe) = crate::tls::client_config(&roots, &self.client_auth)?;
         let config = Arc::new(Config {
             relay: self.relay,
-            server_name,
+            server_name: self.server_name,
             tls,
             suite_probe,
             token: std::sync::Mutex::new(token),
@@ -265,7 +264,7 @@ impl ClientBuilder {
 }
 
 /// Host part of `host:port` / `[v6]:port`.
-fn host_of(addr: &str) -> String {
+pub(crate) fn host_of(addr: &str) -> String {
     let host = match addr.rsplit_once(':') {
         Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) => h,
         _ => addr,

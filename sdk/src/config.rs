@@ -15,8 +15,10 @@ pub(crate) type StatusCallback = Arc<dyn Fn(&Status) + Send + Sync>;
 
 /// Everything the driver needs to (re)connect.
 pub(crate) struct Config {
+    /// The relays as the app named them (`host:port`, or several).
     pub(crate) relay: String,
-    pub(crate) server_name: String,
+    /// TLS server name; `None`: the host part of the chosen relay's address.
+    pub(crate) server_name: Option<String>,
     /// QUIC/TLS client config, built once: reconnects reuse it (and its TLS
     /// session cache, so they resume instead of verifying the certificate
     /// again). Attempts are sequential, so one suite probe serves them all.

@@ -21,7 +21,8 @@ use crate::config::{Config, PeriodicCallback, Shared, WakeCallback};
 use crate::dedup::DedupFile;
 use crate::error::{ConnectError, RegisterError};
 use crate::keepalive::Keepalive;
-use crate::link::{Endpoints, Link};
+use crate::link::{resolve_all, Endpoints, Link};
+use crate::relays::Relays;
 use crate::stream::Wake;
 use crate::types::{ChannelId, KeepalivePolicy, Priority, Status, WakeEvent};
 
@@ -84,8 +85,27 @@ pub(crate) async fn start(
         None => (None, vec![]),
     };
     let mut core = DeviceConnection::new(config.dedup_window, handled);
-    let mut link =
-        Link::establish(&config, &mut endpoints, &mut core, keepalive.interval()).await?;
+    let mut relays = Relays::new([config.relay.as_str()]);
+    // The first connection tries each relay once before giving up.
+    let mut link = {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match connect_once(
+                &config,
+                &mut endpoints,
+                &mut core,
+                &mut relays,
+                keepalive.interval(),
+            )
+            .await
+            {
+                Ok(l) => break l,
+                Err((e, n)) if e.is_retryable() && tries < n.clamp(1, 8) => continue,
+                Err((e, _)) => return Err(e),
+            }
+        }
+    };
     let (tx, cmd_rx) = mpsc::unbounded_channel();
     let mut driver = Driver {
         keepalive,
@@ -94,6 +114,7 @@ pub(crate) async fn start(
         config,
         shared,
         endpoints,
+        relays,
         cmd_tx: tx.downgrade(),
         cmd_rx,
         sinks: HashMap::new(),
@@ -104,6 +125,33 @@ pub(crate) async fn start(
     Ok(tx)
 }
 
+/// One connection attempt to a relay the set chooses; on failure, that
+/// relay is avoided for a while, and the number of relays known is
+/// returned with the error.
+async fn connect_once(
+    config: &Config,
+    endpoints: &mut Endpoints,
+    core: &mut DeviceConnection,
+    relays: &mut Relays,
+    keepalive_interval: Duration,
+) -> Result<Link, (ConnectError, usize)> {
+    let resolved = resolve_all(&relays.targets()).await.map_err(|e| (e, 1))?;
+    let n = resolved.len();
+    let Some(target) = relays.choose(clock::now(), &resolved, random_u64()) else {
+        return Err((ConnectError::Unreachable("no relay address".into()), n));
+    };
+    match Link::establish(config, endpoints, core, keepalive_interval, &target).await {
+        Ok(l) => {
+            relays.connected(target.1);
+            Ok(l)
+        }
+        Err(e) => {
+            relays.failed(clock::now(), target.1);
+            Err((e, n))
+        }
+    }
+}
+
 struct Driver {
     keepalive: Keepalive,
     dedup: Option<DedupFile>,
@@ -111,6 +159,8 @@ struct Driver {
     config: Arc<Config>,
     shared: Arc<Shared>,
     endpoints: Endpoints,
+    /// Which relay to connect to next.
+    relays: Relays,
     /// For the acks of streamed wakes (weak: the driver ends when every
     /// client handle is gone).
     cmd_tx: mpsc::WeakUnboundedSender<Command>,
@@ -127,6 +177,9 @@ impl Driver {
         let mut backoff = Backoff::new(initial, max);
         loop {
             let mut error = self.serve(&mut link).await;
+            if !matches!(error, ConnectError::RelayGoingAway { .. }) {
+                self.relays.failed(clock::now(), link.info.relay_addr);
+            }
             self.core.disconnected();
             self.set_info(None);
             if !error.is_retryable() {
@@ -169,12 +222,18 @@ impl Driver {
                 }
                 self.emit(&Status::Connecting { attempt });
                 let interval = self.keepalive.interval();
-                match Link::establish(&self.config, &mut self.endpoints, &mut self.core, interval)
-                    .await
+                match connect_once(
+                    &self.config,
+                    &mut self.endpoints,
+                    &mut self.core,
+                    &mut self.relays,
+                    interval,
+                )
+                .await
                 {
                     Ok(l) => break l,
-                    Err(e) if e.is_retryable() => error = e,
-                    Err(e) => {
+                    Err((e, _)) if e.is_retryable() => error = e,
+                    Err((e, _)) => {
                         warn!(error = %e, "giving up reconnecting");
                         self.emit(&Status::Disconnected {
                             error: e.clone(),
@@ -383,8 +442,11 @@ impl Driver {
                 reason,
                 reconnect_after,
                 message,
+                alternatives,
             } => {
-                info!(?reason, ?reconnect_after, %message, "relay going away");
+                info!(?reason, ?reconnect_after, %message, ?alternatives, "relay going away");
+                self.relays.learn(&alternatives);
+                self.relays.leaving(clock::now(), link.info.relay_addr);
                 link.go_away = Some((reason, reconnect_after, message));
             }
             DeviceConnectionEvent::Welcome { .. } => {}

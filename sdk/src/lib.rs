@@ -51,6 +51,7 @@ mod error;
 mod keepalive;
 mod link;
 mod memory;
+mod relays;
 #[cfg(feature = "testing")]
 pub mod sim;
 mod stream;

@@ -55,16 +55,30 @@ impl Endpoints {
     }
 }
 
-async fn resolve(relay: &str) -> Result<SocketAddr, ConnectError> {
-    let dns = |message: String| ConnectError::Dns {
-        host: relay.to_owned(),
-        message,
-    };
-    tokio::net::lookup_host(relay)
-        .await
-        .map_err(|e| dns(e.to_string()))?
-        .next()
-        .ok_or_else(|| dns("no addresses".into()))
+/// Resolves every relay name (each may have several addresses); names
+/// that do not resolve are skipped, unless none does.
+pub(crate) async fn resolve_all(
+    names: &[String],
+) -> Result<Vec<(String, SocketAddr)>, ConnectError> {
+    let mut out = Vec::new();
+    let mut last = None;
+    for name in names {
+        match tokio::net::lookup_host(name.as_str()).await {
+            Ok(addrs) => {
+                for a in addrs {
+                    if !out.iter().any(|(_, b)| *b == a) {
+                        out.push((name.clone(), a));
+                    }
+                }
+            }
+            Err(e) => last = Some((name.clone(), e.to_string())),
+        }
+    }
+    if out.is_empty() {
+        let (host, message) = last.unwrap_or_else(|| (names.join(","), "no addresses".into()));
+        return Err(ConnectError::Dns { host, message });
+    }
+    Ok(out)
 }
 
 /// One established connection.
@@ -87,13 +101,18 @@ impl Link {
         endpoints: &mut Endpoints,
         core: &mut DeviceConnection,
         keepalive_interval: Duration,
+        target: &(String, SocketAddr),
     ) -> Result<Link, ConnectError> {
-        let addr = resolve(&config.relay).await?;
+        let addr = target.1;
+        let server_name = config
+            .server_name
+            .clone()
+            .unwrap_or_else(|| crate::client::host_of(&target.0));
         let endpoint = endpoints.for_addr(addr)?;
         let probe = &config.suite_probe;
         probe.reset();
         let connecting = endpoint
-            .connect_with(config.tls.clone(), addr, &config.server_name)
+            .connect_with(config.tls.clone(), addr, &server_name)
             .map_err(|e| match e {
                 quinn::ConnectError::InvalidServerName(n) => {
                     ConnectError::Config(format!("invalid server name {n:?}"))

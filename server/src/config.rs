@@ -156,6 +156,40 @@ pub struct Settings {
     /// Log line format: `text` (for people) or `json` (one object per line,
     /// for log collectors).
     pub log_format: String,
+    /// Cluster mode: NATS server URLs, comma-separated (`nats://a:4222,
+    /// nats://b:4222`); empty = a single node on the embedded store. All
+    /// relays of a cluster share one data directory's keys
+    /// (docs/cluster.md).
+    pub cluster_nats_urls: String,
+    /// NATS credentials file (`.creds`: JWT and NKey seed).
+    pub cluster_nats_credentials: Option<PathBuf>,
+    /// NATS user (with `cluster_nats_password`).
+    pub cluster_nats_user: Option<String>,
+    /// NATS password (prefer the WAKEWIRE_CLUSTER_NATS_PASSWORD variable).
+    pub cluster_nats_password: Option<String>,
+    /// NATS token.
+    pub cluster_nats_token: Option<String>,
+    /// PEM CA file of the NATS servers' certificates; set = TLS required.
+    pub cluster_nats_tls_ca: Option<PathBuf>,
+    /// PEM client certificate for NATS (mTLS).
+    pub cluster_nats_tls_cert: Option<PathBuf>,
+    /// PEM private key of `cluster_nats_tls_cert`.
+    pub cluster_nats_tls_key: Option<PathBuf>,
+    /// Cluster name: prefix of its JetStream streams, buckets and subjects
+    /// (lower-case letters, digits, `_`); relays with the same name and
+    /// NATS form one cluster.
+    pub cluster_name: String,
+    /// JetStream replicas of the cluster's streams and buckets (1, 3 or
+    /// 5; at most the number of NATS servers).
+    pub cluster_replicas: usize,
+    /// NATS unreachable for this many seconds: health NOT_SERVING.
+    /// Publishes are refused UNAVAILABLE as soon as a write fails.
+    pub cluster_unavailable_after_secs: u64,
+    /// Longest wait for a JetStream answer, milliseconds.
+    pub cluster_request_timeout_ms: u64,
+    /// The `host:port` devices reach this relay at, announced to the other
+    /// relays: a draining relay sends its devices to its peers.
+    pub cluster_advertise: String,
 }
 
 impl Default for Settings {
@@ -210,6 +244,19 @@ impl Default for Settings {
             handshake_timeout_secs: 5,
             log: "info".into(),
             log_format: "text".into(),
+            cluster_nats_urls: String::new(),
+            cluster_nats_credentials: None,
+            cluster_nats_user: None,
+            cluster_nats_password: None,
+            cluster_nats_token: None,
+            cluster_nats_tls_ca: None,
+            cluster_nats_tls_cert: None,
+            cluster_nats_tls_key: None,
+            cluster_name: "wakewire".into(),
+            cluster_replicas: 3,
+            cluster_unavailable_after_secs: 5,
+            cluster_request_timeout_ms: 2_000,
+            cluster_advertise: String::new(),
         }
     }
 }
@@ -562,7 +609,9 @@ impl Settings {
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("data_dir", "must not be empty"));
         }
+        let cluster = self.cluster_config()?;
         Ok(RelayConfig {
+            cluster,
             quic_listen: self.quic_listen,
             grpc_listen: self.grpc_listen,
             grpc_tls,
@@ -675,6 +724,8 @@ pub enum TlsSource {
 /// Validated relay configuration.
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
+    /// Cluster mode (NATS JetStream), if configured.
+    pub cluster: Option<crate::cluster::ClusterConfig>,
     /// UDP address of the device endpoint (port 0 = any free port).
     pub quic_listen: SocketAddr,
     /// TCP address of the gRPC API (port 0 = any free port).

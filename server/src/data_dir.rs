@@ -76,6 +76,10 @@ pub struct Keys {
     pub retry_key: [u8; 32],
     /// Key of the probe service's cookies (return routability).
     pub probe_key: [u8; 32],
+    /// Key of the names a cluster derives from device ids and idempotency
+    /// keys (subjects, event ids): every relay sharing the secret derives
+    /// the same ones.
+    pub cluster_key: ring::hmac::Key,
 }
 
 impl Keys {
@@ -297,6 +301,10 @@ impl DataDir {
             probe_key,
             channel_ids: ChannelIds::new(&secret),
             reset_key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset.as_ref()),
+            cluster_key: ring::hmac::Key::new(
+                ring::hmac::HMAC_SHA256,
+                ring::hmac::sign(&derive, b"wakewire cluster names v1").as_ref(),
+            ),
             cid_key: u64::from_le_bytes(cid_key),
         })
     }

@@ -20,18 +20,21 @@ use tokio::task::JoinSet;
 use tracing::{debug, info, info_span, warn, Instrument};
 use wakewire_proto::names::validate_device_id;
 use wakewire_proto::pb::device::{GoAwayReason, Wake};
-use wakewire_proto::relay_connection::{ConnectionEvent, RelayConnection, WakeRefused};
+use wakewire_proto::relay_connection::{
+    ConnectionEvent, RelayConnection, ReleaseReason, WakeRefused,
+};
 use wakewire_proto::relay_session::{Close, REGISTER_ERROR_TOO_MANY_CHANNELS};
 use wakewire_proto::token::{TokenError, TokenKind};
 use wakewire_proto::ErrorCode;
 
 use crate::claims::Claim;
+use crate::cluster::{ClusterError, DeviceLink};
 use crate::metrics as m;
 use crate::pb::{StoredChannel, StoredEvent};
 use crate::quic::PrefixSlot;
 use crate::registry::{ConnCommand, ConnSender, Delivery};
 use crate::state::{clock, Shared};
-use crate::store::{AckItem, StoreError};
+use crate::store::{AckItem, FinishReason, StoreError};
 
 /// Commands queued per connection before publishers wait.
 const COMMAND_QUEUE: usize = 64;
@@ -85,6 +88,10 @@ pub(crate) async fn serve(incoming: quinn::Incoming, shared: Arc<Shared>, slot: 
         work: JoinSet::new(),
         jti: None,
         revocations: shared.revocations.subscribe(),
+        link: None,
+        refresh_pending: false,
+        stored: HashMap::new(),
+        cluster_acks: Vec::new(),
     };
     driver.run(rx).instrument(span).await;
     shared.connections.fetch_sub(1, Ordering::Relaxed);
@@ -95,6 +102,7 @@ pub(crate) async fn serve(incoming: quinn::Incoming, shared: Arc<Shared>, slot: 
 enum Done {
     Queued(Vec<String>, Result<Vec<(StoredEvent, Claim)>, StoreError>),
     Acked,
+    Linked(Result<DeviceLink, ClusterError>),
     Other,
 }
 
@@ -116,6 +124,15 @@ struct Driver {
     /// Id of the device token, to close the connection if it is revoked.
     jti: Option<String>,
     revocations: tokio::sync::watch::Receiver<u64>,
+    /// Cluster mode: the link feeding this connection from JetStream.
+    link: Option<DeviceLink>,
+    /// Cluster mode: a queue read was asked for before the link was up.
+    refresh_pending: bool,
+    /// Cluster mode: records of the stored events tracked here (stream
+    /// sequence, publisher), for their receipts.
+    stored: HashMap<String, Box<StoredEvent>>,
+    /// Cluster mode: acked events whose receipts are not yet written.
+    cluster_acks: Vec<StoredEvent>,
 }
 
 impl Driver {
@@ -135,6 +152,7 @@ impl Driver {
                 reply: self.waiters.remove(&wake.event_id),
                 wake,
                 durable: true,
+                stored: None,
             })
             .collect();
         while let Ok(cmd) = rx.try_recv() {
@@ -142,9 +160,11 @@ impl Driver {
                 handover.push(*cmd);
             }
         }
-        if let Some(dev) = &self.device_id {
+        // In a cluster the device's next connection reads the stream again.
+        if let (Some(dev), None) = (&self.device_id, &self.shared.cluster) {
             hand_over(&self.shared, dev, handover).await;
         }
+        self.link = None;
         self.flush_acks();
         let _ = tokio::time::timeout(WORK_DRAIN, async {
             while let Some(done) = self.work.join_next().await {
@@ -284,6 +304,20 @@ impl Driver {
                 for id in &channel_ids {
                     self.shared.registry.channel_gone(id, &device, reason, now);
                 }
+                if let Some(cluster) = self.shared.cluster.clone() {
+                    self.work.spawn(async move {
+                        for id in channel_ids {
+                            if let Err(e) = cluster
+                                .channel_gone(&id, &device, reason, clock::unix_ms())
+                                .await
+                            {
+                                warn!(error = %e, "unregister not persisted in the cluster");
+                            }
+                        }
+                        Done::Other
+                    });
+                    return;
+                }
                 let store = self.shared.store.clone();
                 self.work.spawn(async move {
                     for id in channel_ids {
@@ -309,7 +343,9 @@ impl Driver {
                 if let Some(w) = self.waiters.remove(&event_id) {
                     let _ = w.send(Delivery::Delivered);
                 }
-                if durable {
+                if let Some(record) = self.stored.remove(&event_id) {
+                    self.cluster_acks.push(*record);
+                } else if durable {
                     let claim = self.claims.remove(&event_id);
                     self.acks.push((
                         AckItem {
@@ -320,8 +356,15 @@ impl Driver {
                     ));
                 }
             }
-            ConnectionEvent::Released { event_id, .. } => {
+            ConnectionEvent::Released {
+                event_id, reason, ..
+            } => {
                 self.claims.remove(&event_id);
+                if let Some(record) = self.stored.remove(&event_id) {
+                    if reason == ReleaseReason::Expired {
+                        self.expire(record);
+                    }
+                }
                 if let Some(w) = self.waiters.remove(&event_id) {
                     let _ = w.send(Delivery::NotSent);
                 }
@@ -330,7 +373,7 @@ impl Driver {
                 counter!(m::IGNORED_ACKS).increment(1);
                 debug!(event = %truncate(&event_id), "ack for an event not sent on this connection ignored");
             }
-            ConnectionEvent::Refill { channel_ids } => self.read_queues(channel_ids),
+            ConnectionEvent::Refill { channel_ids } => self.read_queues(rc, channel_ids),
             ConnectionEvent::Ping => counter!(m::KEEPALIVES).increment(1),
         }
     }
@@ -373,7 +416,18 @@ impl Driver {
                         reason: GoAwayReason::Replaced,
                         reconnect_after: Duration::ZERO,
                         message: "another connection authenticated as this device",
+                        alternatives: Vec::new(),
                     }));
+                }
+                if let Some(cluster) = self.shared.cluster.clone() {
+                    let conn = format!("{}/{}", cluster.relay_id(), self.conn_id);
+                    let (tx, ack_wait) = (self.tx.clone(), self.shared.config.ack_wait);
+                    let dev = device.clone();
+                    self.work.spawn(async move {
+                        Done::Linked(
+                            crate::cluster::link_device(cluster, &dev, conn, tx, ack_wait).await,
+                        )
+                    });
                 }
                 self.device_id = Some(device);
                 debug!(%sdk, "device authenticated");
@@ -436,7 +490,16 @@ impl Driver {
         }
         let ids: Vec<String> = bindings.iter().map(|b| b.1.clone()).collect();
         rc.registered(clock::now(), request_id, bindings);
-        if !fresh.is_empty() {
+        if let (false, Some(cluster)) = (fresh.is_empty(), self.shared.cluster.clone()) {
+            self.work.spawn(async move {
+                for (id, record) in fresh {
+                    if let Err(e) = cluster.put_channel(&id, &record).await {
+                        warn!(error = %e, channel = %id, "channel not persisted in the cluster");
+                    }
+                }
+                Done::Other
+            });
+        } else if !fresh.is_empty() {
             let store = self.shared.store.clone();
             self.work.spawn(async move {
                 for (id, record) in fresh {
@@ -448,10 +511,20 @@ impl Driver {
             });
         }
         // What waited while the device was away goes out now.
-        self.read_queues(ids);
+        self.read_queues(rc, ids);
     }
 
-    fn read_queues(&mut self, channel_ids: Vec<String>) {
+    fn read_queues(&mut self, rc: &mut RelayConnection, channel_ids: Vec<String>) {
+        if self.shared.cluster.is_some() {
+            // The link streams the device's queue (all its channels, oldest
+            // first, then live): read it again from the start.
+            rc.handle_queued(clock::now(), &channel_ids, vec![]);
+            match &self.link {
+                Some(link) => link.refresh(),
+                None => self.refresh_pending = true,
+            }
+            return;
+        }
         let store = self.shared.store.clone();
         self.work.spawn(async move {
             let read = store.claim_queued(channel_ids.clone()).await;
@@ -481,6 +554,22 @@ impl Driver {
                 rc.handle_queued(clock::now(), &channel_ids, vec![]);
             }
             Ok(Done::Acked) => self.ack_writing = false,
+            Ok(Done::Linked(Ok(link))) => {
+                if std::mem::take(&mut self.refresh_pending) {
+                    link.refresh();
+                }
+                self.link = Some(link);
+            }
+            Ok(Done::Linked(Err(e))) => {
+                // Without its link the device would get nothing: let it
+                // reconnect (to this relay or another) and try again.
+                warn!(error = %e, "cannot link the device to the cluster");
+                rc.go_away(
+                    GoAwayReason::Shutdown,
+                    Duration::from_secs(1),
+                    "the relay cannot reach its cluster; reconnect",
+                );
+            }
             Ok(Done::Other) => {}
             Err(e) => warn!(error = %e, "store job failed"),
         }
@@ -488,6 +577,38 @@ impl Driver {
 
     /// Hands the acks collected so far to the store, one batch at a time.
     fn flush_acks(&mut self) {
+        if let (false, false, Some(cluster)) = (
+            self.ack_writing,
+            self.cluster_acks.is_empty(),
+            self.shared.cluster.clone(),
+        ) {
+            self.ack_writing = true;
+            let batch = std::mem::take(&mut self.cluster_acks);
+            self.work.spawn(async move {
+                let now = clock::unix_ms();
+                // Receipt first, then the delete: a crash between them
+                // leaves the event queued (sent again, deduplicated by the
+                // SDK), never delivered without a receipt.
+                let done = batch.into_iter().map(|ev| {
+                    let cluster = cluster.clone();
+                    async move {
+                        cluster.finish(&ev, &FinishReason::Delivered, now).await?;
+                        cluster.delete(ev.seq).await
+                    }
+                });
+                let mut all = JoinSet::new();
+                for job in done {
+                    all.spawn(job);
+                }
+                while let Some(r) = all.join_next().await {
+                    if let Ok(Err(e)) = r {
+                        warn!(error = %e, "ack not recorded in the cluster; the event is sent again");
+                    }
+                }
+                Done::Acked
+            });
+            return;
+        }
         if self.ack_writing || self.acks.is_empty() {
             return;
         }
@@ -508,6 +629,26 @@ impl Driver {
         });
     }
 
+    /// Cluster mode: an event whose TTL ran out before its device acked it
+    /// gets its receipt and leaves the stream.
+    fn expire(&mut self, record: Box<StoredEvent>) {
+        let Some(cluster) = self.shared.cluster.clone() else {
+            return;
+        };
+        self.work.spawn(async move {
+            let now = clock::unix_ms();
+            match cluster.finish(&record, &FinishReason::Expired, now).await {
+                Ok(_) => {
+                    if let Err(e) = cluster.delete(record.seq).await {
+                        debug!(error = %e, "expired event not deleted; the stream's max age will");
+                    }
+                }
+                Err(e) => debug!(error = %e, "expiry receipt not written"),
+            }
+            Done::Other
+        });
+    }
+
     fn on_command(&mut self, rc: &mut RelayConnection, cmd: ConnCommand) {
         match cmd {
             ConnCommand::Deliver {
@@ -515,12 +656,16 @@ impl Driver {
                 durable,
                 claim,
                 reply,
+                stored,
             } => {
                 let id = wake.event_id.clone();
                 match rc.handle_wake(clock::now(), wake, durable) {
                     Ok(()) => {
                         if let Some(c) = claim {
                             self.claims.insert(id.clone(), c);
+                        }
+                        if let Some(record) = stored {
+                            self.stored.insert(id.clone(), record);
                         }
                         if let Some(r) = reply {
                             self.waiters.insert(id, r);
@@ -531,6 +676,11 @@ impl Driver {
                     Err(WakeRefused::Duplicate) if self.claims.contains_key(&id) => {
                         if let Some(r) = reply {
                             self.waiters.insert(id, r);
+                        }
+                    }
+                    Err(WakeRefused::Expired) if stored.is_some() => {
+                        if let Some(record) = stored {
+                            self.expire(record);
                         }
                     }
                     Err(why) => {
@@ -545,7 +695,8 @@ impl Driver {
                 reason,
                 reconnect_after,
                 message,
-            } => rc.go_away(reason, reconnect_after, message),
+                alternatives,
+            } => rc.go_away_to(reason, reconnect_after, message, alternatives),
         }
     }
 }

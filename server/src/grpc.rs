@@ -62,25 +62,55 @@ const KEEPALIVE_MAX: Duration = Duration::from_secs(30);
 /// the relay drains (readiness probes see it before devices are told to
 /// leave).
 #[derive(Clone)]
-pub(crate) struct Health(tonic_health::server::HealthReporter);
+pub(crate) struct Health {
+    reporter: tonic_health::server::HealthReporter,
+    /// Draining: NOT_SERVING for good.
+    draining: Arc<std::sync::atomic::AtomicBool>,
+    /// Cluster mode: NATS reachable (always true on a single node).
+    backend_ok: Arc<std::sync::atomic::AtomicBool>,
+}
 
 impl Health {
-    pub(crate) async fn set(&self, serving: bool) {
-        if serving {
-            self.0
-                .set_serving::<PublisherServer<PublisherService>>()
-                .await;
-            self.0
-                .set_service_status("", tonic_health::ServingStatus::Serving)
-                .await;
-        } else {
-            self.0
-                .set_not_serving::<PublisherServer<PublisherService>>()
-                .await;
-            self.0
-                .set_service_status("", tonic_health::ServingStatus::NotServing)
-                .await;
+    fn new(reporter: tonic_health::server::HealthReporter) -> Self {
+        Self {
+            reporter,
+            draining: Arc::default(),
+            backend_ok: Arc::new(std::sync::atomic::AtomicBool::new(true)),
         }
+    }
+
+    /// The relay is draining: NOT_SERVING from now on.
+    pub(crate) async fn set_draining(&self) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.publish().await;
+    }
+
+    /// Whether the relay's backend (the cluster's NATS) is usable.
+    pub(crate) async fn set_backend(&self, ok: bool) {
+        let was = self
+            .backend_ok
+            .swap(ok, std::sync::atomic::Ordering::SeqCst);
+        if was != ok {
+            self.publish().await;
+        }
+    }
+
+    async fn publish(&self) {
+        let serving = !self.draining.load(std::sync::atomic::Ordering::SeqCst)
+            && self.backend_ok.load(std::sync::atomic::Ordering::SeqCst);
+        let status = if serving {
+            tonic_health::ServingStatus::Serving
+        } else {
+            tonic_health::ServingStatus::NotServing
+        };
+        self.reporter
+            .set_service_status(
+                <PublisherServer<PublisherService> as tonic::server::NamedService>::NAME,
+                status,
+            )
+            .await;
+        self.reporter.set_service_status("", status).await;
     }
 }
 
@@ -108,8 +138,8 @@ pub(crate) async fn server(
     let reflection_v1 = reflection().build_v1().map_err(|e| e.to_string())?;
     let reflection_v1alpha = reflection().build_v1alpha().map_err(|e| e.to_string())?;
     let (health, health_service) = tonic_health::server::health_reporter();
-    let health = Health(health);
-    health.set(true).await;
+    let health = Health::new(health);
+    health.publish().await;
     let auth = Authenticator::new(shared.clone());
     let publisher = PublisherServer::new(PublisherService::new(shared))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
@@ -148,7 +178,7 @@ pub(crate) async fn health_server(
     mut stop: watch::Receiver<bool>,
 ) {
     let service = tonic_health::pb::health_server::HealthServer::new(
-        tonic_health::server::HealthService::from_health_reporter(health.0),
+        tonic_health::server::HealthService::from_health_reporter(health.reporter.clone()),
     );
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let result = tonic::transport::Server::builder()

@@ -30,6 +30,7 @@
 mod auth;
 pub mod certs;
 pub mod claims;
+pub mod cluster;
 pub mod config;
 pub mod data_dir;
 mod device_auth;

@@ -84,6 +84,15 @@ pub enum PublishError {
     /// A read of the store failed.
     #[error("{0}; retry later")]
     StoreRead(StoreError),
+    /// Cluster mode: JetStream did not take the event (NATS unreachable,
+    /// no quorum, a contended queue), or did not confirm it in time (the
+    /// message says which). Retrying with the same idempotency key cannot
+    /// duplicate it.
+    #[error("{0}; retry later (with an idempotency key a retry cannot duplicate the event)")]
+    ClusterNotStored(crate::cluster::ClusterError),
+    /// Cluster mode: a read failed.
+    #[error("{0}; retry later")]
+    ClusterRead(crate::cluster::ClusterError),
     /// The token's scope does not include the channel.
     #[error("publisher credential does not allow publishing to channel {0}")]
     PermissionDenied(String),
@@ -121,7 +130,10 @@ impl PublishError {
             PublishError::ChannelNotFound(_)
             | PublishError::ChannelGone { .. }
             | PublishError::EventNotFound(_) => Code::NotFound,
-            PublishError::NotStored { .. } | PublishError::StoreRead(_) => Code::Unavailable,
+            PublishError::NotStored { .. }
+            | PublishError::StoreRead(_)
+            | PublishError::ClusterNotStored(_)
+            | PublishError::ClusterRead(_) => Code::Unavailable,
             PublishError::PermissionDenied(_) => Code::PermissionDenied,
             PublishError::Internal(_) => Code::Internal,
             PublishError::Overloaded
@@ -178,7 +190,7 @@ impl From<PublishError> for Status {
 /// the authentication interceptor ([`crate::auth`]).
 #[derive(Debug, Clone)]
 pub struct PublisherService {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
 }
 
 impl PublisherService {
@@ -281,14 +293,20 @@ impl PublisherService {
             Ok(Priority::High | Priority::Unspecified) => WirePriority::High,
             Err(_) => return Err(invalid(format!("unknown priority {}", req.priority))),
         };
-        let Some(channel) = self.shared.registry.channel(&req.channel_id) else {
-            return Err(match self.shared.registry.gone_reason(&req.channel_id) {
-                Some(reason) => PublishError::ChannelGone {
-                    channel: req.channel_id,
-                    reason,
-                },
-                None => PublishError::ChannelNotFound(req.channel_id),
-            });
+        let channel = match self.shared.registry.channel(&req.channel_id) {
+            Some(c) => c,
+            None => match self.channel_elsewhere(&req.channel_id).await? {
+                Some(c) => c,
+                None => {
+                    return Err(match self.shared.registry.gone_reason(&req.channel_id) {
+                        Some(reason) => PublishError::ChannelGone {
+                            channel: req.channel_id,
+                            reason,
+                        },
+                        None => PublishError::ChannelNotFound(req.channel_id),
+                    })
+                }
+            },
         };
         if !claims.allows(&req.channel_id, &channel.device_id) {
             return Err(PublishError::PermissionDenied(req.channel_id));
@@ -297,6 +315,20 @@ impl PublisherService {
             scoped_key: format!("{}:{}", scope_of(claims), req.idempotency_key),
             request_hash: request_hash(&req, ttl_s),
         });
+        if let Some(cluster) = self.shared.cluster.clone() {
+            let stored = StoredEvent {
+                channel_id: req.channel_id,
+                payload: req.payload,
+                priority: priority as i32,
+                ttl_s,
+                collapse_key: req.collapse_key,
+                publisher: quota_key(claims),
+                ..Default::default()
+            };
+            return self
+                .publish_in_cluster(&cluster, &channel.device_id, stored, idempotency)
+                .await;
+        }
         let now_ms = clock::unix_ms();
         let id = event_id(now_ms, random10());
         tracing::Span::current().record("event", id.as_str());
@@ -451,6 +483,7 @@ impl PublisherService {
             wake,
             durable,
             reply: Some(reply),
+            stored: None,
         });
         if let Err(back) = conn.send(cmd).await {
             // That connection just ended: its successor, if any, takes it.
@@ -479,13 +512,19 @@ impl PublisherService {
             )));
         }
         let not_found = || PublishError::EventNotFound(event_id.to_owned());
-        let ev = self
-            .shared
-            .store
-            .event(event_id)
-            .await
-            .map_err(PublishError::StoreRead)?
-            .ok_or_else(not_found)?;
+        let ev = match &self.shared.cluster {
+            Some(cluster) => cluster
+                .event(event_id)
+                .await
+                .map_err(PublishError::ClusterRead)?,
+            None => self
+                .shared
+                .store
+                .event(event_id)
+                .await
+                .map_err(PublishError::StoreRead)?,
+        }
+        .ok_or_else(not_found)?;
         // Another publisher's event does not exist as far as this one knows.
         if !self.may_see(claims, &ev) {
             return Err(not_found());
@@ -493,7 +532,7 @@ impl PublisherService {
         Ok(status_of(&ev))
     }
 
-    fn may_see(&self, claims: &Claims, ev: &StoredEvent) -> bool {
+    pub(crate) fn may_see(&self, claims: &Claims, ev: &StoredEvent) -> bool {
         let device = self
             .shared
             .registry
@@ -514,7 +553,7 @@ fn invalid(message: String) -> PublishError {
 }
 
 /// The answer to a retried Publish.
-fn duplicate_answer(dup: Duplicate) -> Result<PublishResponse, PublishError> {
+pub(crate) fn duplicate_answer(dup: Duplicate) -> Result<PublishResponse, PublishError> {
     let (event_id, status) = match dup {
         Duplicate::Mismatch => {
             return Err(invalid(
@@ -557,7 +596,7 @@ pub(crate) fn quota_key(claims: &Claims) -> String {
 }
 
 /// A publisher's idempotency namespace: a digest of its token's scope.
-fn scope_of(claims: &Claims) -> String {
+pub(crate) fn scope_of(claims: &Claims) -> String {
     let mut channels = claims.channels.clone();
     let mut devices = claims.devices.clone();
     channels.sort_unstable();
@@ -597,7 +636,7 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// The API view of a stored event.
-fn status_of(ev: &StoredEvent) -> EventStatus {
+pub(crate) fn status_of(ev: &StoredEvent) -> EventStatus {
     EventStatus {
         event_id: ev.event_id.clone(),
         channel_id: ev.channel_id.clone(),
@@ -643,6 +682,18 @@ impl Publisher for PublisherService {
                 PublishError::TooManyWatchers(self.shared.quotas.config().max_watchers)
             })?;
         let this = self.clone();
+        if let Some(cluster) = &self.shared.cluster {
+            let receipts = cluster
+                .watch(&quota_key(&claims))
+                .await
+                .map_err(PublishError::ClusterRead)?;
+            let stream = receipts.filter_map(move |m| {
+                let _slot = &guard;
+                let ev = <StoredEvent as prost::Message>::decode(m.payload.as_ref()).ok()?;
+                this.may_see(&claims, &ev).then(|| Ok(status_of(&ev)))
+            });
+            return Ok(Response::new(Box::pin(stream)));
+        }
         let stream = BroadcastStream::new(self.shared.store.receipts()).filter_map(move |r| {
             // The stream owns its watcher slot.
             let _slot = &guard;
@@ -717,7 +768,7 @@ impl Publisher for PublisherService {
     }
 }
 
-fn delivery_label(s: DeliveryStatus) -> &'static str {
+pub(crate) fn delivery_label(s: DeliveryStatus) -> &'static str {
     match s {
         DeliveryStatus::Delivered => "delivered",
         DeliveryStatus::SentUnacked => "sent_unacked",

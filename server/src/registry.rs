@@ -38,18 +38,22 @@ pub enum Delivery {
 pub(crate) enum ConnCommand {
     /// Deliver a wake (unless already tracked on this connection); report
     /// what became of it if someone waits. A stored event comes with its
-    /// claim.
+    /// claim (single node) or its record in the cluster's events stream
+    /// (`seq` set: cluster mode).
     Deliver {
         wake: Wake,
         durable: bool,
         claim: Option<Claim>,
         reply: Option<oneshot::Sender<Delivery>>,
+        stored: Option<Box<crate::pb::StoredEvent>>,
     },
-    /// Ask the device to leave.
+    /// Ask the device to leave (for one of `alternatives`, relays of the
+    /// same cluster, if any).
     GoAway {
         reason: GoAwayReason,
         reconnect_after: Duration,
         message: &'static str,
+        alternatives: Vec<String>,
     },
 }
 

@@ -18,6 +18,7 @@ use wakewire_proto::ErrorCode;
 
 use crate::certs::ReloadableCert;
 use crate::claims::Claims;
+use crate::cluster::{Cluster, Retention};
 use crate::config::{GrpcTls, RelayConfig, TlsSource};
 use crate::data_dir::{DataDir, DataDirError, Keys};
 use crate::registry::{ConnCommand, Registry};
@@ -57,6 +58,9 @@ pub enum StartError {
     /// The embedded store could not be opened.
     #[error("{0}")]
     Store(#[from] StoreError),
+    /// Cluster mode: NATS or JetStream could not be set up.
+    #[error("{0}")]
+    Cluster(#[from] crate::cluster::ClusterError),
     /// The gRPC services could not be built.
     #[error("gRPC setup: {0}")]
     Grpc(String),
@@ -349,7 +353,34 @@ pub async fn start_on(
         None => None,
     };
     let claims = Arc::new(Claims::default());
-    let store = Store::open(data_dir.path(), config.store.clone(), claims)?;
+    let cluster = match &config.cluster {
+        Some(c) => Some(
+            Cluster::connect(
+                {
+                    // Devices can reach a relay bound to one address there.
+                    let mut c = c.clone();
+                    if c.advertise.is_none() && !quic_addr.ip().is_unspecified() {
+                        c.advertise = Some(quic_addr.to_string());
+                    }
+                    c
+                },
+                &Retention {
+                    queue_limit: config.store.queue_limit,
+                    status_retention: config.store.status_retention,
+                    idempotency_retention: config.store.idempotency_retention,
+                    max_ttl: Duration::from_secs(u64::from(config.max_ttl_secs)),
+                },
+                keys.cluster_key.clone(),
+            )
+            .await?,
+        ),
+        None => None,
+    };
+    let store = match cluster {
+        // The state lives in JetStream; the embedded store stays empty.
+        Some(_) => Store::open_in_memory(config.store.clone(), claims)?,
+        None => Store::open(data_dir.path(), config.store.clone(), claims)?,
+    };
     let registry = Registry::default();
     let mut known = 0usize;
     let records = {
@@ -367,15 +398,38 @@ pub async fn start_on(
             registry.channel_gone(&id, &device, &ch.gone_reason, ch.gone_at_ms);
         }
     }
-    info!(channels = known, "store opened");
     let shared = Arc::new(Shared::new(
         config,
         keys,
         registry,
         store,
+        cluster,
         revocations,
         certificates,
     ));
+    if let Some(cluster) = shared.cluster.clone() {
+        // Every channel record, then every change any relay makes.
+        let (loaded, count) = tokio::sync::oneshot::channel();
+        let s = shared.clone();
+        tasks.spawn("the cluster's channel watch", async move {
+            if let Err(e) = cluster.follow_channels(&s.registry, loaded).await {
+                warn!(error = %e, "cluster channel watch ended");
+            }
+        });
+        known = tokio::time::timeout(Duration::from_secs(60), count)
+            .await
+            .map_err(|_| {
+                crate::cluster::ClusterError::Nats("loading the channel records timed out".into())
+            })?
+            .map_err(|_| {
+                crate::cluster::ClusterError::Nats("the channel watch ended while loading".into())
+            })?;
+    }
+    info!(
+        channels = known,
+        cluster = shared.cluster.is_some(),
+        "store opened"
+    );
     let (stop, stop_rx) = watch::channel(false);
     tasks.spawn(
         "the QUIC accept loop",
@@ -386,6 +440,12 @@ pub async fn start_on(
         .await
         .map_err(StartError::Grpc)?;
     let grpc_task = tasks.spawn("the gRPC server", grpc);
+    if let Some(cluster) = shared.cluster.clone() {
+        tasks.spawn(
+            "the cluster watch",
+            cluster_watch(cluster, health.clone(), stop.subscribe()),
+        );
+    }
     let health_addr = match listeners.health {
         Some(l) => {
             l.set_nonblocking(true)
@@ -470,8 +530,16 @@ impl RelayHandle {
         let config = &self.shared.config;
         #[allow(clippy::disallowed_methods)] // a deadline, read once
         let deadline = tokio::time::Instant::now() + config.drain_timeout;
-        self.health.set(false).await;
+        self.health.set_draining().await;
         info!(delay = ?config.drain_delay, "draining: health NOT_SERVING");
+        // In a cluster, devices leave for the other relays.
+        let peers = match &self.shared.cluster {
+            Some(c) => {
+                c.withdraw().await;
+                c.peer_addresses().await
+            }
+            None => Vec::new(),
+        };
         tokio::time::sleep(config.drain_delay).await;
         self.endpoint.set_server_config(None);
         let conns = self.shared.registry.all_connections();
@@ -487,6 +555,7 @@ impl RelayHandle {
                 reason: GoAwayReason::Shutdown,
                 reconnect_after: reconnect_after + Duration::from_millis(spread),
                 message: "relay shutting down",
+                alternatives: peers.clone(),
             }));
         }
         let left = tokio::time::timeout_at(deadline, async {
@@ -517,6 +586,11 @@ impl RelayHandle {
             .is_err()
         {
             warn!("publisher requests still running at the drain timeout");
+        }
+        if let Some(c) = &self.shared.cluster {
+            if tokio::time::timeout_at(deadline, c.flush()).await.is_err() {
+                warn!("NATS still flushing at the drain timeout");
+            }
         }
         match tokio::time::timeout_at(deadline, self.shared.store.flush()).await {
             Ok(Ok(())) => {}
@@ -612,6 +686,32 @@ async fn sweep_loop(shared: Arc<Shared>) {
             expire_channels(&shared, now).await;
             shared.quotas.prune(clock::now());
         }
+    }
+}
+
+/// Cluster mode: reports NOT_SERVING while NATS has been away too long,
+/// and announces this relay to its peers every 10 s.
+async fn cluster_watch(
+    cluster: Arc<Cluster>,
+    health: crate::grpc::Health,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut n = 0u64;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let serving = cluster.serving();
+        health.set_backend(serving).await;
+        if n.is_multiple_of(20) && serving {
+            if let Err(e) = cluster.announce().await {
+                tracing::debug!(error = %e, "cluster announcement failed");
+            }
+        }
+        n += 1;
     }
 }
 

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use wakewire_proto::token::{Claims, TokenError};
 
 use crate::certs::ReloadableCert;
+use crate::cluster::Cluster;
 use crate::config::RelayConfig;
 use crate::data_dir::Keys;
 use crate::publish::PublishError;
@@ -23,6 +24,8 @@ pub(crate) struct Shared {
     pub(crate) keys: Keys,
     pub(crate) registry: Registry,
     pub(crate) store: Store,
+    /// Cluster mode: JetStream holds the state instead of `store`.
+    pub(crate) cluster: Option<Arc<Cluster>>,
     pub(crate) revocations: Revocations,
     pub(crate) quotas: Arc<Quotas>,
     /// Certificates in service (renewable).
@@ -40,6 +43,7 @@ impl Shared {
         keys: Keys,
         registry: Registry,
         store: Store,
+        cluster: Option<Arc<Cluster>>,
         revocations: Revocations,
         certificates: Vec<Arc<ReloadableCert>>,
     ) -> Self {
@@ -50,6 +54,7 @@ impl Shared {
             keys,
             registry,
             store,
+            cluster,
             revocations,
             conn_ids: AtomicU64::new(1),
             handshaking: AtomicUsize::new(0),

@@ -3,7 +3,9 @@
 //! gRPC clients with tokens, and a raw QUIC connection for sending bytes
 //! the SDK never would.
 
+pub mod cluster;
 pub mod flood;
+pub mod nats;
 pub mod process;
 pub mod proxy;
 mod raw_device;

@@ -271,7 +271,25 @@ impl Store {
     /// Opens (or creates) the database in `dir` and starts the writer
     /// thread. Events claimed in `claims` are never dropped or expired.
     pub fn open(dir: &Path, config: StoreConfig, claims: Arc<Claims>) -> Result<Self, StoreError> {
-        let database = Arc::new(Database::create(dir.join(DB_FILE)).map_err(db)?);
+        let database = Database::create(dir.join(DB_FILE)).map_err(db)?;
+        Self::start(database, config, claims)
+    }
+
+    /// A store in memory, for a relay whose state lives elsewhere (cluster
+    /// mode keeps it in JetStream): it holds nothing and writes no file.
+    pub fn open_in_memory(config: StoreConfig, claims: Arc<Claims>) -> Result<Self, StoreError> {
+        let database = Database::builder()
+            .create_with_backend(redb::backends::InMemoryBackend::new())
+            .map_err(db)?;
+        Self::start(database, config, claims)
+    }
+
+    fn start(
+        database: Database,
+        config: StoreConfig,
+        claims: Arc<Claims>,
+    ) -> Result<Self, StoreError> {
+        let database = Arc::new(database);
         let (receipts, _) = broadcast::channel(65_536);
         let publisher_bytes = Arc::new(dashmap::DashMap::new());
         let writer = Writer::open(
