@@ -158,34 +158,33 @@ impl NatsCluster {
     /// Waits until some running node answers JetStream API requests (a
     /// meta leader is elected).
     pub async fn wait_ready(&self, within: Duration) -> anyhow::Result<()> {
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
-            for (i, n) in self.nodes.iter().enumerate() {
-                if n.child.is_none() {
-                    continue;
-                }
-                if let Ok(Ok(client)) =
-                    tokio::time::timeout(Duration::from_secs(2), async_nats::connect(self.url(i)))
-                        .await
-                {
-                    let info = tokio::time::timeout(
-                        Duration::from_secs(2),
-                        client.request("$JS.API.INFO", "".into()),
-                    )
-                    .await;
-                    if let Ok(Ok(m)) = info {
-                        let body = String::from_utf8_lossy(&m.payload);
-                        if !body.contains("\"error\"") {
-                            return Ok(());
-                        }
+        tokio::time::timeout(within, async {
+            loop {
+                for (i, n) in self.nodes.iter().enumerate() {
+                    if n.child.is_some() && self.answers(i).await {
+                        return;
                     }
                 }
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            if tokio::time::Instant::now() > deadline {
-                bail!("JetStream not ready within {within:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        })
+        .await
+        .map_err(|_| anyhow::anyhow!("JetStream not ready within {within:?}"))
+    }
+
+    /// Whether node `i` answers a JetStream API request without an error.
+    async fn answers(&self, i: usize) -> bool {
+        let Ok(Ok(client)) =
+            tokio::time::timeout(Duration::from_secs(2), async_nats::connect(self.url(i))).await
+        else {
+            return false;
+        };
+        let info = tokio::time::timeout(
+            Duration::from_secs(2),
+            client.request("$JS.API.INFO", "".into()),
+        )
+        .await;
+        matches!(info, Ok(Ok(m)) if !String::from_utf8_lossy(&m.payload).contains("\"error\""))
     }
 }
 
