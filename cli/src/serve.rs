@@ -182,6 +182,9 @@ pub(crate) struct ServeArgs {
     /// host:port devices reach this relay at, told to devices of a draining peer [env: WAKEWIRE_CLUSTER_ADVERTISE]
     #[arg(long)]
     cluster_advertise: Option<String>,
+    /// Seconds between heartbeats of each device's queue consumer [env: WAKEWIRE_CLUSTER_CONSUMER_HEARTBEAT_SECS] [default: 5]
+    #[arg(long)]
+    cluster_consumer_heartbeat_secs: Option<u64>,
 }
 
 impl ServeArgs {
@@ -240,7 +243,8 @@ impl ServeArgs {
             cluster_name,
             cluster_replicas,
             cluster_unavailable_after_secs,
-            cluster_advertise
+            cluster_advertise,
+            cluster_consumer_heartbeat_secs
         );
         if self.cluster_nats_credentials.is_some() {
             s.cluster_nats_credentials = self.cluster_nats_credentials.clone();

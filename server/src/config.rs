@@ -190,6 +190,11 @@ pub struct Settings {
     /// The `host:port` devices reach this relay at, announced to the other
     /// relays: a draining relay sends its devices to its peers.
     pub cluster_advertise: String,
+    /// Seconds between heartbeats of each connected device's queue
+    /// consumer; one lost with its NATS node is replaced after two missed.
+    /// Shorter: faster recovery, more idle messages (one per device per
+    /// interval).
+    pub cluster_consumer_heartbeat_secs: u64,
 }
 
 impl Default for Settings {
@@ -257,6 +262,7 @@ impl Default for Settings {
             cluster_unavailable_after_secs: 5,
             cluster_request_timeout_ms: 2_000,
             cluster_advertise: String::new(),
+            cluster_consumer_heartbeat_secs: 5,
         }
     }
 }

@@ -585,26 +585,7 @@ impl Driver {
             self.ack_writing = true;
             let batch = std::mem::take(&mut self.cluster_acks);
             self.work.spawn(async move {
-                let now = clock::unix_ms();
-                // Receipt first, then the delete: a crash between them
-                // leaves the event queued (sent again, deduplicated by the
-                // SDK), never delivered without a receipt.
-                let done = batch.into_iter().map(|ev| {
-                    let cluster = cluster.clone();
-                    async move {
-                        cluster.finish(&ev, &FinishReason::Delivered, now).await?;
-                        cluster.delete(ev.seq).await
-                    }
-                });
-                let mut all = JoinSet::new();
-                for job in done {
-                    all.spawn(job);
-                }
-                while let Some(r) = all.join_next().await {
-                    if let Ok(Err(e)) = r {
-                        warn!(error = %e, "ack not recorded in the cluster; the event is sent again");
-                    }
-                }
+                record_cluster_acks(&cluster, batch).await;
                 Done::Acked
             });
             return;
@@ -699,6 +680,54 @@ impl Driver {
             } => rc.go_away_to(reason, reconnect_after, message, alternatives),
         }
     }
+}
+
+/// Tries for this long to record acks while NATS is electing a leader or
+/// coming back.
+const CLUSTER_ACK_ATTEMPTS: u32 = 40;
+const CLUSTER_ACK_RETRY: Duration = Duration::from_millis(500);
+
+/// Records acked events in the cluster: the receipt first, then the
+/// delete, so a crash between them leaves the event queued (sent again and
+/// deduplicated by the SDK), never gone without a receipt. What fails is
+/// retried (a NATS node lost, an election) for about 20 s.
+async fn record_cluster_acks(cluster: &Arc<crate::cluster::Cluster>, batch: Vec<StoredEvent>) {
+    let now = clock::unix_ms();
+    // (event, receipt written)
+    let mut pending: Vec<(StoredEvent, bool)> = batch.into_iter().map(|e| (e, false)).collect();
+    for attempt in 1..=CLUSTER_ACK_ATTEMPTS {
+        let mut all = JoinSet::new();
+        for (ev, written) in pending.drain(..) {
+            let cluster = cluster.clone();
+            all.spawn(async move {
+                let written = written
+                    || cluster
+                        .finish(&ev, &FinishReason::Delivered, now)
+                        .await
+                        .is_ok();
+                let deleted = written && cluster.delete(ev.seq).await.is_ok();
+                (ev, written, deleted)
+            });
+        }
+        while let Some(done) = all.join_next().await {
+            if let Ok((ev, written, false)) = done {
+                pending.push((ev, written));
+            }
+        }
+        if pending.is_empty() {
+            return;
+        }
+        debug!(
+            attempt,
+            left = pending.len(),
+            "acks not yet recorded in the cluster; retrying"
+        );
+        tokio::time::sleep(CLUSTER_ACK_RETRY).await;
+    }
+    warn!(
+        events = pending.len(),
+        "acks not recorded in the cluster; those events are sent again (the SDK deduplicates them)"
+    );
 }
 
 /// Gives wakes of a closed connection to the device's current one; what

@@ -56,6 +56,8 @@ impl ClusterFixture {
                 "2",
                 "--drain-delay-secs",
                 "0",
+                "--cluster-consumer-heartbeat-secs",
+                "1",
             ]
             .iter()
             .map(|s| s.to_string()),
@@ -179,4 +181,10 @@ impl ClusterFixture {
     pub fn relay_at(&self, addr: SocketAddr) -> Option<usize> {
         self.quic.iter().position(|a| *a == addr)
     }
+}
+
+/// The monotonic clock, for measuring failovers in tests.
+#[allow(clippy::disallowed_methods)] // tests measure elapsed time
+pub fn now() -> std::time::Instant {
+    std::time::Instant::now()
 }

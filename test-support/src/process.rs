@@ -39,7 +39,7 @@ impl RelayProcess {
                 "--metrics-listen",
                 "off",
                 "--log",
-                "wakewire_server::relay=info,warn",
+                "wakewire_server::relay=info,wakewire_server::cluster=info,warn",
             ])
             .arg("--data-dir")
             .arg(data_dir)
@@ -72,9 +72,11 @@ impl RelayProcess {
         .await
         .context("relay did not start within 30 s")??;
         // Keep draining stderr so the relay never blocks on a full pipe.
+        // RELAY_TEST_LOGS=1 shows every line (for debugging).
+        let all = std::env::var_os("RELAY_TEST_LOGS").is_some();
         tokio::spawn(async move {
             while let Ok(Some(line)) = lines.next_line().await {
-                if line.contains("WARN") || line.contains("ERROR") {
+                if all || line.contains("WARN") || line.contains("ERROR") {
                     eprintln!("relay: {line}");
                 }
             }

@@ -79,6 +79,11 @@ pub struct ClusterConfig {
     /// The address devices reach this relay at, announced to its peers (a
     /// draining relay points its devices at the others').
     pub advertise: Option<String>,
+    /// Heartbeat of each connected device's queue consumer: a consumer lost
+    /// with its NATS node is noticed after two missed ones (its events wait
+    /// in the stream meanwhile). Each costs one message per interval per
+    /// idle device.
+    pub consumer_heartbeat: Duration,
 }
 
 /// What the cluster keeps, sized from the relay's store settings.
@@ -161,6 +166,8 @@ pub struct Cluster {
     pub(crate) channels: kv::Store,
     relays: kv::Store,
     health: Arc<Mutex<NatsHealth>>,
+    /// Counts NATS reconnections (device links read their queues again).
+    reconnected: tokio::sync::watch::Sender<u64>,
     /// This relay's id in the cluster (takeovers, announcements).
     pub(crate) relay_id: String,
     pub(crate) config: ClusterConfig,
@@ -189,6 +196,8 @@ impl Cluster {
         let relay_id = relay_id();
         let health = Arc::new(Mutex::new(NatsHealth::new(config.unavailable_after)));
         let events_health = health.clone();
+        let (reconnected, _) = tokio::sync::watch::channel(0u64);
+        let on_reconnect = reconnected.clone();
         let mut options = async_nats::ConnectOptions::new()
             .name(format!("wakewire-relay {relay_id}"))
             .connection_timeout(Duration::from_secs(5))
@@ -198,12 +207,14 @@ impl Cluster {
             .subscription_capacity(65_536)
             .event_callback(move |event| {
                 let health = events_health.clone();
+                let on_reconnect = on_reconnect.clone();
                 async move {
                     let mut h = health.lock().unwrap_or_else(|p| p.into_inner());
                     match event {
                         async_nats::Event::Connected => {
                             info!("NATS connected");
                             h.handle_connected();
+                            on_reconnect.send_modify(|n| *n += 1);
                         }
                         async_nats::Event::Disconnected => {
                             warn!("NATS disconnected; reconnecting");
@@ -311,6 +322,7 @@ impl Cluster {
             channels,
             relays,
             health,
+            reconnected,
             relay_id,
             config,
         }))
@@ -323,6 +335,11 @@ impl Cluster {
             .lock()
             .map(|h| h.serving(clock::now()))
             .unwrap_or(false)
+    }
+
+    /// Changes each time the NATS connection comes back.
+    pub(crate) fn reconnects(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.reconnected.subscribe()
     }
 
     /// This relay's id in the cluster.

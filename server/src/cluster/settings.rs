@@ -51,6 +51,12 @@ impl Settings {
                 "must be at least 1".into(),
             ));
         }
+        if !(1..=300).contains(&self.cluster_consumer_heartbeat_secs) {
+            return Err(invalid(
+                "cluster_consumer_heartbeat_secs",
+                "must be between 1 and 300".into(),
+            ));
+        }
         if !(100..=60_000).contains(&self.cluster_request_timeout_ms) {
             return Err(invalid(
                 "cluster_request_timeout_ms",
@@ -137,6 +143,7 @@ impl Settings {
             unavailable_after: Duration::from_secs(self.cluster_unavailable_after_secs),
             request_timeout: Duration::from_millis(self.cluster_request_timeout_ms),
             advertise,
+            consumer_heartbeat: Duration::from_secs(self.cluster_consumer_heartbeat_secs),
         }))
     }
 }
