@@ -123,7 +123,7 @@ const RETRY: Duration = Duration::from_secs(1);
 
 /// What one message on a reading's inbox is.
 enum Inbound {
-    Event(async_nats::jetstream::Message, u64, u64),
+    Event(Box<async_nats::jetstream::Message>, u64, u64),
     Heartbeat,
     Ended,
 }
@@ -196,7 +196,7 @@ async fn run(mut link: Link) {
                             r.consumer_seq = consumer_seq;
                         }
                         last_seq = stream_seq;
-                        if !link.forward(m, stream_seq).await {
+                        if !link.forward(*m, stream_seq).await {
                             link.close(reading.take());
                             return;
                         }
@@ -231,7 +231,9 @@ async fn next(js: &async_nats::jetstream::Context, reading: &mut Option<Reading>
         };
         let seqs = m.info().map(|i| (i.stream_sequence, i.consumer_sequence));
         match seqs {
-            Ok((stream_seq, consumer_seq)) => return Inbound::Event(m, stream_seq, consumer_seq),
+            Ok((stream_seq, consumer_seq)) => {
+                return Inbound::Event(Box::new(m), stream_seq, consumer_seq)
+            }
             Err(e) => debug!(error = %e, "message without stream metadata skipped"),
         }
     }
