@@ -261,7 +261,10 @@ async fn collapse_keys_and_queue_limits_hold_across_relays() -> anyhow::Result<(
         .await?;
     dev.channel("mail")
         .on_wake(move |w| {
-            *got.lock().unwrap().entry(w.event_id.clone()).or_default() += 1;
+            *got.lock()
+                .expect("lock")
+                .entry(w.event_id.clone())
+                .or_default() += 1;
             let _ = tx.send(String::from_utf8_lossy(&w.payload).into_owned());
         })
         .register()

@@ -20,15 +20,17 @@ const BIN: &str = env!("CARGO_BIN_EXE_wakewire-relay");
 /// its device moves (a drop is by design, with a receipt; not a loss).
 const NO_DROPS: &[&str] = &["--queue-limit", "100000"];
 
+/// Per device: when it last lost its connection, and the longest time it
+/// was without one.
+type Gaps = Arc<Mutex<Vec<(Option<std::time::Instant>, Duration)>>>;
+
 /// Devices that count their callbacks per event id.
 struct Fleet {
     clients: Vec<Client>,
     channels: Vec<String>,
     names: Vec<String>,
     seen: Arc<Mutex<HashMap<String, u32>>>,
-    /// Per device: when it last lost its connection, and the longest time
-    /// it was without one.
-    gaps: Arc<Mutex<Vec<(Option<std::time::Instant>, Duration)>>>,
+    gaps: Gaps,
 }
 
 impl Fleet {
@@ -44,7 +46,7 @@ impl Fleet {
             let client = c
                 .client(&name)
                 .on_status(move |s| {
-                    let mut g = g.lock().unwrap();
+                    let mut g = g.lock().expect("lock");
                     let now = wakewire_test_support::cluster::now();
                     match s {
                         Status::Disconnected { .. } => {
@@ -64,7 +66,10 @@ impl Fleet {
             let ch = client
                 .channel("mail")
                 .on_wake(move |w| {
-                    *s.lock().unwrap().entry(w.event_id.clone()).or_default() += 1;
+                    *s.lock()
+                        .expect("lock")
+                        .entry(w.event_id.clone())
+                        .or_default() += 1;
                 })
                 .register()
                 .await?;
@@ -95,7 +100,7 @@ impl Fleet {
         let all_seen = tokio::time::timeout(Duration::from_secs(60), async {
             loop {
                 let missing = {
-                    let seen = self.seen.lock().unwrap();
+                    let seen = self.seen.lock().expect("lock");
                     ok.iter().filter(|id| !seen.contains_key(*id)).count()
                 };
                 if missing == 0 {
@@ -105,7 +110,7 @@ impl Fleet {
             }
         })
         .await;
-        let seen = self.seen.lock().unwrap();
+        let seen = self.seen.lock().expect("lock");
         let missing: Vec<&String> = ok.iter().filter(|id| !seen.contains_key(*id)).collect();
         anyhow::ensure!(
             all_seen.is_ok(),
@@ -258,7 +263,7 @@ async fn devices_of_a_killed_relay_move_to_the_others_and_nothing_ok_is_lost() -
         let names: Vec<&str> = fleet.names.iter().map(String::as_str).collect();
         let token = c.publisher_token(&names);
         let alive = (victim + 1) % 3;
-        let seen = fleet.seen.lock().unwrap().clone();
+        let seen = fleet.seen.lock().expect("lock").clone();
         for id in ok.iter().filter(|id| !seen.contains_key(*id)).take(5) {
             let st = c
                 .publisher(alive)
@@ -296,16 +301,16 @@ async fn a_nats_node_killed_under_publishing_loses_nothing_ok() -> anyhow::Resul
             c.nats.kill(0).await?;
             let killed = wakewire_test_support::cluster::now();
             // Publishing goes on: wait (bounded) for 50 more callbacks.
-            let before = fleet.seen.lock().unwrap().len();
+            let before = fleet.seen.lock().expect("lock").len();
             let resumed = tokio::time::timeout(Duration::from_secs(30), async {
-                while fleet.seen.lock().unwrap().len() < before + 50 {
+                while fleet.seen.lock().expect("lock").len() < before + 50 {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             })
             .await;
             let took = killed.elapsed();
             tokio::time::sleep(Duration::from_secs(1)).await;
-            *after_kill.lock().unwrap() = fleet.seen.lock().unwrap().len() - before;
+            *after_kill.lock().expect("lock") = fleet.seen.lock().expect("lock").len() - before;
             stop.store(true, Ordering::Relaxed);
             anyhow::ensure!(
                 resumed.is_ok(),
@@ -322,7 +327,7 @@ async fn a_nats_node_killed_under_publishing_loses_nothing_ok() -> anyhow::Resul
     eprintln!(
         "{} publishes answered OK, {refused} refused; {} callbacks after the kill",
         ok.len(),
-        after_kill.lock().unwrap()
+        after_kill.lock().expect("lock")
     );
     fleet.expect_exactly_once(&ok).await?;
     fleet.close().await;
@@ -422,16 +427,16 @@ async fn a_rolling_restart_of_every_relay_loses_nothing_and_delivers_once() -> a
         let publishing = publish_until(
             &c,
             &fleet,
-            move |r| *d.lock().unwrap() != Some(r),
+            move |r| *d.lock().expect("lock") != Some(r),
             stop.clone(),
         );
         let rolling = async {
             for i in 0..3 {
                 tokio::time::sleep(Duration::from_millis(700)).await;
-                *down.lock().unwrap() = Some(i);
+                *down.lock().expect("lock") = Some(i);
                 c.drain(i).await?;
                 c.restart(i).await?;
-                *down.lock().unwrap() = None;
+                *down.lock().expect("lock") = None;
             }
             tokio::time::sleep(Duration::from_millis(700)).await;
             stop.store(true, Ordering::Relaxed);
