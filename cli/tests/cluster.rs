@@ -283,3 +283,37 @@ async fn collapse_keys_and_queue_limits_hold_across_relays() -> anyhow::Result<(
     dev.close().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_relay_sends_its_devices_to_its_peers() -> anyhow::Result<()> {
+    let mut c = ClusterFixture::start(BIN.as_ref(), 3, 2, &[]).await?;
+    let token = c.publisher_token(&["phone"]);
+    // The device knows relay A only.
+    let (on_wake, mut wakes) = wake_sink();
+    let (on_status, mut statuses) = wakewire_test_support::status_sink();
+    let dev = c
+        .client_for("phone", &c.quic[0].to_string())
+        .on_status(on_status)
+        .connect()
+        .await?;
+    let ch = dev.channel("mail").on_wake(on_wake).register().await?;
+    // Relays announce themselves every 10 s; the first announcement is at
+    // start, so B is known to A by now.
+    c.drain(0).await?;
+    // Its GoAway named B: the device is there now, and reachable.
+    let on_b = wakewire_test_support::wait_status(&mut statuses, |s| {
+        matches!(s, wakewire_sdk::Status::Connected(i) if i.relay_addr == c.quic[1])
+    })
+    .await;
+    assert!(on_b.is_ok(), "the device did not move to the peer: {on_b:?}");
+    let r = c
+        .publisher(1)
+        .await?
+        .publish(authed(publish(ch.as_str(), "after the move"), &token))
+        .await?
+        .into_inner();
+    assert_eq!(r.status(), DeliveryStatus::Delivered);
+    assert_eq!(recv(&mut wakes).await?.event_id, r.event_id);
+    dev.close().await;
+    Ok(())
+}
