@@ -301,11 +301,15 @@ async fn a_draining_relay_sends_its_devices_to_its_peers() -> anyhow::Result<()>
     // start, so B is known to A by now.
     c.drain(0).await?;
     // Its GoAway named B: the device is there now, and reachable.
-    let on_b = wakewire_test_support::wait_status(&mut statuses, |s| {
-        matches!(s, wakewire_sdk::Status::Connected(i) if i.relay_addr == c.quic[1])
-    })
+    let on_b = wakewire_test_support::wait_status(
+        &mut statuses,
+        |s| matches!(s, wakewire_sdk::Status::Connected(i) if i.relay_addr == c.quic[1]),
+    )
     .await;
-    assert!(on_b.is_ok(), "the device did not move to the peer: {on_b:?}");
+    assert!(
+        on_b.is_ok(),
+        "the device did not move to the peer: {on_b:?}"
+    );
     let r = c
         .publisher(1)
         .await?
@@ -315,5 +319,64 @@ async fn a_draining_relay_sends_its_devices_to_its_peers() -> anyhow::Result<()>
     assert_eq!(r.status(), DeliveryStatus::Delivered);
     assert_eq!(recv(&mut wakes).await?.event_id, r.event_id);
     dev.close().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_relay_exports_its_cluster_metrics_and_the_dashboard_uses_only_exported_ones(
+) -> anyhow::Result<()> {
+    use wakewire_test_support::metrics::{metric_names, scrape};
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let c = ClusterFixture::start(BIN.as_ref(), 3, 1, &["--metrics-listen", &addr]).await?;
+    let token = c.publisher_token(&["phone"]);
+    let (on_wake, mut wakes) = wake_sink();
+    let dev = c.client("phone").connect().await?;
+    let ch = dev.channel("mail").on_wake(on_wake).register().await?;
+    let r = c
+        .publisher(0)
+        .await?
+        .publish(authed(publish(ch.as_str(), "x"), &token))
+        .await?
+        .into_inner();
+    assert_eq!(r.status(), DeliveryStatus::Delivered);
+    recv(&mut wakes).await?;
+    dev.close().await;
+    let body = scrape(port).await?;
+    let exported = metric_names(&body);
+    let repo = |p: &str| {
+        std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("..")
+                .join(p),
+        )
+    };
+    let docs = repo("docs/operations.md")?;
+    for line in docs.lines().filter(|l| l.contains("| cluster mode")) {
+        for name in metric_names(line) {
+            assert!(
+                exported.contains(&name) || body.contains(&format!("# TYPE {name} histogram")),
+                "cluster metric {name} is not exported:\n{body}"
+            );
+        }
+    }
+    assert!(body.contains("wakewire_relay_nats_connected 1"), "{body}");
+    assert!(
+        body.contains("op=\"publish\""),
+        "no JetStream publish timed:\n{body}"
+    );
+    for file in [
+        "deploy/grafana/wakewire.json",
+        "deploy/prometheus/alerts.yaml",
+    ] {
+        for name in metric_names(&repo(file)?) {
+            assert!(
+                exported.contains(&name),
+                "{file} uses {name}, not in the scrape"
+            );
+        }
+    }
     Ok(())
 }

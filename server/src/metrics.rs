@@ -62,6 +62,17 @@ pub const RETRIES: &str = "wakewire_relay_retries_total";
 pub const REVOKED: &str = "wakewire_relay_revoked_total";
 /// Counter: TLS handshakes on the publisher port that failed or timed out.
 pub const GRPC_TLS_FAILURES: &str = "wakewire_relay_grpc_tls_failures_total";
+/// Histogram: cluster mode, seconds of one JetStream round trip, label
+/// `op` (publish, receipt, delete, read, consumer).
+pub const NATS_SECONDS: &str = "wakewire_relay_nats_request_seconds";
+/// Counter: cluster mode, JetStream requests that failed, label `op`.
+pub const NATS_ERRORS: &str = "wakewire_relay_nats_errors_total";
+/// Gauge: cluster mode, 1 while connected to NATS.
+pub const NATS_CONNECTED: &str = "wakewire_relay_nats_connected";
+/// Gauge: cluster mode, messages in a cluster stream, label `stream`
+/// (events: accepted and not yet finished, the cluster's backlog;
+/// status: receipts kept).
+pub const CLUSTER_STREAM_MESSAGES: &str = "wakewire_relay_cluster_stream_messages";
 
 /// Kind of a metric, for its description and pre-registration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -185,6 +196,26 @@ pub const ALL: &[(&str, Kind, &str)] = &[
         Kind::Counter,
         "failed TLS handshakes on the publisher port",
     ),
+    (
+        NATS_SECONDS,
+        Kind::Histogram,
+        "cluster mode: JetStream round trips, by operation",
+    ),
+    (
+        NATS_ERRORS,
+        Kind::Counter,
+        "cluster mode: failed JetStream requests, by operation",
+    ),
+    (
+        NATS_CONNECTED,
+        Kind::Gauge,
+        "cluster mode: 1 while connected to NATS",
+    ),
+    (
+        CLUSTER_STREAM_MESSAGES,
+        Kind::Gauge,
+        "cluster mode: messages in the cluster's streams (events: backlog)",
+    ),
 ];
 
 /// Histogram buckets, seconds (and counts, for the batch size): from half
@@ -194,10 +225,19 @@ pub const BUCKETS: &[f64] = &[
     1000.0,
 ];
 
+/// Whether a metric only exists in cluster mode.
+pub fn cluster_only(help: &str) -> bool {
+    help.starts_with("cluster mode")
+}
+
 /// Describes every metric to the recorder and creates its series at zero,
-/// so dashboards and alerts see each one from the start.
-pub fn register_all() {
+/// so dashboards and alerts see each one from the start (the cluster's
+/// only in cluster mode).
+pub fn register_all(cluster: bool) {
     for (name, kind, help) in ALL {
+        if cluster_only(help) && !cluster {
+            continue;
+        }
         match kind {
             Kind::Counter => {
                 metrics::describe_counter!(*name, *help);

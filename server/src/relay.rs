@@ -325,7 +325,7 @@ pub async fn start_on(
             .build()
             .map_err(|e| metrics_err(e.to_string()))?;
         metrics::set_global_recorder(recorder).map_err(|e| metrics_err(e.to_string()))?;
-        crate::metrics::register_all();
+        crate::metrics::register_all(config.cluster.is_some());
         tasks.spawn("the metrics endpoint", async move {
             if let Err(e) = exporter.await {
                 warn!(error = ?e, "metrics endpoint stopped");
@@ -710,6 +710,7 @@ async fn cluster_watch(
             if let Err(e) = cluster.announce().await {
                 tracing::debug!(error = %e, "cluster announcement failed");
             }
+            cluster.report_streams().await;
         }
         n += 1;
     }

@@ -33,14 +33,18 @@ impl RelayProcess {
         grpc: SocketAddr,
         extra: &[&str],
     ) -> anyhow::Result<Self> {
+        let metrics_off: &[&str] = if extra.contains(&"--metrics-listen") {
+            &[]
+        } else {
+            &["--metrics-listen", "off"]
+        };
         let mut child = Command::new(bin)
             .args([
                 "serve",
-                "--metrics-listen",
-                "off",
                 "--log",
                 "wakewire_server::relay=info,wakewire_server::cluster=info,warn",
             ])
+            .args(metrics_off)
             .arg("--data-dir")
             .arg(data_dir)
             .arg("--quic-listen")

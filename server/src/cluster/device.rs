@@ -275,10 +275,9 @@ impl Link {
             .await
             .map_err(nats_err)?;
         let heartbeat = self.cluster.config.consumer_heartbeat;
-        let consumer: async_nats::jetstream::consumer::PushConsumer = self
-            .cluster
-            .events
-            .create_consumer(push::Config {
+        let consumer: async_nats::jetstream::consumer::PushConsumer = super::events::timed(
+            "consumer",
+            self.cluster.events.create_consumer(push::Config {
                 deliver_subject: subject,
                 filter_subject: self.cluster.names.device_filter(&self.devkey),
                 deliver_policy,
@@ -290,9 +289,10 @@ impl Link {
                 num_replicas: 1,
                 memory_storage: true,
                 ..Default::default()
-            })
-            .await
-            .map_err(nats_err)?;
+            }),
+        )
+        .await
+        .map_err(nats_err)?;
         Ok(Reading {
             inbox,
             consumer: consumer.cached_info().name.clone(),

@@ -18,6 +18,7 @@ use super::core::{
 };
 use super::naming::{devkey_of, hex, DEVICE_HEADER, REQUEST_HEADER};
 use super::{nats_err, Cluster, ClusterError};
+use crate::metrics as m;
 use crate::pb::{live_request, LiveReply, LiveRequest, StoredChannel, StoredEvent};
 use crate::registry::Registry;
 use crate::store::FinishReason;
@@ -177,27 +178,30 @@ impl Cluster {
         headers: HeaderMap,
         payload: bytes::Bytes,
     ) -> Result<PublishOutcome, ClusterError> {
-        let ack = self
-            .js
-            .publish_with_headers(subject.to_owned(), headers, payload)
-            .await
-            .map_err(nats_err)?
-            .await;
-        match ack {
-            Ok(a) if a.duplicate => Ok(PublishOutcome::Duplicate),
-            Ok(a) => Ok(PublishOutcome::Stored { seq: a.sequence }),
-            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
-                Ok(PublishOutcome::WrongLastSequence)
+        timed("publish", async {
+            let ack = self
+                .js
+                .publish_with_headers(subject.to_owned(), headers, payload)
+                .await
+                .map_err(nats_err)?
+                .await;
+            match ack {
+                Ok(a) if a.duplicate => Ok(PublishOutcome::Duplicate),
+                Ok(a) => Ok(PublishOutcome::Stored { seq: a.sequence }),
+                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
+                    Ok(PublishOutcome::WrongLastSequence)
+                }
+                Err(e) if subject_full(&e) => Ok(PublishOutcome::SubjectFull),
+                Err(e) if e.kind() == PublishErrorKind::TimedOut => Err(ClusterError::Unconfirmed),
+                Err(e) => Err(nats_err(e)),
             }
-            Err(e) if subject_full(&e) => Ok(PublishOutcome::SubjectFull),
-            Err(e) if e.kind() == PublishErrorKind::TimedOut => Err(ClusterError::Unconfirmed),
-            Err(e) => Err(nats_err(e)),
-        }
+        })
+        .await
     }
 
     /// The last event on `subject` (`seq` set), if any.
     async fn last_on(&self, subject: &str) -> Result<Option<StoredEvent>, ClusterError> {
-        match self.events.get_last_raw_message_by_subject(subject).await {
+        match timed("read", self.events.get_last_raw_message_by_subject(subject)).await {
             Ok(m) => {
                 let mut ev = decode_event(&m.payload)?;
                 ev.seq = m.sequence;
@@ -230,7 +234,7 @@ impl Cluster {
 
     /// Deletes the event at `seq`; false if it was not there.
     pub(crate) async fn delete(&self, seq: u64) -> Result<bool, ClusterError> {
-        match self.events.delete_message(seq).await {
+        match timed("delete", self.events.delete_message(seq)).await {
             Ok(done) => Ok(done),
             Err(e) => match e.kind() {
                 async_nats::jetstream::stream::DeleteMessageErrorKind::JetStream(js)
@@ -270,16 +274,20 @@ impl Cluster {
             headers.insert("Nats-Expected-Last-Subject-Sequence", "0");
         }
         let bytes: bytes::Bytes = record.encode_to_vec().into();
-        let written = self
-            .js
-            .publish_with_headers(
-                self.names.status_subject(&event.event_id),
-                headers,
-                bytes.clone(),
+        let written = timed("receipt", async {
+            Ok::<_, ClusterError>(
+                self.js
+                    .publish_with_headers(
+                        self.names.status_subject(&event.event_id),
+                        headers,
+                        bytes.clone(),
+                    )
+                    .await
+                    .map_err(nats_err)?
+                    .await,
             )
-            .await
-            .map_err(nats_err)?
-            .await;
+        })
+        .await?;
         match written {
             Ok(_) => {}
             Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => return Ok(false),
@@ -604,6 +612,25 @@ impl Cluster {
         }
         Err(ClusterError::Nats("channel watch ended".into()))
     }
+}
+
+/// Runs one JetStream request, timing it (and counting its failure) as
+/// `op` in the relay's metrics.
+pub(crate) async fn timed<T, E>(
+    op: &'static str,
+    request: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, E> {
+    let started = crate::state::clock::now();
+    let r = request.await;
+    metrics::histogram!(m::NATS_SECONDS, "op" => op).record(
+        crate::state::clock::now()
+            .saturating_duration_since(started)
+            .as_secs_f64(),
+    );
+    if r.is_err() {
+        metrics::counter!(m::NATS_ERRORS, "op" => op).increment(1);
+    }
+    r
 }
 
 pub(crate) fn decode_event(bytes: &[u8]) -> Result<StoredEvent, ClusterError> {

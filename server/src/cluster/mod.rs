@@ -214,11 +214,13 @@ impl Cluster {
                         async_nats::Event::Connected => {
                             info!("NATS connected");
                             h.handle_connected();
+                            metrics::gauge!(crate::metrics::NATS_CONNECTED).set(1.0);
                             on_reconnect.send_modify(|n| *n += 1);
                         }
                         async_nats::Event::Disconnected => {
                             warn!("NATS disconnected; reconnecting");
                             h.handle_disconnected(clock::now());
+                            metrics::gauge!(crate::metrics::NATS_CONNECTED).set(0.0);
                         }
                         other => info!(event = %other, "NATS"),
                     }
@@ -313,6 +315,7 @@ impl Cluster {
         )
         .await?;
         info!(%relay_id, nats = %urls, replicas = config.replicas, "cluster mode: JetStream streams and buckets ready");
+        metrics::gauge!(crate::metrics::NATS_CONNECTED).set(1.0);
         Ok(Arc::new(Self {
             names,
             client,
@@ -379,6 +382,16 @@ impl Cluster {
         }
         out.sort();
         out
+    }
+
+    /// Updates the stream size gauges (the cluster's backlog).
+    pub(crate) async fn report_streams(&self) {
+        for (label, stream) in [("events", &self.events), ("status", &self.status)] {
+            if let Ok(info) = stream.get_info().await {
+                metrics::gauge!(crate::metrics::CLUSTER_STREAM_MESSAGES, "stream" => label)
+                    .set(info.state.messages as f64);
+            }
+        }
     }
 
     /// Removes this relay's announcement (on drain).
