@@ -16,6 +16,7 @@
 #![allow(clippy::disallowed_methods)]
 
 mod ackflood;
+mod cluster;
 mod fleet;
 mod floor;
 mod helloflood;
@@ -60,6 +61,38 @@ enum Which {
 #[derive(Subcommand)]
 #[allow(clippy::large_enum_variant)] // parsed once at start-up
 enum Cmd {
+    /// One relay on its embedded store against three relays on a
+    /// three-node NATS JetStream cluster: publish-to-callback latency,
+    /// durable publishes/s, failover time (needs nats-server).
+    Cluster {
+        /// Connected devices in the latency phase.
+        #[arg(long, default_value_t = 1000)]
+        devices: usize,
+        /// Publishes in the latency phase.
+        #[arg(long, default_value_t = 5000)]
+        publishes: usize,
+        /// Publishes in flight in the latency phase.
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        /// Durable phase, seconds.
+        #[arg(long, default_value_t = 10.0)]
+        durable_secs: f64,
+        /// Concurrent publishers in the durable phase.
+        #[arg(long, default_value_t = 256)]
+        durable_workers: usize,
+        /// Devices in the failover phase (0 = skip).
+        #[arg(long, default_value_t = 10000)]
+        failover_devices: usize,
+        /// Device keepalive in the failover phase, seconds.
+        #[arg(long, default_value_t = 5.0)]
+        failover_keepalive_secs: f64,
+        /// Path of wakewire-relay (default: next to this binary).
+        #[arg(long)]
+        relay_bin: Option<PathBuf>,
+        /// Output directory.
+        #[arg(long, default_value = "loadtest-out/cluster")]
+        out: PathBuf,
+    },
     /// Run the scenarios against the floor and/or the relay and report.
     Compare {
         /// Which targets to run.
@@ -274,6 +307,48 @@ async fn main() -> anyhow::Result<()> {
             println!(
                 "{md}\nwrote {}/standby.md, standby-interval.svg",
                 out.display()
+            );
+            Ok(())
+        }
+        Cmd::Cluster {
+            devices,
+            publishes,
+            concurrency,
+            durable_secs,
+            durable_workers,
+            failover_devices,
+            failover_keepalive_secs,
+            relay_bin,
+            out,
+        } => {
+            let relay_bin = match relay_bin {
+                Some(b) => b,
+                None => target::sibling_binary("wakewire-relay")?,
+            };
+            let header = format!(
+                "### Run of {}\n\n- command: `wakewire-loadtest {}`\n- machine: {}\n",
+                now_utc(),
+                std::env::args().skip(1).collect::<Vec<_>>().join(" "),
+                machine()
+            );
+            cluster::run(
+                &cluster::ClusterOpts {
+                    devices,
+                    publishes,
+                    concurrency,
+                    durable_secs,
+                    durable_workers,
+                    failover_devices,
+                    failover_keepalive: Duration::from_secs_f64(failover_keepalive_secs),
+                    relay_bin,
+                    out: out.clone(),
+                },
+                header,
+            )
+            .await?;
+            println!(
+                "{}",
+                std::fs::read_to_string(out.join("cluster.md")).unwrap_or_default()
             );
             Ok(())
         }

@@ -125,6 +125,16 @@ impl ClusterFixture {
         Ok(())
     }
 
+    /// The first relay's data directory (the keys every relay shares).
+    pub fn data_dir(&self) -> &Path {
+        &self.dirs[0]
+    }
+
+    /// The dev certificate every relay serves.
+    pub fn dev_cert(&self) -> PathBuf {
+        self.dirs[0].join(wakewire_server::data_dir::DEV_CERT_FILE)
+    }
+
     /// The shared keys (tokens).
     pub fn keys(&self) -> &Keys {
         &self.keys
@@ -149,7 +159,7 @@ impl ClusterFixture {
     pub fn client_for(&self, device: &str, relays: &str) -> ClientBuilder {
         ClientBuilder::new(relays)
             .server_name("localhost")
-            .trust_pem_file(self.dirs[0].join(wakewire_server::data_dir::DEV_CERT_FILE))
+            .trust_pem_file(self.dev_cert())
             .device_token(
                 self.keys
                     .device_token(device, Duration::from_secs(3600), unix_secs()),
