@@ -21,10 +21,12 @@ echo "== yamllint"
 python3 -m yamllint -s deploy/ .yamllint
 
 echo "== kubernetes-validate deploy/k8s"
-"$tools/bin/kubernetes-validate" --strict deploy/k8s/*.yaml
+"$tools/bin/kubernetes-validate" --strict deploy/k8s/*.yaml deploy/k8s/cluster/*.yaml
 
 echo "== compose config"
-"$tools/bin/podman-compose" -f deploy/compose.yaml config > /dev/null
+for profile in single cluster; do
+  "$tools/bin/podman-compose" -f deploy/compose.yaml --profile "$profile" config > /dev/null
+done
 
 echo "== Grafana dashboard"
 python3 -c 'import json,sys; d=json.load(open("deploy/grafana/wakewire.json")); assert d["panels"], "no panels"'

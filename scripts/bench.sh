@@ -27,6 +27,9 @@ done
 $LT standby --out "$OUT/standby"
 # F: legitimate devices during a ClientHello flood, with and without Retry.
 $LT hello-flood --flood-rate 10000 --secs 10 --concurrency 16 --out "$OUT/helloflood"
+# G: a cluster (3 relays on a 3-node NATS JetStream, R3) vs one node; failover.
+$LT cluster --devices 1000 --publishes 10000 --concurrency 16 --durable-secs 15 \
+  --durable-workers 256 --failover-devices 10000 --failover-keepalive-secs 5 --out "$OUT/cluster"
 # E: one device flooding acks: other tenants' latency and the relay's memory.
 $LT ack-flood --devices 200 --rate 500 --phase-secs 10 --flooders 1 --out "$OUT/ackflood"
 
@@ -79,6 +82,17 @@ cp "$OUT/standby/standby-interval.svg" docs/bench/
   echo "(relay child process, loopback; $(date -u +%Y-%m-%d))."
   echo
   cat "$OUT/helloflood/helloflood.md"
+  echo
+  echo "## Cluster: 3 relays on NATS JetStream vs one node"
+  echo
+  echo "Real processes on loopback: three nats-server $(nats-server --version 2>/dev/null | awk '{print $2}') nodes (JetStream, R3) and three"
+  echo "relays, against one relay on its embedded store; same devices, same publisher. In the"
+  echo "cluster the device is on relay C and the publisher on relay A. Durable: devices offline,"
+  echo "each publish answered once stored (an fsync on one node; a write on a majority of NATS"
+  echo "nodes in a cluster). Failover: devices spread over the three relays, one killed with"
+  echo "SIGKILL; devices notice at their next keepalive (5 s here, timeout 5 s)."
+  echo
+  cat "$OUT/cluster/cluster.md"
   echo
   cat docs/benchmarks.tail.md
 } > docs/benchmarks.md

@@ -68,6 +68,14 @@ pub(crate) enum TokenCmd {
 /// `wakewire-relay keys`.
 #[derive(Subcommand)]
 pub(crate) enum KeysCmd {
+    /// Make the keys (signing key, channel secret) and the dev certificate
+    /// if they are not there yet; prints the signing key id. For the
+    /// shared keys of a cluster (docs/cluster.md).
+    Init {
+        /// Relay data directory.
+        #[arg(long, default_value = "wakewire-data", env = "WAKEWIRE_DATA_DIR")]
+        data_dir: PathBuf,
+    },
     /// List the signing key and the retired keys still accepted.
     List {
         /// Relay data directory.
@@ -187,6 +195,17 @@ fn revoked_ids(data_dir: &std::path::Path) -> Vec<String> {
 
 pub(crate) fn keys_cmd(cmd: KeysCmd) -> anyhow::Result<String> {
     match cmd {
+        KeysCmd::Init { data_dir } => {
+            let dd = DataDir::open(&data_dir)?;
+            let k = dd.keys()?;
+            let (cert, _) = dd.dev_certificate()?;
+            Ok(format!(
+                "keys in {}: signing key {}; dev certificate {}",
+                data_dir.display(),
+                k.signer.kid(),
+                cert.display()
+            ))
+        }
         KeysCmd::List { data_dir } => {
             let k = keys(&data_dir)?;
             let current = k.signer.kid();

@@ -302,3 +302,30 @@ async fn token_commands_refuse_ambiguous_scopes_and_revoke_by_id() -> anyhow::Re
     assert!(listed.contains("retired"));
     Ok(())
 }
+
+#[tokio::test]
+async fn keys_init_makes_the_keys_once_and_keeps_them() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("keys");
+    let data = data.to_str().expect("utf-8");
+    let first = relay_cmd(&["keys", "init", "--data-dir", data])
+        .output()
+        .await?;
+    assert!(first.status.success(), "{first:?}");
+    let secret = std::fs::read(dir.path().join("keys/channel-id.secret"))?;
+    let again = relay_cmd(&["keys", "init", "--data-dir", data])
+        .output()
+        .await?;
+    assert!(again.status.success());
+    assert_eq!(first.stdout, again.stdout, "the signing key changed");
+    assert_eq!(
+        std::fs::read(dir.path().join("keys/channel-id.secret"))?,
+        secret
+    );
+    // The other commands use them.
+    let token = relay_cmd(&["token", "device", "--device-id", "d", "--data-dir", data])
+        .output()
+        .await?;
+    assert!(token.status.success(), "{token:?}");
+    Ok(())
+}

@@ -314,23 +314,33 @@ impl DataDir {
     pub fn dev_certificate(&self) -> Result<(PathBuf, PathBuf), DataDirError> {
         let cert = self.path.join(DEV_CERT_FILE);
         let key = self.path.join(DEV_KEY_FILE);
-        if !cert.exists() || !key.exists() {
+        // The key first, then a certificate for whichever key is on disk:
+        // processes starting together on one directory (a cluster's relays
+        // sharing keys) end with one matching pair.
+        let key_pem = self.read_or_create(&key, || {
+            rcgen::KeyPair::generate()
+                .map(|k| k.serialize_pem().into_bytes())
+                .map_err(|e| format!("cannot generate a key: {e}"))
+        })?;
+        self.read_or_create(&cert, || {
+            let pem = String::from_utf8(key_pem).map_err(|e| e.to_string())?;
+            let key_pair = rcgen::KeyPair::from_pem(&pem).map_err(|e| e.to_string())?;
             let names = vec![
                 "localhost".to_owned(),
                 "127.0.0.1".to_owned(),
                 "::1".to_owned(),
             ];
-            let ck =
-                rcgen::generate_simple_self_signed(names).map_err(|e| DataDirError::Corrupt {
-                    path: cert.clone(),
-                    message: format!("cannot generate a certificate: {e}"),
-                })?;
-            write_private(&key, ck.key_pair.serialize_pem().as_bytes())?;
-            write_private(&cert, ck.cert.pem().as_bytes())?;
-        }
+            rcgen::CertificateParams::new(names)
+                .and_then(|p| p.self_signed(&key_pair))
+                .map(|c| c.pem().into_bytes())
+                .map_err(|e| format!("cannot generate a certificate: {e}"))
+        })?;
         Ok((cert, key))
     }
 
+    /// The file's contents, creating it with `make` if absent. Creation
+    /// never replaces a file another process created meanwhile: the loser
+    /// reads the winner's, so every process ends with the same contents.
     fn read_or_create(
         &self,
         path: &Path,
@@ -343,8 +353,7 @@ impl DataDir {
                     path: path.to_owned(),
                     message,
                 })?;
-                write_private(path, &bytes)?;
-                Ok(bytes)
+                create_private_once(path, &bytes)
             }
             Err(source) => Err(DataDirError::Io {
                 path: path.to_owned(),
@@ -365,6 +374,44 @@ fn create_private_dir(path: &Path) -> Result<(), DataDirError> {
 }
 
 /// Writes a file readable by its owner only, atomically (temp + rename).
+/// Creates `path` with `bytes` (mode 0600) unless it exists; returns what
+/// the file holds afterwards. Written to a file of its own, then linked
+/// into place (a link never replaces a file).
+fn create_private_once(path: &Path, bytes: &[u8]) -> Result<Vec<u8>, DataDirError> {
+    let io = |source| DataDirError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mut unique = [0u8; 8];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut unique).map_err(
+        |_| DataDirError::Corrupt {
+            path: path.to_owned(),
+            message: "no system randomness".into(),
+        },
+    )?;
+    let tmp = path.with_extension(format!(
+        "{}.{}.tmp",
+        std::process::id(),
+        u64::from_le_bytes(unique)
+    ));
+    let written = (|| {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::hard_link(&tmp, path)
+    })();
+    let _ = fs::remove_file(&tmp);
+    match written {
+        Ok(()) => Ok(bytes.to_vec()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => fs::read(path).map_err(io),
+        Err(e) => Err(io(e)),
+    }
+}
+
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), DataDirError> {
     let io = |source| DataDirError::Io {
         path: path.to_owned(),
@@ -386,6 +433,39 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), DataDirError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn processes_starting_together_on_one_directory_end_with_the_same_keys() {
+        // A cluster's relays sharing one data directory start at once.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("shared");
+        let seen: Vec<(String, String, String)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| {
+                    scope.spawn(|| {
+                        let d = DataDir::open(&path).unwrap();
+                        let keys = d.keys().unwrap();
+                        let (cert, key) = d.dev_certificate().unwrap();
+                        // The pair on disk matches.
+                        crate::certs::ReloadableCert::load(&cert, &key).unwrap();
+                        (
+                            keys.channel_ids.derive("device", "name"),
+                            crate::cluster::naming::hex(&keys.signer.public_key()),
+                            std::fs::read_to_string(cert).unwrap(),
+                        )
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(seen.windows(2).all(|w| w[0] == w[1]), "{seen:?}");
+        let left: Vec<_> = std::fs::read_dir(&path)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert!(left.is_empty(), "temporary files left: {left:?}");
+    }
 
     #[test]
     fn keys_and_certificate_are_created_once_and_reused() {

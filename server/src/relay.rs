@@ -747,12 +747,22 @@ async fn expire_channels(shared: &Shared, now: u64) {
         let Some(device) = shared.registry.owner(&id) else {
             continue;
         };
-        match shared
-            .store
-            .channel_gone(id.clone(), reason.clone(), now)
-            .await
-        {
-            Ok(_) => shared.registry.channel_gone(&id, &device, &reason, now),
+        // In a cluster every relay sees the same records, so any of them
+        // may expire a channel (the first write wins; the others repeat it).
+        let done = match &shared.cluster {
+            Some(c) => c
+                .channel_gone(&id, &device, &reason, now)
+                .await
+                .map_err(|e| e.to_string()),
+            None => shared
+                .store
+                .channel_gone(id.clone(), reason.clone(), now)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+        };
+        match done {
+            Ok(()) => shared.registry.channel_gone(&id, &device, &reason, now),
             Err(e) => warn!(error = %e, "channel expiry failed"),
         }
     }
@@ -760,7 +770,15 @@ async fn expire_channels(shared: &Shared, now: u64) {
     let before = now.saturating_sub(keep);
     let old = shared.registry.gone_before(before);
     if !old.is_empty() {
-        match shared.store.forget_channels(old.clone(), before).await {
+        let forgotten = match &shared.cluster {
+            Some(c) => c.forget_channels(&old).await.map_err(|e| e.to_string()),
+            None => shared
+                .store
+                .forget_channels(old.clone(), before)
+                .await
+                .map_err(|e| e.to_string()),
+        };
+        match forgotten {
             Ok(()) => {
                 for id in &old {
                     shared.registry.forget_gone(id);

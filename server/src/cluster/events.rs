@@ -552,6 +552,14 @@ impl Cluster {
         Ok(())
     }
 
+    /// Deletes the records of gone channels (after their retention).
+    pub(crate) async fn forget_channels(&self, ids: &[String]) -> Result<(), ClusterError> {
+        for id in ids {
+            self.channels.purge(id).await.map_err(nats_err)?;
+        }
+        Ok(())
+    }
+
     /// Loads every channel record into `registry`, then follows changes
     /// made by any relay until the connection closes.
     pub(crate) async fn follow_channels(
