@@ -179,6 +179,15 @@ publish_with() {
   "$BIN" publish --grpc "$GRPC" --server-name relay.test --ca "$WORK/$1-ca.pem" \
     --token "$PUBLISHER" --channel "$CHANNEL" "$2"
 }
+# seen_by_new_handshakes CA PAYLOAD: waits (10 s at most) until a publish
+# trusting only that CA gets through.
+seen_by_new_handshakes() {
+  for _ in $(seq 1 50); do
+    publish_with "$1" "$2" >/dev/null 2>&1 && return 0
+    sleep 0.2
+  done
+  return 1
+}
 for n in first second third; do issue "$n"; done
 mkdir -p "$WORK/tls"; chmod 0755 "$WORK/tls"
 install_cert first
@@ -198,22 +207,12 @@ grep -q "registered channel=mail" "$WORK/listen.out" || fail "the listener did n
 publish_with first "before renewal" | grep -q DELIVERY_STATUS_DELIVERED || fail "publish with the first certificate"
 # Renewal 1: files replaced, no signal; the relay's file watch picks it up.
 install_cert second
-ok=
-for _ in $(seq 1 50); do
-  if publish_with second "after renewal" >/dev/null 2>&1; then ok=1; break; fi
-  sleep 0.2
-done
-[ -n "$ok" ] || fail "new handshakes never saw the renewed certificate"
+seen_by_new_handshakes second "after renewal" || fail "new handshakes never saw the renewed certificate"
 publish_with first "old CA" >/dev/null 2>&1 && fail "the old certificate is still served"
 # Renewal 2: files replaced and SIGHUP, as a deploy hook would.
 install_cert third
 podman kill -s HUP "$NAME" >/dev/null
-ok=
-for _ in $(seq 1 50); do
-  if publish_with third "after SIGHUP" >/dev/null 2>&1; then ok=1; break; fi
-  sleep 0.2
-done
-[ -n "$ok" ] || fail "new handshakes never saw the certificate after SIGHUP"
+seen_by_new_handshakes third "after SIGHUP" || fail "new handshakes never saw the certificate after SIGHUP"
 for p in "before renewal" "after renewal" "after SIGHUP"; do
   for _ in $(seq 1 50); do grep -q "payload=$p\$" "$WORK/listen.out" && break; sleep 0.1; done
   grep -q "payload=$p\$" "$WORK/listen.out" || fail "the connected device did not get \"$p\""

@@ -24,6 +24,23 @@ fn publish(channel: &str, payload: &str) -> PublishRequest {
     }
 }
 
+/// GetEvent on relay `relay`.
+async fn event_state(
+    c: &ClusterFixture,
+    relay: usize,
+    event_id: impl Into<String>,
+    token: &str,
+) -> anyhow::Result<wakewire_api::pb::EventStatus> {
+    let req = GetEventRequest {
+        event_id: event_id.into(),
+    };
+    Ok(c.publisher(relay)
+        .await?
+        .get_event(authed(req, token))
+        .await?
+        .into_inner())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publish_on_any_relay_reaches_the_device_wherever_it_is() -> anyhow::Result<()> {
     let c = ClusterFixture::start(BIN.as_ref(), 3, 3, &[]).await?;
@@ -67,17 +84,7 @@ async fn a_publish_on_any_relay_reaches_the_device_wherever_it_is() -> anyhow::R
     assert_eq!(seen.event_id, r.event_id);
     assert_eq!(seen.state(), EventState::Delivered);
     // Any relay answers GetEvent.
-    let st = c
-        .publisher(1)
-        .await?
-        .get_event(authed(
-            GetEventRequest {
-                event_id: r.event_id.clone(),
-            },
-            &token,
-        ))
-        .await?
-        .into_inner();
+    let st = event_state(&c, 1, r.event_id.clone(), &token).await?;
     assert_eq!(st.state(), EventState::Delivered);
 
     // A device that registered on A, then went away.
@@ -99,17 +106,7 @@ async fn a_publish_on_any_relay_reaches_the_device_wherever_it_is() -> anyhow::R
         assert_eq!(r.status(), DeliveryStatus::Queued, "{r:?}");
         queued.push(r.event_id);
     }
-    let st = c
-        .publisher(0)
-        .await?
-        .get_event(authed(
-            GetEventRequest {
-                event_id: queued[0].clone(),
-            },
-            &token,
-        ))
-        .await?
-        .into_inner();
+    let st = event_state(&c, 0, queued[0].clone(), &token).await?;
     assert_eq!(st.state(), EventState::Queued);
     // It comes back through relay B: same channel id, its queue in order.
     let (on_wake, mut wakes_b) = wake_sink();
@@ -236,17 +233,7 @@ async fn collapse_keys_and_queue_limits_hold_across_relays() -> anyhow::Result<(
     // The two oldest plain events were dropped for the queue limit, with
     // receipts that say so.
     for dropped in &ids[..2] {
-        let st = c
-            .publisher(1)
-            .await?
-            .get_event(authed(
-                GetEventRequest {
-                    event_id: dropped.clone(),
-                },
-                &token,
-            ))
-            .await?
-            .into_inner();
+        let st = event_state(&c, 1, dropped.clone(), &token).await?;
         assert_eq!(
             (st.state(), st.reason.as_str()),
             (EventState::Dropped, "queue_full")

@@ -172,14 +172,7 @@ impl Target {
             let ch = client
                 .channel("c")
                 .on_wake(move |w| {
-                    let now = epoch.elapsed();
-                    let sent = w
-                        .payload
-                        .get(..8)
-                        .and_then(|b| b.try_into().ok())
-                        .map(u64::from_le_bytes)
-                        .unwrap_or(0);
-                    rec.record(now.saturating_sub(Duration::from_nanos(sent)), now);
+                    crate::fleet::record_latency(w, epoch, &rec);
                     n.fetch_add(1, Ordering::Relaxed);
                 })
                 .register()

@@ -196,15 +196,7 @@ pub async fn connect_device(
         let id = client
             .channel(format!("c{k}"))
             .on_wake(move |w| {
-                let now = epoch.elapsed();
-                let sent = w
-                    .payload
-                    .get(..8)
-                    .and_then(|b| b.try_into().ok())
-                    .map(u64::from_le_bytes)
-                    .unwrap_or(0);
-                s.latency
-                    .record(now.saturating_sub(Duration::from_nanos(sent)), now);
+                record_latency(w, epoch, &s.latency);
                 s.received.fetch_add(1, Ordering::Relaxed);
             })
             .register()
@@ -214,6 +206,19 @@ pub async fn connect_device(
     }
     state.clients.lock().map(|mut v| v.push(client)).ok();
     Ok(())
+}
+
+/// Records a wake's publish-to-callback latency: its payload starts with
+/// the publish time, nanoseconds since `epoch` (little-endian).
+pub fn record_latency(w: &wakewire_sdk::WakeEvent, epoch: Instant, rec: &Recorder) {
+    let now = epoch.elapsed();
+    let sent = w
+        .payload
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_le_bytes)
+        .unwrap_or(0);
+    rec.record(now.saturating_sub(Duration::from_nanos(sent)), now);
 }
 
 /// Mints the device token of simulated device `i`.

@@ -254,6 +254,14 @@ pub(crate) fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocke
     Ok(s.into())
 }
 
+/// The relay binary given, or the one next to this binary.
+fn relay_bin_or_sibling(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    match given {
+        Some(b) => Ok(b),
+        None => target::sibling_binary("wakewire-relay"),
+    }
+}
+
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -321,10 +329,7 @@ async fn main() -> anyhow::Result<()> {
             relay_bin,
             out,
         } => {
-            let relay_bin = match relay_bin {
-                Some(b) => b,
-                None => target::sibling_binary("wakewire-relay")?,
-            };
+            let relay_bin = relay_bin_or_sibling(relay_bin)?;
             let header = format!(
                 "### Run of {}\n\n- command: `wakewire-loadtest {}`\n- machine: {}\n",
                 now_utc(),
@@ -359,10 +364,7 @@ async fn main() -> anyhow::Result<()> {
             relay_bin,
             out,
         } => {
-            let relay_bin = match relay_bin {
-                Some(b) => b,
-                None => target::sibling_binary("wakewire-relay")?,
-            };
+            let relay_bin = relay_bin_or_sibling(relay_bin)?;
             helloflood::run(helloflood::HelloFloodOpts {
                 flood_rate,
                 secs,
@@ -386,10 +388,7 @@ async fn main() -> anyhow::Result<()> {
             relay_bin,
             out,
         } => {
-            let relay_bin = match relay_bin {
-                Some(b) => b,
-                None => target::sibling_binary("wakewire-relay")?,
-            };
+            let relay_bin = relay_bin_or_sibling(relay_bin)?;
             let report = ackflood::run(ackflood::AckFloodOpts {
                 devices,
                 rate,

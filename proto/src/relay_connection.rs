@@ -478,7 +478,7 @@ impl RelayConnection {
     /// Asks the device to leave, then closes with [`ErrorCode::GoingAway`]
     /// (or [`ErrorCode::Replaced`]).
     pub fn go_away(&mut self, reason: GoAwayReason, reconnect_after: Duration, message: &str) {
-        self.session.go_away(reason, reconnect_after, message);
+        self.go_away_to(reason, reconnect_after, message, Vec::new());
     }
 
     /// [`RelayConnection::go_away`], naming other relays of the cluster

@@ -225,6 +225,22 @@ pub const BUCKETS: &[f64] = &[
     1000.0,
 ];
 
+/// Every `wakewire_relay_*` name a text mentions (a dashboard, alert rules,
+/// a scrape): for the checks that they use only exported metrics.
+pub fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("wakewire_relay_") {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        out.insert(tail[..end].to_owned());
+        rest = &tail[end..];
+    }
+    out
+}
+
 /// Whether a metric only exists in cluster mode.
 pub fn cluster_only(help: &str) -> bool {
     help.starts_with("cluster mode")
@@ -263,21 +279,6 @@ mod tests {
         std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
     }
 
-    /// Metric names (`wakewire_...`) a file mentions.
-    pub(crate) fn referenced(text: &str) -> std::collections::BTreeSet<String> {
-        let mut out = std::collections::BTreeSet::new();
-        let mut rest = text;
-        while let Some(i) = rest.find("wakewire_relay_") {
-            let tail = &rest[i..];
-            let end = tail
-                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-                .unwrap_or(tail.len());
-            out.insert(tail[..end].to_owned());
-            rest = &tail[end..];
-        }
-        out
-    }
-
     #[test]
     fn every_metric_is_documented_and_the_dashboard_uses_only_these() {
         let docs = repo_file("docs/operations.md");
@@ -291,7 +292,7 @@ mod tests {
             "deploy/grafana/wakewire.json",
             "deploy/prometheus/alerts.yaml",
         ] {
-            for r in referenced(&repo_file(file)) {
+            for r in metric_names(&repo_file(file)) {
                 let base = ["_bucket", "_sum", "_count"]
                     .iter()
                     .find_map(|s| r.strip_suffix(s))

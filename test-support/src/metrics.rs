@@ -1,7 +1,5 @@
 //! Reading a relay's Prometheus endpoint in tests.
 
-use std::collections::BTreeSet;
-
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The relay's `/metrics` page on 127.0.0.1:`port` (with the HTTP head).
@@ -14,17 +12,4 @@ pub async fn scrape(port: u16) -> anyhow::Result<String> {
     Ok(body)
 }
 
-/// Every `wakewire_relay_*` name a text mentions.
-pub fn metric_names(text: &str) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
-    let mut rest = text;
-    while let Some(i) = rest.find("wakewire_relay_") {
-        let tail = &rest[i..];
-        let end = tail
-            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-            .unwrap_or(tail.len());
-        out.insert(tail[..end].to_owned());
-        rest = &tail[end..];
-    }
-    out
-}
+pub use wakewire_server::metrics::metric_names;

@@ -212,20 +212,30 @@ impl Cluster {
         }
     }
 
+    /// The first event on `filter` at or after stream sequence `seq`.
+    async fn next_on(
+        &self,
+        filter: &str,
+        seq: u64,
+    ) -> Result<Option<async_nats::jetstream::message::StreamMessage>, ClusterError> {
+        let read = self
+            .events
+            .raw_message_builder()
+            .sequence(seq)
+            .next_by_subject(filter.to_owned())
+            .send();
+        match timed("read", read).await {
+            Ok(m) => Ok(Some(m)),
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(nats_err(e)),
+        }
+    }
+
     /// Deletes the oldest event on `subject` (returned, `seq` set); `None`
     /// if another relay took it first.
     async fn drop_oldest(&self, subject: &str) -> Result<Option<StoredEvent>, ClusterError> {
-        let m = match self
-            .events
-            .raw_message_builder()
-            .sequence(1)
-            .next_by_subject(subject.to_owned())
-            .send()
-            .await
-        {
-            Ok(m) => m,
-            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(None),
-            Err(e) => return Err(nats_err(e)),
+        let Some(m) = self.next_on(subject, 1).await? else {
+            return Ok(None);
         };
         let mut ev = decode_event(&m.payload)?;
         ev.seq = m.sequence;
@@ -335,17 +345,8 @@ impl Cluster {
         let filter = self.names.device_filter(devkey);
         let mut seq = 1;
         for _ in 0..MAX_SCAN {
-            let m = match self
-                .events
-                .raw_message_builder()
-                .sequence(seq)
-                .next_by_subject(filter.clone())
-                .send()
-                .await
-            {
-                Ok(m) => m,
-                Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(None),
-                Err(e) => return Err(nats_err(e)),
+            let Some(m) = self.next_on(&filter, seq).await? else {
+                return Ok(None);
             };
             let mut ev = decode_event(&m.payload)?;
             if ev.event_id == event_id {
@@ -531,17 +532,8 @@ impl Cluster {
             .channel_filter(&self.names.devkey(device_id), channel_id);
         let mut seq = 1;
         for _ in 0..MAX_SCAN {
-            let m = match self
-                .events
-                .raw_message_builder()
-                .sequence(seq)
-                .next_by_subject(filter.clone())
-                .send()
-                .await
-            {
-                Ok(m) => m,
-                Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => break,
-                Err(e) => return Err(nats_err(e)),
+            let Some(m) = self.next_on(&filter, seq).await? else {
+                break;
             };
             seq = m.sequence + 1;
             if self.delete(m.sequence).await? {
