@@ -14,9 +14,12 @@ pub(crate) struct ServeArgs {
     /// TOML config file (keys as the flags below, with underscores).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// UDP address for devices (QUIC) [env: WAKEWIRE_QUIC_LISTEN] [default: 0.0.0.0:4433]
+    /// UDP address for devices (QUIC) [env: WAKEWIRE_QUIC_LISTEN] [default: [::]:4433, IPv4 and IPv6]
     #[arg(long)]
     quic_listen: Option<std::net::SocketAddr>,
+    /// TCP address of the device endpoint over TLS (fallback for networks blocking UDP), or "off" [env: WAKEWIRE_TCP_LISTEN] [default: [::]:4433]
+    #[arg(long)]
+    tcp_listen: Option<String>,
     /// TCP address of the publisher gRPC API; without TLS only loopback [env: WAKEWIRE_GRPC_LISTEN] [default: 127.0.0.1:50051]
     #[arg(long)]
     grpc_listen: Option<std::net::SocketAddr>,
@@ -238,6 +241,7 @@ impl ServeArgs {
             drain_timeout_secs,
             log_format,
             health_listen,
+            tcp_listen,
             log,
             cluster_nats_urls,
             cluster_name,

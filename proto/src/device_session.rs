@@ -313,6 +313,12 @@ impl DeviceSession {
                     server_time_ms: w.server_time_ms,
                 });
             }
+            // The relay closes a TCP connection: its code says why, as
+            // QUIC's CONNECTION_CLOSE would.
+            (_, Body::Close(c)) => self.core.fail(
+                ErrorCode::from_u32(c.code).unwrap_or(ErrorCode::Internal),
+                crate::relay_session::truncate_reason(c.reason),
+            ),
             (_, Body::GoAway(g)) => self.core.push_event(DeviceEvent::GoAway {
                 reason: GoAwayReason::try_from(g.reason).unwrap_or(GoAwayReason::Unspecified),
                 reconnect_after: Duration::from_millis(g.reconnect_after_ms),

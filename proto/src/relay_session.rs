@@ -442,6 +442,11 @@ impl RelaySession {
                 }));
                 self.core.push_event(RelayEvent::Ping);
             }
+            // The device closes a TCP connection: nothing more to do.
+            (_, Body::Close(c)) => self.core.fail(
+                ErrorCode::from_u32(c.code).unwrap_or(ErrorCode::NoError),
+                truncate_reason(c.reason),
+            ),
             (State::Established { .. }, other) => {
                 self.violation(format!("unexpected {} from a device", frame_name(&other)))
             }
@@ -547,5 +552,18 @@ pub(crate) fn frame_name(b: &Body) -> &'static str {
         Body::Ping(_) => "Ping",
         Body::Pong(_) => "Pong",
         Body::GoAway(_) => "GoAway",
+        Body::Close(_) => "Close",
     }
+}
+
+/// A peer's close reason, at most 256 bytes (it ends up in logs).
+pub(crate) fn truncate_reason(mut reason: String) -> String {
+    if reason.len() > 256 {
+        let mut end = 256;
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        reason.truncate(end);
+    }
+    reason
 }

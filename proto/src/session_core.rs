@@ -19,6 +19,22 @@ pub struct Close {
     pub reason: String,
 }
 
+impl Close {
+    /// The Close frame that says this on a TCP connection (QUIC says it
+    /// in its CONNECTION_CLOSE instead): the last bytes a TCP driver
+    /// writes.
+    pub fn to_frame(&self) -> Bytes {
+        let mut out = BytesMut::new();
+        let body = Body::Close(crate::pb::device::Close {
+            code: self.code.as_u32(),
+            reason: crate::relay_session::truncate_reason(self.reason.clone()),
+        });
+        // A Close of at most 256 bytes of reason always fits a frame.
+        let _ = encode_frame(body, usize::MAX, &mut out);
+        out.freeze()
+    }
+}
+
 /// Maps the driver's monotonic `Instant`s to wall-clock milliseconds from one
 /// anchor given at construction, so the session never reads a clock.
 #[derive(Debug, Clone, Copy)]

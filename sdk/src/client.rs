@@ -37,6 +37,11 @@ pub struct ClientBuilder {
     network_id: String,
     network_memory: Option<PathBuf>,
     probe_addr: Option<SocketAddr>,
+    transport: crate::transport::Transport,
+    tcp_fallback_delay: Duration,
+    quic_retry: Duration,
+    proxy: Option<crate::transport::Proxy>,
+    tcp_port: Option<u16>,
 }
 
 impl std::fmt::Debug for ClientBuilder {
@@ -73,6 +78,11 @@ impl ClientBuilder {
             network_id: "default".into(),
             network_memory: None,
             probe_addr: None,
+            transport: crate::transport::Transport::Auto,
+            tcp_fallback_delay: Duration::from_millis(300),
+            quic_retry: Duration::from_secs(300),
+            proxy: None,
+            tcp_port: None,
         }
     }
 
@@ -116,6 +126,46 @@ impl ClientBuilder {
     /// socket (the load tester simulates fleets this way).
     pub fn endpoint(mut self, endpoint: quinn::Endpoint) -> Self {
         self.endpoint = Some(endpoint);
+        self
+    }
+
+    /// Which transports to use (default [`Transport::Auto`]: QUIC, with TLS
+    /// over TCP on the same host and port as the fallback where UDP does
+    /// not get through).
+    ///
+    /// [`Transport::Auto`]: crate::Transport::Auto
+    pub fn transport(mut self, transport: crate::transport::Transport) -> Self {
+        self.transport = transport;
+        self
+    }
+
+    /// In `Auto`, how long QUIC has to connect before TCP starts too
+    /// (default 300 ms, RFC 8305's order of magnitude).
+    pub fn tcp_fallback_delay(mut self, d: Duration) -> Self {
+        self.tcp_fallback_delay = d;
+        self
+    }
+
+    /// In `Auto`, while connected over TCP, how often QUIC is tried again
+    /// (default 5 minutes); when it works the client moves back to it.
+    pub fn quic_retry_interval(mut self, d: Duration) -> Self {
+        self.quic_retry = d;
+        self
+    }
+
+    /// Connects over TCP through this proxy (HTTP CONNECT or SOCKS5, with
+    /// credentials): [`crate::Proxy::parse`], [`crate::Proxy::from_env`].
+    /// QUIC does not go through proxies; with a proxy the client uses TCP
+    /// only, unless `transport` says otherwise.
+    pub fn proxy(mut self, proxy: crate::transport::Proxy) -> Self {
+        self.proxy = Some(proxy);
+        self
+    }
+
+    /// The relays' TCP port for TLS over TCP (default: the same port as
+    /// QUIC; e.g. 443 where only HTTPS gets through).
+    pub fn tcp_port(mut self, port: u16) -> Self {
+        self.tcp_port = Some(port);
         self
     }
 
@@ -233,12 +283,18 @@ impl ClientBuilder {
                 "no trusted certificates: call trust_pem_file() or trust_certificate()".into(),
             ));
         }
-        let (tls, suite_probe) = crate::tls::client_config(&roots, &self.client_auth)?;
+        let tls = crate::tls::client_config(&roots, &self.client_auth)?;
         let config = Arc::new(Config {
             relay: self.relay,
             server_name: self.server_name,
-            tls,
-            suite_probe,
+            tls: tls.quic,
+            suite_probe: tls.probe,
+            tcp_tls: tls.tcp,
+            transport: self.transport,
+            tcp_fallback_delay: self.tcp_fallback_delay,
+            quic_retry: self.quic_retry,
+            proxy: self.proxy,
+            tcp_port: self.tcp_port,
             token: std::sync::Mutex::new(token),
             min_protection: self.min_protection,
             keepalive: self.keepalive,

@@ -24,6 +24,18 @@ pub(crate) struct Config {
     /// again). Attempts are sequential, so one suite probe serves them all.
     pub(crate) tls: quinn::ClientConfig,
     pub(crate) suite_probe: Arc<crate::tls::SuiteProbe>,
+    /// TLS over TCP (the fallback transport).
+    pub(crate) tcp_tls: Arc<rustls::ClientConfig>,
+    /// Which transports to use.
+    pub(crate) transport: crate::transport::Transport,
+    /// In `Auto`, how long QUIC has before TCP starts too.
+    pub(crate) tcp_fallback_delay: Duration,
+    /// On TCP in `Auto`, how often QUIC is tried again.
+    pub(crate) quic_retry: Duration,
+    /// Proxy for TCP connections.
+    pub(crate) proxy: Option<crate::transport::Proxy>,
+    /// TCP port of the relays (default: their QUIC port).
+    pub(crate) tcp_port: Option<u16>,
     /// The device credential; replaced by `Client::set_device_token`.
     pub(crate) token: Mutex<String>,
     pub(crate) min_protection: Protection,

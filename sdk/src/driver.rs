@@ -24,6 +24,7 @@ use crate::keepalive::Keepalive;
 use crate::link::{resolve_all, Endpoints, Link};
 use crate::relays::Relays;
 use crate::stream::Wake;
+use crate::transport::Transport;
 use crate::types::{ChannelId, KeepalivePolicy, Priority, Status, WakeEvent};
 
 /// Upper bound of the extra spread after the relay refused a connection
@@ -97,6 +98,7 @@ pub(crate) async fn start(
                 &mut core,
                 &mut relays,
                 keepalive.interval(),
+                attempt_transport(&config, false),
             )
             .await
             {
@@ -119,6 +121,10 @@ pub(crate) async fn start(
         cmd_rx,
         sinks: HashMap::new(),
         waiters: HashMap::new(),
+        prefer_tcp: false,
+        quic_retry_at: None,
+        quic_probe: None,
+        moving_to_quic: false,
     };
     driver.on_connected(&mut link);
     tokio::spawn(driver.run(link));
@@ -134,13 +140,23 @@ async fn connect_once(
     core: &mut DeviceConnection,
     relays: &mut Relays,
     keepalive_interval: Duration,
+    transport: Transport,
 ) -> Result<Link, (ConnectError, usize)> {
     let resolved = resolve_all(&relays.targets()).await.map_err(|e| (e, 1))?;
     let n = resolved.len();
     let Some(target) = relays.choose(clock::now(), &resolved, random_u64()) else {
         return Err((ConnectError::Unreachable("no relay address".into()), n));
     };
-    match Link::establish(config, endpoints, core, keepalive_interval, &target).await {
+    match Link::establish(
+        config,
+        endpoints,
+        core,
+        keepalive_interval,
+        &target,
+        transport,
+    )
+    .await
+    {
         Ok(l) => {
             relays.connected(target.1);
             Ok(l)
@@ -149,6 +165,37 @@ async fn connect_once(
             relays.failed(clock::now(), target.1);
             Err((e, n))
         }
+    }
+}
+
+/// The transport of the next attempt: the app's choice; in `Auto`, TCP
+/// straight away through a proxy (QUIC does not go through proxies) or on a
+/// network where TCP won before.
+fn attempt_transport(config: &Config, prefer_tcp: bool) -> Transport {
+    match config.transport {
+        Transport::Auto if config.proxy.is_some() || prefer_tcp => Transport::Tcp,
+        t => t,
+    }
+}
+
+/// Whether a QUIC handshake with `addr` completes now (the relay is not
+/// asked anything; the connection is closed at once).
+async fn quic_works(
+    endpoint: quinn::Endpoint,
+    tls: quinn::ClientConfig,
+    addr: SocketAddr,
+    server_name: String,
+    timeout: Duration,
+) -> bool {
+    let Ok(connecting) = endpoint.connect_with(tls, addr, &server_name) else {
+        return false;
+    };
+    match tokio::time::timeout(timeout, connecting).await {
+        Ok(Ok(conn)) => {
+            conn.close(0u32.into(), b"transport probe");
+            true
+        }
+        _ => false,
     }
 }
 
@@ -169,6 +216,14 @@ struct Driver {
     sinks: HashMap<String, Sink>,
     /// Channel name -> register calls waiting for its id.
     waiters: HashMap<String, Vec<oneshot::Sender<Result<ChannelId, RegisterError>>>>,
+    /// `Auto` on a network where TCP won: connect over TCP first.
+    prefer_tcp: bool,
+    /// On TCP in `Auto`: when to try QUIC again.
+    quic_retry_at: Option<std::time::Instant>,
+    /// A QUIC handshake being tried in the background.
+    quic_probe: Option<oneshot::Receiver<bool>>,
+    /// QUIC works again: the TCP link was closed to move back.
+    moving_to_quic: bool,
 }
 
 impl Driver {
@@ -177,7 +232,8 @@ impl Driver {
         let mut backoff = Backoff::new(initial, max);
         loop {
             let mut error = self.serve(&mut link).await;
-            if !matches!(error, ConnectError::RelayGoingAway { .. }) {
+            let moving = std::mem::take(&mut self.moving_to_quic);
+            if !moving && !matches!(error, ConnectError::RelayGoingAway { .. }) {
                 self.relays.failed(clock::now(), link.info.relay_addr);
             }
             self.core.disconnected();
@@ -194,7 +250,11 @@ impl Driver {
             let mut attempt = 0;
             link = loop {
                 attempt += 1;
-                let mut delay = backoff.next_delay(random_u64());
+                let mut delay = if moving && attempt == 1 {
+                    Duration::ZERO
+                } else {
+                    backoff.next_delay(random_u64())
+                };
                 match &error {
                     ConnectError::RelayGoingAway {
                         reconnect_after, ..
@@ -228,6 +288,7 @@ impl Driver {
                     &mut self.core,
                     &mut self.relays,
                     interval,
+                    attempt_transport(&self.config, self.prefer_tcp),
                 )
                 .await
                 {
@@ -274,8 +335,43 @@ impl Driver {
                 r = link.step(&mut self.core) => if let Err(e) = r {
                     return e;
                 },
+                _ = sleep_until(self.quic_retry_at), if self.quic_retry_at.is_some() && self.quic_probe.is_none() => {
+                    self.quic_retry_at = None;
+                    self.start_quic_probe(link);
+                }
+                Ok(works) = wait_probe(&mut self.quic_probe), if self.quic_probe.is_some() => {
+                    self.quic_probe = None;
+                    if works {
+                        info!("UDP works again on this network: moving from TCP back to QUIC");
+                        self.prefer_tcp = false;
+                        self.moving_to_quic = true;
+                        link.close_gracefully(&mut self.core, "moving to QUIC").await;
+                        return ConnectError::ConnectionLost("moving from TCP back to QUIC".into());
+                    }
+                    self.quic_retry_at = Some(clock::now() + self.config.quic_retry);
+                }
             }
         }
+    }
+
+    /// Tries a QUIC handshake with the relay of `link` in the background.
+    fn start_quic_probe(&mut self, link: &Link) {
+        let addr = link.info.relay_addr;
+        let Ok(endpoint) = self.endpoints.for_addr(addr).cloned() else {
+            self.quic_retry_at = Some(clock::now() + self.config.quic_retry);
+            return;
+        };
+        let server_name = self
+            .config
+            .server_name
+            .clone()
+            .unwrap_or_else(|| crate::client::host_of(&self.config.relay));
+        let (tx, rx) = oneshot::channel();
+        let (tls, timeout) = (self.config.tls.clone(), self.config.connect_timeout);
+        tokio::spawn(async move {
+            let _ = tx.send(quic_works(endpoint, tls, addr, server_name, timeout).await);
+        });
+        self.quic_probe = Some(rx);
     }
 
     /// Waits `delay` while taking commands; false if the app closed.
@@ -317,7 +413,16 @@ impl Driver {
     }
 
     fn on_connected(&mut self, link: &mut Link) {
-        info!(relay = %link.info.relay_addr, session = %link.info.session_id, suite = link.info.cipher_suite.name(), "connected");
+        info!(relay = %link.info.relay_addr, transport = link.info.transport, session = %link.info.session_id, suite = link.info.cipher_suite.name(), "connected");
+        // TCP won in `Auto`: keep it on this network, try QUIC again later.
+        let auto = self.config.transport == Transport::Auto && self.config.proxy.is_none();
+        if auto && link.is_tcp() {
+            self.prefer_tcp = true;
+            self.quic_retry_at = Some(clock::now() + self.config.quic_retry);
+        } else {
+            self.quic_retry_at = None;
+        }
+        self.quic_probe = None;
         self.set_info(Some(link.info.clone()));
         self.emit(&Status::Connected(link.info.clone()));
     }
@@ -510,5 +615,14 @@ impl Driver {
             }
         }
         self.sinks.clear();
+    }
+}
+
+async fn wait_probe(
+    probe: &mut Option<oneshot::Receiver<bool>>,
+) -> Result<bool, oneshot::error::RecvError> {
+    match probe {
+        Some(rx) => rx.await,
+        None => std::future::pending().await,
     }
 }

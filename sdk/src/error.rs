@@ -66,6 +66,15 @@ pub enum ConnectError {
     /// An established connection was lost (relay restarted, network gone).
     #[error("connection lost: {0}")]
     ConnectionLost(String),
+    /// The proxy refused the credentials (HTTP 407, SOCKS5 authentication
+    /// failure) or wants a scheme the SDK does not speak. Distinct from the
+    /// relay refusing the device; retrying with the same credentials
+    /// cannot help.
+    #[error("proxy authentication failed: {0}")]
+    ProxyAuth(String),
+    /// The proxy could not be reached, or could not reach the relay.
+    #[error("proxy: {0}")]
+    Proxy(String),
     /// The client's own settings are unusable.
     #[error("invalid client configuration: {0}")]
     Config(String),
@@ -85,6 +94,7 @@ impl ConnectError {
                 | ConnectError::TimedOut(_)
                 | ConnectError::RelayGoingAway { .. }
                 | ConnectError::ConnectionLost(_)
+                | ConnectError::Proxy(_)
         )
     }
 

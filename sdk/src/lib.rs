@@ -56,6 +56,7 @@ mod relays;
 pub mod sim;
 mod stream;
 mod tls;
+mod transport;
 pub mod tuner;
 mod types;
 
@@ -66,5 +67,6 @@ pub use stream::{Wake, WakeStream};
 #[cfg(feature = "testing")]
 pub use tls::quic_client_config;
 pub use tls::{transport_config, CipherSuite, Protection};
+pub use transport::{Proxy, Transport};
 pub use tuner::{IntervalReason, Learned, TunerConfig};
 pub use types::{ChannelId, ConnectionInfo, KeepalivePolicy, Priority, Status, WakeEvent};

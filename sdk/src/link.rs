@@ -1,5 +1,5 @@
-//! One QUIC connection to the relay and its control stream: the I/O half
-//! of the SDK's driver. What is sent and what arrivals mean is decided by
+//! One connection to the relay (QUIC and its control stream, or TLS over
+//! TCP) and the session on it: the I/O half of the SDK's driver. What is sent and what arrivals mean is decided by
 //! the sans-IO [`DeviceConnection`]; a link only moves its bytes.
 
 use std::net::SocketAddr;
@@ -11,10 +11,14 @@ use wakewire_proto::device_session::DeviceSessionConfig;
 use wakewire_proto::pb::device::GoAwayReason;
 use wakewire_proto::ErrorCode;
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tracing::debug;
+
 use crate::clock;
 use crate::config::Config;
 use crate::error::ConnectError;
-use crate::tls;
+use crate::tls::{self, CipherSuite};
+use crate::transport::{TcpTls, Transport};
 use crate::types::ConnectionInfo;
 
 /// One client UDP socket per address family, reused across reconnects.
@@ -81,11 +85,9 @@ pub(crate) async fn resolve_all(
     Ok(out)
 }
 
-/// One established connection.
+/// One established connection, over QUIC or TLS on TCP.
 pub(crate) struct Link {
-    conn: quinn::Connection,
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
+    io: Io,
     out: Bytes,
     /// What the relay's GoAway said, if it sent one.
     pub(crate) go_away: Option<(GoAwayReason, Duration, String)>,
@@ -94,9 +96,167 @@ pub(crate) struct Link {
     pub(crate) probe_port: u16,
 }
 
+/// A link's transport.
+enum Io {
+    Quic {
+        conn: quinn::Connection,
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+    },
+    Tcp {
+        read: tokio::io::ReadHalf<TcpTls>,
+        write: tokio::io::WriteHalf<TcpTls>,
+        buf: Box<[u8]>,
+    },
+}
+
+/// Read size on TCP (frames are at most 16 KiB).
+const TCP_READ: usize = 16 * 1024;
+
+/// The session settings of a new connection.
+fn session_config(config: &Config, keepalive_interval: Duration) -> DeviceSessionConfig {
+    DeviceSessionConfig {
+        credential: config.token.lock().map(|t| t.clone()).unwrap_or_default(),
+        sdk: concat!("wakewire-sdk-rust/", env!("CARGO_PKG_VERSION")).into(),
+        keepalive_interval,
+        keepalive_timeout: config.keepalive_timeout,
+        welcome_timeout: config.connect_timeout,
+    }
+}
+
 impl Link {
-    /// Connects, starts a session in `core` and waits for Welcome.
+    /// Connects with `transport` to `target`, starts a session in `core`
+    /// and waits for Welcome. `Auto`: QUIC first, TLS over TCP after
+    /// `config.tcp_fallback_delay` unless QUIC connected first; `prefer_tcp`
+    /// (TCP won on this network before) starts with TCP.
     pub(crate) async fn establish(
+        config: &Config,
+        endpoints: &mut Endpoints,
+        core: &mut DeviceConnection,
+        keepalive_interval: Duration,
+        target: &(String, SocketAddr),
+        transport: Transport,
+    ) -> Result<Link, ConnectError> {
+        match transport {
+            Transport::Quic => {
+                Self::establish_quic(config, endpoints, core, keepalive_interval, target).await
+            }
+            Transport::Tcp => Self::establish_tcp(config, core, keepalive_interval, target).await,
+            Transport::Auto => {
+                let tcp_start = config.tcp_fallback_delay;
+                let tcp = async {
+                    tokio::time::sleep(tcp_start).await;
+                    Self::tcp_stream(config, target).await
+                };
+                tokio::pin!(tcp);
+                // QUIC runs the session (0-RTT Hello) on `core`; TCP only
+                // connects until it wins.
+                let won_tcp = {
+                    let quic =
+                        Self::establish_quic(config, endpoints, core, keepalive_interval, target);
+                    tokio::pin!(quic);
+                    let mut quic_failed = None;
+                    loop {
+                        tokio::select! {
+                            r = &mut quic, if quic_failed.is_none() => match r {
+                                Ok(link) => return Ok(link),
+                                Err(e) if !e.is_retryable() => return Err(e),
+                                Err(e) => quic_failed = Some(e),
+                            },
+                            t = &mut tcp => match t {
+                                Ok(stream) => break stream,
+                                Err(e) => match quic_failed {
+                                    // Both failed: say why QUIC did, or
+                                    // TCP's if it is the more telling.
+                                    Some(q) => return Err(if e.is_retryable() { q } else { e }),
+                                    None => {
+                                        debug!(error = %e, "TCP fallback failed; waiting for QUIC");
+                                        return quic.await;
+                                    }
+                                },
+                            },
+                        }
+                    }
+                };
+                // TCP connected first: QUIC's half-started session ends.
+                core.disconnected();
+                let (stream, suite) = won_tcp;
+                Self::session_over_tcp(config, core, keepalive_interval, target, stream, suite)
+                    .await
+            }
+        }
+    }
+
+    async fn tcp_stream(
+        config: &Config,
+        target: &(String, SocketAddr),
+    ) -> Result<(TcpTls, CipherSuite), ConnectError> {
+        let server_name = config
+            .server_name
+            .clone()
+            .unwrap_or_else(|| crate::client::host_of(&target.0));
+        let addr = SocketAddr::new(target.1.ip(), config.tcp_port.unwrap_or(target.1.port()));
+        crate::transport::connect(
+            config.tcp_tls.clone(),
+            &target.0,
+            addr,
+            &server_name,
+            config.proxy.as_ref(),
+            config.min_protection,
+            config.connect_timeout,
+        )
+        .await
+    }
+
+    async fn establish_tcp(
+        config: &Config,
+        core: &mut DeviceConnection,
+        keepalive_interval: Duration,
+        target: &(String, SocketAddr),
+    ) -> Result<Link, ConnectError> {
+        let (stream, suite) = Self::tcp_stream(config, target).await?;
+        Self::session_over_tcp(config, core, keepalive_interval, target, stream, suite).await
+    }
+
+    async fn session_over_tcp(
+        config: &Config,
+        core: &mut DeviceConnection,
+        keepalive_interval: Duration,
+        target: &(String, SocketAddr),
+        stream: TcpTls,
+        suite: CipherSuite,
+    ) -> Result<Link, ConnectError> {
+        let deadline = tokio::time::Instant::from_std(clock::now() + config.connect_timeout);
+        let local_addr = stream.get_ref().0.local_addr().ok();
+        let (read, write) = tokio::io::split(stream);
+        core.connect(clock::now(), session_config(config, keepalive_interval));
+        let link = Link {
+            info: ConnectionInfo {
+                transport: "TLS 1.3 over TCP",
+                tls_version: "TLSv1.3",
+                cipher_suite: suite,
+                alpn: String::from_utf8_lossy(wakewire_proto::ALPN).into_owned(),
+                relay_addr: target.1,
+                local_addr,
+                session_id: String::new(),
+                device_id: String::new(),
+                keepalive_interval,
+                zero_rtt: false,
+            },
+            io: Io::Tcp {
+                read,
+                write,
+                buf: vec![0u8; TCP_READ].into_boxed_slice(),
+            },
+            out: Bytes::new(),
+            go_away: None,
+            probe_port: 0,
+        };
+        link.await_welcome(core, deadline).await
+    }
+
+    /// Connects over QUIC, starts a session in `core` and waits for Welcome.
+    async fn establish_quic(
         config: &Config,
         endpoints: &mut Endpoints,
         core: &mut DeviceConnection,
@@ -126,13 +286,7 @@ impl Link {
                 config.connect_timeout
             ))
         };
-        let session_config = DeviceSessionConfig {
-            credential: config.token.lock().map(|t| t.clone()).unwrap_or_default(),
-            sdk: concat!("wakewire-sdk-rust/", env!("CARGO_PKG_VERSION")).into(),
-            keepalive_interval,
-            keepalive_timeout: config.keepalive_timeout,
-            welcome_timeout: config.connect_timeout,
-        };
+        let session_config = session_config(config, keepalive_interval);
         // Reconnecting with a resumable TLS session, the Hello travels in
         // 0-RTT, in the first flight: one round trip less of radio-on time.
         // That is replay-safe: Hello and Register are idempotent, and the
@@ -192,7 +346,7 @@ impl Link {
                 streams
             }
         };
-        let mut link = Link {
+        let link = Link {
             info: ConnectionInfo {
                 transport: "QUIC v1",
                 tls_version: "TLSv1.3",
@@ -205,25 +359,38 @@ impl Link {
                 keepalive_interval,
                 zero_rtt,
             },
-            conn,
-            send,
-            recv,
+            io: Io::Quic { conn, send, recv },
             out: Bytes::new(),
             go_away: None,
             probe_port: 0,
         };
+        link.await_welcome(core, deadline).await
+    }
+
+    /// Whether this link runs over TCP.
+    pub(crate) fn is_tcp(&self) -> bool {
+        matches!(self.io, Io::Tcp { .. })
+    }
+
+    /// Runs the session until Welcome (or an error, or `deadline`).
+    async fn await_welcome(
+        mut self,
+        core: &mut DeviceConnection,
+        deadline: tokio::time::Instant,
+    ) -> Result<Link, ConnectError> {
         let welcome = tokio::time::timeout_at(deadline, async {
             loop {
                 if let Some(ev) = core.poll_event() {
                     return Ok(ev);
                 }
-                link.step(core).await?;
+                self.step(core).await?;
             }
         })
         .await;
         match welcome {
             Err(_) => {
-                link.close(ErrorCode::HelloTimeout, "no Welcome in time");
+                self.close(ErrorCode::HelloTimeout, "no Welcome in time")
+                    .await;
                 core.disconnected();
                 Err(ConnectError::TimedOut(
                     "the relay did not answer Hello in time".into(),
@@ -239,10 +406,10 @@ impl Link {
                 limits,
                 ..
             })) => {
-                link.info.session_id = session_id;
-                link.info.device_id = device_id;
-                link.probe_port = u16::try_from(limits.probe_port).unwrap_or(0);
-                Ok(link)
+                self.info.session_id = session_id;
+                self.info.device_id = device_id;
+                self.probe_port = u16::try_from(limits.probe_port).unwrap_or(0);
+                Ok(self)
             }
             Ok(Ok(other)) => {
                 core.disconnected();
@@ -258,7 +425,7 @@ impl Link {
     /// every await is cancel-safe and all state lives in `self` and `core`.
     pub(crate) async fn step(&mut self, core: &mut DeviceConnection) -> Result<(), ConnectError> {
         if let Some(close) = core.poll_close() {
-            self.close(close.code, &close.reason);
+            self.close(close.code, &close.reason).await;
             return Err(self.explain(ConnectError::from_close_code(
                 Some(close.code),
                 close.reason,
@@ -268,23 +435,54 @@ impl Link {
             self.out = core.poll_transmit().unwrap_or_default();
         }
         let deadline = core.poll_timeout();
-        tokio::select! {
-            r = self.send.write(&self.out), if !self.out.is_empty() => match r {
-                Ok(n) => self.out.advance(n),
-                Err(e) => return Err(self.explain(write_error(e))),
+        let out = &mut self.out;
+        match &mut self.io {
+            Io::Quic { send, recv, .. } => tokio::select! {
+                r = send.write(out), if !out.is_empty() => match r {
+                    Ok(n) => out.advance(n),
+                    Err(e) => return Err(self.explain(write_error(e))),
+                },
+                r = recv.read_chunk(usize::MAX, true) => match r {
+                    Ok(Some(chunk)) => core.handle_data(clock::now(), &chunk.bytes),
+                    Ok(None) => core.handle_stream_finished(clock::now()),
+                    Err(e) => return Err(self.explain(read_error(e))),
+                },
+                _ = clock::sleep_until(deadline), if deadline.is_some() => core.handle_timeout(clock::now()),
             },
-            r = self.recv.read_chunk(usize::MAX, true) => match r {
-                Ok(Some(chunk)) => core.handle_data(clock::now(), &chunk.bytes),
-                Ok(None) => core.handle_stream_finished(clock::now()),
-                Err(e) => return Err(self.explain(read_error(e))),
+            Io::Tcp { read, write, buf } => tokio::select! {
+                r = write.write(out), if !out.is_empty() => match r {
+                    Ok(n) => out.advance(n),
+                    Err(e) => return Err(self.explain(ConnectError::ConnectionLost(format!("TCP: {e}")))),
+                },
+                r = read.read(buf) => match r {
+                    Ok(0) => core.handle_stream_finished(clock::now()),
+                    Ok(n) => core.handle_data(clock::now(), &buf[..n]),
+                    Err(e) => return Err(self.explain(ConnectError::ConnectionLost(format!("TCP: {e}")))),
+                },
+                _ = clock::sleep_until(deadline), if deadline.is_some() => core.handle_timeout(clock::now()),
             },
-            _ = clock::sleep_until(deadline), if deadline.is_some() => core.handle_timeout(clock::now()),
         }
         Ok(())
     }
 
-    pub(crate) fn close(&self, code: ErrorCode, reason: &str) {
-        self.conn.close(code.as_u32().into(), reason.as_bytes());
+    /// Ends the connection with `code` (QUIC's CONNECTION_CLOSE, or a Close
+    /// frame and the end of the TCP stream).
+    pub(crate) async fn close(&mut self, code: ErrorCode, reason: &str) {
+        match &mut self.io {
+            Io::Quic { conn, .. } => conn.close(code.as_u32().into(), reason.as_bytes()),
+            Io::Tcp { write, .. } => {
+                let frame = wakewire_proto::relay_session::Close {
+                    code,
+                    reason: reason.to_owned(),
+                }
+                .to_frame();
+                let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                    let _ = write.write_all(&frame).await;
+                    let _ = write.shutdown().await;
+                })
+                .await;
+            }
+        }
     }
 
     /// Orderly close: flushes what `core` still has to send (acks above
@@ -294,14 +492,20 @@ impl Link {
         while let Some(b) = core.poll_transmit() {
             rest.extend_from_slice(&b);
         }
-        let send = &mut self.send;
-        let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            send.write_all(&rest).await.ok()?;
-            send.finish().ok()?;
-            send.stopped().await.ok()
-        })
-        .await;
-        self.close(ErrorCode::NoError, reason);
+        match &mut self.io {
+            Io::Quic { send, .. } => {
+                let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                    send.write_all(&rest).await.ok()?;
+                    send.finish().ok()?;
+                    send.stopped().await.ok()
+                })
+                .await;
+            }
+            Io::Tcp { write, .. } => {
+                let _ = tokio::time::timeout(Duration::from_secs(2), write.write_all(&rest)).await;
+            }
+        }
+        self.close(ErrorCode::NoError, reason).await;
     }
 
     /// Adds what a GoAway said to the error that followed it.

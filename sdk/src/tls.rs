@@ -131,10 +131,28 @@ impl ClientAuth {
 }
 
 /// QUIC client config for one connection attempt, and its suite probe.
+/// The TLS settings of both transports: QUIC's (with the suite probe and
+/// 0-RTT) and TLS over TCP's (same roots, client authentication and ALPN;
+/// rustls reports the suite itself there).
+pub(crate) struct ClientTls {
+    pub(crate) quic: quinn::ClientConfig,
+    pub(crate) probe: Arc<SuiteProbe>,
+    pub(crate) tcp: Arc<rustls::ClientConfig>,
+}
+
+/// The suite rustls negotiated on a TLS-over-TCP connection.
+pub(crate) fn suite_of(s: SupportedCipherSuite) -> Option<CipherSuite> {
+    match s.suite() {
+        rustls::CipherSuite::TLS13_AES_128_GCM_SHA256 => Some(CipherSuite::Aes128GcmSha256),
+        rustls::CipherSuite::TLS13_AES_256_GCM_SHA384 => Some(CipherSuite::Aes256GcmSha384),
+        _ => None,
+    }
+}
+
 pub(crate) fn client_config(
     roots: &RootCertStore,
     auth: &ClientAuth,
-) -> Result<(quinn::ClientConfig, Arc<SuiteProbe>), ConnectError> {
+) -> Result<ClientTls, ConnectError> {
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| ConnectError::Config(e.to_string()))?
@@ -160,6 +178,7 @@ pub(crate) fn client_config(
         }
     };
     tls.alpn_protocols = vec![ALPN.to_vec()];
+    let tcp = Arc::new(tls.clone());
     // Reconnects resume the TLS session and send the Hello in 0-RTT.
     tls.enable_early_data = true;
     let probe = Arc::new(SuiteProbe::default());
@@ -168,7 +187,11 @@ pub(crate) fn client_config(
         .map_err(|e| ConnectError::Config(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
     config.transport_config(Arc::new(transport_config()));
-    Ok((config, probe))
+    Ok(ClientTls {
+        quic: config,
+        probe,
+        tcp,
+    })
 }
 
 /// The SDK's QUIC transport settings: no QUIC keepalive (the app-level
@@ -221,7 +244,7 @@ pub(crate) fn add_pem_roots(roots: &mut RootCertStore, path: &Path) -> Result<()
 pub fn quic_client_config(ca_pem: &Path) -> Result<quinn::ClientConfig, ConnectError> {
     let mut roots = RootCertStore::empty();
     add_pem_roots(&mut roots, ca_pem)?;
-    client_config(&roots, &ClientAuth::None).map(|(config, _)| config)
+    client_config(&roots, &ClientAuth::None).map(|t| t.quic)
 }
 
 /// Checks what a connection negotiated against the minimum.

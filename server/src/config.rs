@@ -23,8 +23,14 @@ pub const ENV_PREFIX: &str = "WAKEWIRE_";
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
-    /// UDP address of the device (QUIC) endpoint.
+    /// UDP address of the device (QUIC) endpoint. `[::]` takes IPv4 and
+    /// IPv6 (falling back to IPv4 only where the host has no IPv6).
     pub quic_listen: SocketAddr,
+    /// TCP address of the device endpoint over TLS (the fallback for
+    /// networks that block UDP; same frames, ALPN wakewire/1); empty or
+    /// "off" = off. Behind a load balancer or with CAP_NET_BIND_SERVICE it
+    /// can be 443, where restrictive networks still let TLS through.
+    pub tcp_listen: String,
     /// TCP address of the publisher gRPC API. Without TLS it must be a
     /// loopback address (unless `grpc_insecure_plaintext_on_any_address`).
     pub grpc_listen: SocketAddr,
@@ -200,7 +206,8 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Self {
-            quic_listen: SocketAddr::from(([0, 0, 0, 0], DEFAULT_QUIC_PORT)),
+            quic_listen: SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, DEFAULT_QUIC_PORT)),
+            tcp_listen: format!("[::]:{DEFAULT_QUIC_PORT}"),
             grpc_listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_GRPC_PORT)),
             grpc_tls_cert: None,
             grpc_tls_key: None,
@@ -497,6 +504,15 @@ impl Settings {
                 )
             })?),
         };
+        let tcp_listen = match self.tcp_listen.trim() {
+            "" | "off" => None,
+            s => Some(s.parse::<SocketAddr>().map_err(|e| {
+                invalid(
+                    "tcp_listen",
+                    &format!("{s:?} is not an address like [::]:4433 ({e})"),
+                )
+            })?),
+        };
         let health_listen = match self.health_listen.trim() {
             "" | "off" => None,
             s => Some(s.parse::<SocketAddr>().map_err(|e| {
@@ -619,6 +635,7 @@ impl Settings {
         Ok(RelayConfig {
             cluster,
             quic_listen: self.quic_listen,
+            tcp_listen,
             grpc_listen: self.grpc_listen,
             grpc_tls,
             grpc_client_ca: self.grpc_client_ca.clone(),
@@ -734,6 +751,8 @@ pub struct RelayConfig {
     pub cluster: Option<crate::cluster::ClusterConfig>,
     /// UDP address of the device endpoint (port 0 = any free port).
     pub quic_listen: SocketAddr,
+    /// TCP address of the device endpoint over TLS, if on.
+    pub tcp_listen: Option<SocketAddr>,
     /// TCP address of the gRPC API (port 0 = any free port).
     pub grpc_listen: SocketAddr,
     /// TLS of the publisher API, if any.
@@ -826,6 +845,7 @@ impl RelayConfig {
             metrics_listen: String::new(),
             health_listen: "127.0.0.1:0".into(),
             probe_listen: "127.0.0.1:0".into(),
+            tcp_listen: "127.0.0.1:0".into(),
             drain_delay_secs: 0,
             ..Settings::default()
         };

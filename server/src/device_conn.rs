@@ -29,6 +29,7 @@ use wakewire_proto::ErrorCode;
 
 use crate::claims::Claim;
 use crate::cluster::{ClusterError, DeviceLink};
+use crate::device_io::{Conn, Receiver, Sender};
 use crate::metrics as m;
 use crate::pb::{StoredChannel, StoredEvent};
 use crate::quic::PrefixSlot;
@@ -69,11 +70,85 @@ pub(crate) async fn serve(incoming: quinn::Incoming, shared: Arc<Shared>, slot: 
             return;
         }
     };
-    counter!(m::HANDSHAKES).increment(1);
+    counter!(m::HANDSHAKES, "transport" => "quic").increment(1);
+    // The device opens the control stream right after the handshake.
+    let hello_timeout = shared.config.connection.session.hello_timeout;
+    let (send, recv) = match tokio::time::timeout(hello_timeout, conn.accept_bi()).await {
+        Ok(Ok(streams)) => streams,
+        Ok(Err(e)) => {
+            debug!(%remote, error = %e, "connection ended before the control stream opened");
+            return;
+        }
+        Err(_) => {
+            let close = Close {
+                code: ErrorCode::HelloTimeout,
+                reason: "no control stream within the hello timeout".into(),
+            };
+            counter!(m::CLOSES, "code" => close.code.name()).increment(1);
+            conn.close(close.code.as_u32().into(), close.reason.as_bytes());
+            return;
+        }
+    };
+    run(
+        Conn::Quic(conn),
+        Sender::Quic(send),
+        Receiver::Quic(recv),
+        shared,
+    )
+    .await;
+}
+
+/// Serves one device connection over TLS on TCP (the fallback for networks
+/// that block UDP): the TLS handshake, bounded like QUIC's, then the same
+/// connection task.
+pub(crate) async fn serve_tcp(
+    stream: tokio::net::TcpStream,
+    remote: std::net::SocketAddr,
+    acceptor: tokio_rustls::TlsAcceptor,
+    shared: Arc<Shared>,
+    slot: PrefixSlot,
+) {
+    let _ = stream.set_nodelay(true);
+    let handshake = tokio::time::timeout(
+        shared.config.admission.handshake_timeout,
+        acceptor.accept(stream),
+    )
+    .await;
+    shared.handshaking.fetch_sub(1, Ordering::Relaxed);
+    drop(slot);
+    let tls = match handshake {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            counter!(m::HANDSHAKE_FAILURES).increment(1);
+            debug!(%remote, error = %e, "TLS handshake failed (TCP)");
+            return;
+        }
+        Err(_) => {
+            counter!(m::HANDSHAKE_FAILURES).increment(1);
+            debug!(%remote, "TLS handshake timed out (TCP)");
+            return;
+        }
+    };
+    // rustls lets a client that offers no ALPN through: this port speaks
+    // only wakewire/1.
+    if tls.get_ref().1.alpn_protocol() != Some(wakewire_proto::ALPN) {
+        counter!(m::HANDSHAKE_FAILURES).increment(1);
+        debug!(%remote, "TCP client did not negotiate ALPN wakewire/1");
+        return;
+    }
+    counter!(m::HANDSHAKES, "transport" => "tcp").increment(1);
+    let (conn, send, recv) = crate::device_io::tcp(tls, remote);
+    run(conn, send, recv, shared).await;
+}
+
+/// Runs the connection task of an established connection.
+async fn run(conn: Conn, send: Sender, recv: Receiver, shared: Arc<Shared>) {
+    let remote = conn.remote_address();
+    let transport = conn.transport();
     shared.connections.fetch_add(1, Ordering::Relaxed);
     let conn_id = shared.next_conn_id();
-    let span = info_span!("device_conn", conn = conn_id, %remote, device = tracing::field::Empty);
-    gauge!(m::CONNECTIONS).increment(1.0);
+    let span = info_span!("device_conn", conn = conn_id, %remote, transport, device = tracing::field::Empty);
+    gauge!(m::CONNECTIONS, "transport" => transport).increment(1.0);
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
     let driver = Driver {
         conn,
@@ -93,9 +168,9 @@ pub(crate) async fn serve(incoming: quinn::Incoming, shared: Arc<Shared>, slot: 
         stored: HashMap::new(),
         cluster_acks: Vec::new(),
     };
-    driver.run(rx).instrument(span).await;
+    driver.run(send, recv, rx).instrument(span).await;
     shared.connections.fetch_sub(1, Ordering::Relaxed);
-    gauge!(m::CONNECTIONS).decrement(1.0);
+    gauge!(m::CONNECTIONS, "transport" => transport).decrement(1.0);
 }
 
 /// What a store job reports back to the loop.
@@ -107,7 +182,7 @@ enum Done {
 }
 
 struct Driver {
-    conn: quinn::Connection,
+    conn: Conn,
     shared: Arc<Shared>,
     conn_id: u64,
     device_id: Option<Arc<str>>,
@@ -136,8 +211,8 @@ struct Driver {
 }
 
 impl Driver {
-    async fn run(mut self, mut rx: mpsc::Receiver<Box<ConnCommand>>) {
-        let undelivered = self.run_inner(&mut rx).await;
+    async fn run(mut self, send: Sender, recv: Receiver, mut rx: mpsc::Receiver<Box<ConnCommand>>) {
+        let undelivered = self.run_inner(send, recv, &mut rx).await;
         // Nothing more is sent on this connection: detach, then give what
         // the device has not acked to its next connection (or let it go:
         // stored events stay queued).
@@ -178,23 +253,13 @@ impl Driver {
     }
 
     /// Serves the connection; returns the durable wakes not acked.
-    async fn run_inner(&mut self, rx: &mut mpsc::Receiver<Box<ConnCommand>>) -> Vec<Wake> {
+    async fn run_inner(
+        &mut self,
+        mut send: Sender,
+        mut recv: Receiver,
+        rx: &mut mpsc::Receiver<Box<ConnCommand>>,
+    ) -> Vec<Wake> {
         let config = &self.shared.config.connection;
-        let (mut send, mut recv) =
-            match tokio::time::timeout(config.session.hello_timeout, self.conn.accept_bi()).await {
-                Ok(Ok(streams)) => streams,
-                Ok(Err(e)) => {
-                    debug!(error = %e, "connection ended before the control stream opened");
-                    return vec![];
-                }
-                Err(_) => {
-                    self.close(&Close {
-                        code: ErrorCode::HelloTimeout,
-                        reason: "no control stream within the hello timeout".into(),
-                    });
-                    return vec![];
-                }
-            };
         let mut rc = RelayConnection::new(clock::now(), clock::unix_ms(), config.clone());
         rc.set_observed_addr(self.conn.remote_address());
         let mut out = Bytes::new();
@@ -211,13 +276,14 @@ impl Driver {
                 while let Some(b) = rc.poll_transmit() {
                     rest.extend_from_slice(&b);
                 }
-                if close.code == ErrorCode::GoingAway || close.code == ErrorCode::Replaced {
-                    // Let the GoAway reach the device before the close.
-                    let _ = tokio::time::timeout(CLOSE_FLUSH, async {
-                        send.write_all(&rest).await.ok()?;
-                        send.finish().ok()?;
-                        send.stopped().await.ok()
-                    })
+                let tcp = matches!(self.conn, Conn::Tcp { .. });
+                if tcp || close.code == ErrorCode::GoingAway || close.code == ErrorCode::Replaced {
+                    // Let the GoAway (and on TCP the Close frame) reach the
+                    // device before the close.
+                    let _ = tokio::time::timeout(
+                        CLOSE_FLUSH,
+                        send.finish(&rest, tcp.then_some(&close)),
+                    )
                     .await;
                 }
                 self.close(&close);
@@ -233,10 +299,10 @@ impl Driver {
                         return self.drain(&mut rc);
                     }
                 },
-                r = recv.read_chunk(usize::MAX, true), if readable => match r {
-                    Ok(Some(chunk)) => {
+                r = recv.read(), if readable => match r {
+                    Ok(Some(bytes)) => {
                         rc.set_observed_addr(self.conn.remote_address());
-                        rc.handle_data(clock::now(), &chunk.bytes);
+                        rc.handle_data(clock::now(), &bytes);
                     }
                     Ok(None) => rc.handle_stream_finished(clock::now()),
                     Err(e) => {
@@ -285,8 +351,7 @@ impl Driver {
         } else {
             info!(code = %close.code, reason = %close.reason, "closing connection");
         }
-        self.conn
-            .close(close.code.as_u32().into(), close.reason.as_bytes());
+        self.conn.close(close);
     }
 
     fn on_event(&mut self, rc: &mut RelayConnection, ev: ConnectionEvent) {
@@ -393,7 +458,7 @@ impl Driver {
                 })
                 .map(|claims| (claims.sub.unwrap_or_default(), claims.jti))
         });
-        let cert = crate::tls::certificate_identity(&self.conn);
+        let cert = self.conn.certificate_identity();
         let verified = crate::device_auth::decide(self.shared.config.device_auth, token, cert)
             .and_then(|(dev, jti)| {
                 validate_device_id(&dev)

@@ -35,6 +35,7 @@ pub mod config;
 pub mod data_dir;
 mod device_auth;
 mod device_conn;
+mod device_io;
 mod grpc;
 pub mod metrics;
 pub mod pb;
@@ -47,6 +48,7 @@ pub mod relay;
 pub mod revocation;
 mod state;
 pub mod store;
+mod tcp;
 pub mod tls;
 
 pub use config::{RelayConfig, Settings};

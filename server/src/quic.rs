@@ -71,7 +71,7 @@ pub(crate) struct PrefixCounts(DashMap<IpAddr, usize>);
 
 impl PrefixCounts {
     /// Counts one more handshake from `ip`'s prefix unless it has `max`.
-    fn enter(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<PrefixSlot> {
+    pub(crate) fn enter(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<PrefixSlot> {
         let prefix = prefix_of(ip);
         let mut n = self.0.entry(prefix).or_insert(0);
         if *n >= max {

@@ -84,6 +84,8 @@ pub enum StartError {
 pub struct Listeners {
     /// UDP socket of the device endpoint.
     pub quic: std::net::UdpSocket,
+    /// TCP listener of the device endpoint over TLS, if on.
+    pub tcp: Option<std::net::TcpListener>,
     /// TCP listener of the publisher gRPC API.
     pub grpc: std::net::TcpListener,
     /// UDP socket of the probe service, if on.
@@ -100,6 +102,14 @@ impl Listeners {
             addr: config.quic_listen,
             source,
         })?;
+        let tcp = match config.tcp_listen {
+            Some(addr) => Some(bind_tcp(addr).map_err(|source| StartError::Bind {
+                what: "devices (TCP)",
+                addr,
+                source,
+            })?),
+            None => None,
+        };
         let grpc = bind_tcp(config.grpc_listen).map_err(|source| StartError::Bind {
             what: "gRPC (TCP)",
             addr: config.grpc_listen,
@@ -123,6 +133,7 @@ impl Listeners {
         };
         Ok(Self {
             quic,
+            tcp,
             grpc,
             probe,
             health,
@@ -134,17 +145,56 @@ impl Listeners {
 /// of publisher connections, or while the relay is out of descriptors).
 fn bind_tcp(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+        .or_else(|e| {
+            ipv4_instead(addr, e).and_then(|a| {
+                Socket::new(Domain::for_address(a), Type::STREAM, Some(Protocol::TCP))
+            })
+        })?;
+    let addr = match socket.domain() {
+        Ok(d) if d == Domain::IPV4 && addr.is_ipv6() => {
+            SocketAddr::from(([0, 0, 0, 0], addr.port()))
+        }
+        _ => addr,
+    };
+    if addr.is_ipv6() {
+        socket.set_only_v6(false).ok();
+    }
     socket.set_reuse_address(true)?;
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
     Ok(socket.into())
 }
 
+/// `[::]:port` on a host without IPv6: `0.0.0.0:port` instead (the
+/// default device addresses are dual-stack). Other errors stand.
+fn ipv4_instead(addr: SocketAddr, e: std::io::Error) -> std::io::Result<SocketAddr> {
+    /// EAFNOSUPPORT: the kernel has no IPv6.
+    const NO_FAMILY: i32 = 97;
+    if addr.ip() == std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
+        && e.raw_os_error() == Some(NO_FAMILY)
+    {
+        warn!(%addr, "no IPv6 on this host: listening on IPv4 only");
+        Ok(SocketAddr::from(([0, 0, 0, 0], addr.port())))
+    } else {
+        Err(e)
+    }
+}
+
 /// A UDP socket; an IPv6 one also takes IPv4.
 fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    let socket =
+        Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)).or_else(|e| {
+            ipv4_instead(addr, e)
+                .and_then(|a| Socket::new(Domain::for_address(a), Type::DGRAM, Some(Protocol::UDP)))
+        })?;
+    let addr = match socket.domain() {
+        Ok(d) if d == Domain::IPV4 && addr.is_ipv6() => {
+            SocketAddr::from(([0, 0, 0, 0], addr.port()))
+        }
+        _ => addr,
+    };
     if addr.is_ipv6() {
         socket.set_only_v6(false).ok();
     }
@@ -228,6 +278,7 @@ pub struct RelayHandle {
     stop: watch::Sender<bool>,
     tasks: Tasks,
     probe: Option<SocketAddr>,
+    tcp_addr: Option<SocketAddr>,
     grpc_task: JoinHandle<()>,
     health: crate::grpc::Health,
     health_addr: Option<SocketAddr>,
@@ -267,6 +318,7 @@ pub async fn start_on(
         Some(path) => Some(tls::load_certificates(path)?),
         None => None,
     };
+    let tcp_tls = tls::tcp_server_config(device_cert.clone(), client_ca.clone())?;
     let server_config = tls::server_config(
         device_cert.clone(),
         config.connection.session.idle_timeout,
@@ -435,6 +487,28 @@ pub async fn start_on(
         "the QUIC accept loop",
         crate::quic::accept_loop(endpoint.clone(), shared.clone()),
     );
+    let tcp_addr = match listeners.tcp {
+        Some(l) => {
+            let bind_err = |e| StartError::Bind {
+                what: "devices (TCP)",
+                addr: quic_addr,
+                source: e,
+            };
+            l.set_nonblocking(true).map_err(bind_err)?;
+            let l = tokio::net::TcpListener::from_std(l).map_err(bind_err)?;
+            let addr = l.local_addr().map_err(bind_err)?;
+            tasks.spawn(
+                "the TCP device endpoint",
+                crate::tcp::accept_loop(
+                    l,
+                    tokio_rustls::TlsAcceptor::from(tcp_tls),
+                    shared.clone(),
+                ),
+            );
+            Some(addr)
+        }
+        None => None,
+    };
     tasks.spawn("the sweeper", sweep_loop(shared.clone()));
     let (grpc, health) = crate::grpc::server(listener, grpc_tls, shared.clone(), stop_rx)
         .await
@@ -463,7 +537,8 @@ pub async fn start_on(
         }
         None => None,
     };
-    info!(quic = %quic_addr, grpc = %grpc_addr, grpc_tls = shared.config.grpc_tls.is_some(), health = ?health_addr, probe = ?probe.as_ref().map(|p| p.0), data_dir = %shared.config.data_dir.display(), "relay started");
+    let tcp_shown = tcp_addr.map_or("off".to_owned(), |a| a.to_string());
+    info!(quic = %quic_addr, tcp = %tcp_shown, grpc = %grpc_addr, grpc_tls = shared.config.grpc_tls.is_some(), health = ?health_addr, probe = ?probe.as_ref().map(|p| p.0), data_dir = %shared.config.data_dir.display(), "relay started");
     if let Some(cert) = &dev_cert {
         info!(
             cert = %cert.display(),
@@ -481,6 +556,7 @@ pub async fn start_on(
         stop,
         tasks,
         probe: probe.map(|(addr, _)| addr),
+        tcp_addr,
         grpc_task,
         health,
         health_addr,
@@ -491,6 +567,11 @@ impl RelayHandle {
     /// Bound UDP address of the device endpoint.
     pub fn quic_addr(&self) -> SocketAddr {
         self.quic_addr
+    }
+
+    /// Bound TCP address of the device endpoint over TLS, if on.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp_addr
     }
 
     /// Bound TCP address of the gRPC API.
@@ -542,6 +623,9 @@ impl RelayHandle {
         };
         tokio::time::sleep(config.drain_delay).await;
         self.endpoint.set_server_config(None);
+        self.shared
+            .draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let conns = self.shared.registry.all_connections();
         let window_ms =
             (conns.len() as u64).saturating_mul(1000) / u64::from(config.shutdown_reconnect_rate);

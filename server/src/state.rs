@@ -35,6 +35,9 @@ pub(crate) struct Shared {
     pub(crate) handshaking: AtomicUsize,
     /// Established connections.
     pub(crate) connections: AtomicUsize,
+    /// Set when the relay drains: no new device connection (TCP; QUIC
+    /// drops its server configuration instead).
+    pub(crate) draining: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -59,6 +62,7 @@ impl Shared {
             conn_ids: AtomicU64::new(1),
             handshaking: AtomicUsize::new(0),
             connections: AtomicUsize::new(0),
+            draining: std::sync::atomic::AtomicBool::new(false),
         }
     }
 

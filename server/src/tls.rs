@@ -121,6 +121,34 @@ pub fn certificate_identity(conn: &quinn::Connection) -> CertIdentity {
     device_of_certificate(leaf)
 }
 
+/// TLS 1.3 for devices (ALPN wakewire/1, the device certificate, optional
+/// client certificates), shared by the QUIC and the TCP endpoint.
+fn device_tls(
+    cert: Arc<dyn rustls::server::ResolvesServerCert>,
+    device_client_ca: Option<Vec<CertificateDer<'static>>>,
+) -> Result<rustls::ServerConfig, TlsError> {
+    let builder = rustls::ServerConfig::builder_with_provider(crypto_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let builder = match device_client_ca {
+        None => builder.with_no_client_auth(),
+        Some(cas) => builder.with_client_cert_verifier(client_verifier(cas, true)?),
+    };
+    let mut tls = builder.with_cert_resolver(cert);
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(tls)
+}
+
+/// The device endpoint over TLS on TCP: the same certificate, client
+/// certificates and ALPN as QUIC; resumption from a small cache, no early
+/// data (a TCP fallback is not where radio round trips are saved).
+pub fn tcp_server_config(
+    cert: Arc<dyn rustls::server::ResolvesServerCert>,
+    device_client_ca: Option<Vec<CertificateDer<'static>>>,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    Ok(Arc::new(device_tls(cert, device_client_ca)?))
+}
+
 /// The device a certificate's `wakewire:device:` SAN URI names.
 pub fn device_of_certificate(der: &CertificateDer<'_>) -> CertIdentity {
     let cert = match webpki::EndEntityCert::try_from(der) {
@@ -211,15 +239,7 @@ pub fn server_config(
     idle_timeout: Duration,
     device_client_ca: Option<Vec<CertificateDer<'static>>>,
 ) -> Result<quinn::ServerConfig, TlsError> {
-    let builder = rustls::ServerConfig::builder_with_provider(crypto_provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| TlsError::Config(e.to_string()))?;
-    let builder = match device_client_ca {
-        None => builder.with_no_client_auth(),
-        Some(cas) => builder.with_client_cert_verifier(client_verifier(cas, true)?),
-    };
-    let mut tls = builder.with_cert_resolver(cert);
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let mut tls = device_tls(cert, device_client_ca)?;
     // Session resumption from a server-side cache (single use, so a
     // replayed resumption fails at the TLS layer), which also allows 0-RTT:
     // a reconnecting device skips the certificate signature and check and
