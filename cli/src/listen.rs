@@ -10,9 +10,25 @@ use crate::{init_logs, keys, parse_duration, unix_secs};
 
 #[derive(Args)]
 pub(crate) struct ListenArgs {
-    /// Relay device endpoint, host:port.
+    /// Relay device endpoint, host:port; several comma-separated for a
+    /// cluster.
     #[arg(long, default_value = "127.0.0.1:4433")]
     relay: String,
+    /// Transport: auto (QUIC, TLS over TCP where UDP does not get
+    /// through), quic or tcp.
+    #[arg(long, value_enum, default_value = "auto")]
+    transport: TransportArg,
+    /// The relay's TCP port for TLS over TCP [default: the QUIC port].
+    #[arg(long)]
+    tcp_port: Option<u16>,
+    /// Proxy for TCP: http://[user:pass@]host:port or
+    /// socks5://[user:pass@]host:port [default: HTTPS_PROXY / ALL_PROXY,
+    /// minus NO_PROXY].
+    #[arg(long)]
+    proxy: Option<String>,
+    /// Network id for the adaptive keepalive's memory (e.g. an SSID hash).
+    #[arg(long, default_value = "default")]
+    network_id: String,
     /// Channel name to register (repeatable).
     #[arg(long = "channel", default_value = "demo")]
     channels: Vec<String>,
@@ -31,9 +47,11 @@ pub(crate) struct ListenArgs {
     /// Relay data directory (for local tokens and the dev certificate).
     #[arg(long, default_value = "wakewire-data", env = "WAKEWIRE_DATA_DIR")]
     data_dir: PathBuf,
-    /// Keepalive interval, e.g. 25s.
-    #[arg(long, default_value = "25s", value_parser = parse_duration)]
-    keepalive: Duration,
+    /// Keepalive: "adaptive" (learns the network's NAT timeout, remembered
+    /// per --network-id in <data-dir>/listen-networks) or a fixed interval
+    /// such as 25s.
+    #[arg(long, default_value = "25s", value_parser = parse_keepalive)]
+    keepalive: KeepaliveArg,
     /// File remembering the wakes already printed, so one delivered again
     /// (its ack was lost, the listener restarted) is printed once
     /// [default: <data-dir>/listen-<device-id>.dedup]; "off" keeps it in memory.
@@ -42,6 +60,65 @@ pub(crate) struct ListenArgs {
     /// Exit after this many wakes (default: run until Ctrl-C).
     #[arg(long)]
     count: Option<u64>,
+}
+
+/// `--transport`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum TransportArg {
+    Auto,
+    Quic,
+    Tcp,
+}
+
+/// `--keepalive`.
+#[derive(Clone, Copy)]
+enum KeepaliveArg {
+    Adaptive,
+    Fixed(Duration),
+}
+
+fn parse_keepalive(s: &str) -> Result<KeepaliveArg, String> {
+    if s.eq_ignore_ascii_case("adaptive") {
+        Ok(KeepaliveArg::Adaptive)
+    } else {
+        parse_duration(s).map(KeepaliveArg::Fixed)
+    }
+}
+
+/// One line per thing an operator watching a device learn a network
+/// wants to see (stderr; wakes go to stdout).
+fn status_line(s: &wakewire_sdk::Status) -> Option<String> {
+    use wakewire_sdk::Status;
+    Some(match s {
+        Status::KeepaliveCompleted { .. } => return None,
+        Status::Connecting { attempt } => format!("connecting attempt={attempt}"),
+        Status::Connected(i) => format!(
+            "connected relay={} transport={} suite={} keepalive={:?} zero_rtt={}",
+            i.relay_addr,
+            i.transport,
+            i.cipher_suite.name(),
+            i.keepalive_interval,
+            i.zero_rtt
+        ),
+        Status::Disconnected { error, retry_in } => match retry_in {
+            Some(d) => format!("disconnected: {error} (retry in {d:?})"),
+            None => format!("disconnected: {error} (giving up)"),
+        },
+        Status::Reset { channels } => format!("re-registered channels={}", channels.join(",")),
+        Status::KeepaliveInterval { interval, reason } => {
+            format!("keepalive interval={interval:?} reason={reason:?}")
+        }
+        Status::KeepaliveConverged {
+            network,
+            interval,
+            learned,
+        } => format!(
+            "keepalive converged network={network} interval={interval:?} nat_timeout>{:?} <{}",
+            learned.lower,
+            learned.upper.map_or("?".to_owned(), |u| format!("{u:?}"))
+        ),
+        Status::BindingLost { after_idle } => format!("binding lost after {after_idle:?} idle"),
+    })
 }
 
 pub(crate) async fn listen(args: ListenArgs) -> anyhow::Result<()> {
@@ -58,14 +135,40 @@ pub(crate) async fn listen(args: ListenArgs) -> anyhow::Result<()> {
         ),
     };
     let ca = args.ca.unwrap_or_else(|| args.data_dir.join(DEV_CERT_FILE));
+    let keepalive = match args.keepalive {
+        KeepaliveArg::Adaptive => {
+            wakewire_sdk::KeepalivePolicy::Adaptive(wakewire_sdk::TunerConfig::default())
+        }
+        KeepaliveArg::Fixed(d) => wakewire_sdk::KeepalivePolicy::Fixed(d),
+    };
     let mut builder = wakewire_sdk::ClientBuilder::new(&args.relay)
         .trust_pem_file(ca)
         .device_token(token)
-        .keepalive(wakewire_sdk::KeepalivePolicy::Fixed(args.keepalive))
-        .on_status(|s| match s {
-            wakewire_sdk::Status::KeepaliveCompleted { .. } => {}
-            other => eprintln!("status: {other:?}"),
+        .keepalive(keepalive)
+        .network_id(args.network_id.clone())
+        .transport(match args.transport {
+            TransportArg::Auto => wakewire_sdk::Transport::Auto,
+            TransportArg::Quic => wakewire_sdk::Transport::Quic,
+            TransportArg::Tcp => wakewire_sdk::Transport::Tcp,
+        })
+        .on_status(|s| {
+            if let Some(line) = status_line(s) {
+                eprintln!("{line}");
+            }
         });
+    if args.data_dir.is_dir() {
+        builder = builder.network_memory(args.data_dir.join("listen-networks"));
+    }
+    if let Some(p) = args.tcp_port {
+        builder = builder.tcp_port(p);
+    }
+    let proxy = match &args.proxy {
+        Some(url) => Some(wakewire_sdk::Proxy::parse(url)?),
+        None => wakewire_sdk::Proxy::from_env(std::env::vars())?,
+    };
+    if let Some(p) = proxy {
+        builder = builder.proxy(p);
+    }
     if let Some(n) = args.server_name {
         builder = builder.server_name(n);
     }

@@ -458,8 +458,16 @@ impl Driver {
             Command::AddPeriodic(period, cb) => self.keepalive.add_periodic(period, cb, now),
             Command::NetworkChanged(network) => {
                 self.keepalive.network_changed(network, now);
+                // What won on the old network says nothing of this one.
+                self.prefer_tcp = false;
                 if let Some(link) = link {
-                    self.migrate(link);
+                    if link.is_tcp() {
+                        // A TCP connection cannot move: the next keepalive
+                        // notices it is gone (or it still works).
+                        self.quic_retry_at = Some(now);
+                    } else {
+                        self.migrate(link);
+                    }
                 }
             }
         }

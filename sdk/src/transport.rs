@@ -274,7 +274,8 @@ async fn http_connect(
         .ok_or_else(|| ConnectError::Proxy(format!("HTTP CONNECT: bad reply {status_line:?}")))?;
     match code {
         200..=299 => Ok(()),
-        407 => Err(ConnectError::ProxyAuth(format!(
+        // 407 is the standard answer; some proxies (tinyproxy) send 401.
+        401 | 407 => Err(ConnectError::ProxyAuth(format!(
             "HTTP proxy {}:{} answered {status_line:?}{}",
             p.host,
             p.port,

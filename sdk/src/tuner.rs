@@ -17,11 +17,15 @@
 //!   within 3% (or the maximum interval is proven), the tuner has
 //!   converged: for every T that takes about 2T, and at most one hour for
 //!   the 30-minute maximum.
-//! - **The main connection** confirms or contradicts: the relay echoes the
-//!   address and port it sees in every Pong. Same port after `idle` seconds
-//!   of silence: T > idle. A changed port: the binding expired (QUIC
-//!   migrated to the new one), so T <= idle: the tuner steps down at once
-//!   (to 60% of that idle) and re-probes upwards.
+//! - **The main connection** can only contradict: the relay echoes the
+//!   address and port it sees in every Pong. A changed port: the binding
+//!   expired (QUIC migrated to the new one), so T <= idle: the tuner steps
+//!   down at once (to 60% of that idle) and re-probes upwards. The same
+//!   port proves nothing (a port-preserving NAT re-creates a dropped
+//!   binding on the same port), so it never raises a bound.
+//! - **Below the start interval.** The first round also probes the start
+//!   interval itself; if it does not survive, the interval drops below it at
+//!   once and the tuner probes down to the minimum.
 //!
 //! Why it is safe: the interval only grows to `safety` (92%) of an idle gap
 //! that a probe or the main path has proven to survive, never on a guess;
@@ -245,9 +249,12 @@ impl Tuner {
             let step = floor.max(self.cfg.min_interval);
             self.set_interval(step, IntervalReason::BindingLost);
             self.plan(now);
-        } else if idle > self.lower {
-            self.alive(now, idle);
         }
+        // The same port proves nothing: a NAT that preserves ports gives
+        // the same one to a binding it had dropped and re-created. Only a
+        // probe reply (inbound traffic cannot re-create a binding) raises
+        // the lower bound.
+        let _ = now;
     }
 
     /// A probe reply arrived.
@@ -363,10 +370,17 @@ impl Tuner {
         }
     }
 
-    /// Interval for the current lower bound.
+    /// Interval for the current bounds.
     fn target(&self) -> Duration {
         if self.lower.is_zero() {
-            return self.cfg.start_interval;
+            // Nothing proven yet: the start interval, unless a probe showed
+            // it does not survive.
+            return match self.upper {
+                Some(u) if u <= self.cfg.start_interval => {
+                    u.mul_f64(0.6).max(self.cfg.min_interval)
+                }
+                _ => self.cfg.start_interval,
+            };
         }
         self.lower
             .mul_f64(self.cfg.safety)
@@ -377,7 +391,7 @@ impl Tuner {
         // Only a proven lower bound may raise the interval; drop to it when
         // the bound fell.
         let target = self.target();
-        if !self.lower.is_zero() && target != self.interval {
+        if target != self.interval && (!self.lower.is_zero() || target < self.interval) {
             self.set_interval(target, IntervalReason::Learned);
         }
         // Probes that can no longer narrow the bracket are forgotten.
@@ -419,16 +433,22 @@ impl Tuner {
             return;
         }
         let top = self.cfg.max_interval.div_f64(self.cfg.safety);
-        let from = if self.lower.is_zero() {
-            self.cfg.start_interval
-        } else {
-            self.lower
+        let from = match (self.lower.is_zero(), self.upper) {
+            // Nothing survived even the start interval: look below it,
+            // down to the minimum.
+            (true, Some(u)) if u <= self.cfg.start_interval => self.cfg.min_interval,
+            (true, _) => self.cfg.start_interval,
+            (false, _) => self.lower,
         };
         match self.upper {
             None => {
-                // Explore: a coarse ladder up to the top, and the top 10%
-                // laddered finely from the start (near the cap each round
-                // would cost half an hour).
+                // Explore: the start interval itself (is it safe?), a
+                // coarse ladder up to the top, and the top 10% laddered
+                // finely from the start (near the cap each round would cost
+                // half an hour).
+                if self.lower.is_zero() {
+                    self.to_send.push_back(from);
+                }
                 let mut d = from.mul_f64(self.cfg.coarse_ratio);
                 while d < top.mul_f64(0.9) && self.to_send.len() + 5 < self.cfg.max_probes {
                     self.to_send.push_back(d);
@@ -451,6 +471,108 @@ impl Tuner {
             self.interval = interval;
             self.events
                 .push_back(TunerEvent::IntervalChanged { interval, reason });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs the tuner against a NAT of timeout `t` (probe replies for
+    /// delays below it) until it converges or `limit` passes.
+    fn converge(t: Duration, limit: Duration) -> Tuner {
+        let start = crate::clock::now();
+        let mut tuner = Tuner::new(start, TunerConfig::default());
+        let mut now = start;
+        let mut pending: Vec<(Instant, u64)> = Vec::new();
+        while now < start + limit && !tuner.converged {
+            while let Some(p) = tuner.poll_probe(now) {
+                if p.delay < t {
+                    pending.push((now + p.delay, p.id));
+                }
+            }
+            // Next thing to happen: a reply or the tuner's timer.
+            let next_reply = pending.iter().map(|r| r.0).min();
+            let next = match (next_reply, tuner.poll_timeout()) {
+                (Some(a), Some(b)) => a.min(b),
+                (a, b) => a.or(b).unwrap_or(now + Duration::from_secs(1)),
+            };
+            now = next.max(now);
+            let (due, later): (Vec<_>, Vec<_>) = pending.into_iter().partition(|r| r.0 <= now);
+            pending = later;
+            for (_, id) in due {
+                tuner.handle_probe_reply(now, id);
+            }
+            tuner.handle_timeout(now);
+        }
+        tuner
+    }
+
+    #[test]
+    fn a_same_port_keepalive_proves_nothing() {
+        let now = crate::clock::now();
+        let mut tuner = Tuner::new(now, TunerConfig::default());
+        tuner.handle_keepalive(now, Duration::from_secs(25), "203.0.113.1:4000");
+        tuner.handle_keepalive(now, Duration::from_secs(40), "203.0.113.1:4000");
+        assert_eq!(
+            tuner.learned().lower,
+            Duration::ZERO,
+            "raised by an ambiguous signal"
+        );
+        // A changed port still proves a lost binding.
+        tuner.handle_keepalive(now, Duration::from_secs(25), "203.0.113.1:4001");
+        assert_eq!(tuner.learned().upper, Some(Duration::from_secs(25)));
+    }
+
+    #[test]
+    fn a_nat_below_the_start_interval_is_found_from_below() {
+        let t = Duration::from_secs(20);
+        let tuner = converge(t, Duration::from_secs(3600));
+        assert!(tuner.converged, "did not converge");
+        let learned = tuner.learned();
+        assert!(
+            learned.lower < t,
+            "learned lower bound {:?} above T",
+            learned.lower
+        );
+        assert!(learned.lower >= t.mul_f64(0.9), "{learned:?}");
+        assert!(tuner.interval() < t, "interval {:?}", tuner.interval());
+    }
+
+    #[test]
+    fn an_unsafe_start_interval_is_left_as_soon_as_a_probe_shows_it() {
+        let start = crate::clock::now();
+        let cfg = TunerConfig::default();
+        let mut tuner = Tuner::new(start, cfg.clone());
+        let mut probes = vec![];
+        while let Some(p) = tuner.poll_probe(start) {
+            probes.push(p);
+        }
+        assert_eq!(
+            probes[0].delay, cfg.start_interval,
+            "the start interval is probed first"
+        );
+        // Nothing answers (T < 25 s): after the first deadline the interval
+        // is below the start interval.
+        let first_deadline = tuner.poll_timeout().expect("probes in flight");
+        tuner.handle_timeout(first_deadline);
+        assert!(
+            tuner.interval() < cfg.start_interval,
+            "{:?}",
+            tuner.interval()
+        );
+        assert!(tuner.interval() >= cfg.min_interval);
+    }
+
+    #[test]
+    fn usual_nats_still_converge_just_below_their_timeout() {
+        for secs in [30u64, 120, 600] {
+            let t = Duration::from_secs(secs);
+            let tuner = converge(t, Duration::from_secs(4 * 3600));
+            assert!(tuner.converged, "T = {t:?}");
+            let i = tuner.interval();
+            assert!(i < t && i >= t.mul_f64(0.85), "T = {t:?}: interval {i:?}");
         }
     }
 }
