@@ -68,6 +68,8 @@ async fn start_relay(data_dir: &str) -> anyhow::Result<Relay> {
         "127.0.0.1:0",
         "--health-listen",
         "off",
+        "--tcp-listen",
+        "127.0.0.1:0",
     ])
     .spawn()?;
     let mut stderr = BufReader::new(child.stderr.take().expect("piped")).lines();

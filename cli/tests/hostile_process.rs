@@ -26,6 +26,8 @@ async fn the_publisher_api_survives_running_out_of_file_descriptors() -> anyhow:
             "127.0.0.1:0",
             "--grpc-listen",
             "127.0.0.1:0",
+            "--tcp-listen",
+            "127.0.0.1:0",
         ])
         .args(["--probe-listen", "off", "--metrics-listen", "off"])
         .args(["--health-listen", "off"])

@@ -45,6 +45,8 @@ async fn the_dashboard_and_alerts_use_only_exported_metrics_and_logs_are_json() 
             "127.0.0.1:0",
             "--grpc-listen",
             "127.0.0.1:0",
+            "--tcp-listen",
+            "127.0.0.1:0",
         ])
         .args(["--probe-listen", "off", "--health-listen", "off"])
         .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])

@@ -21,6 +21,8 @@ pub struct RelayProcess {
     pub quic: SocketAddr,
     /// gRPC endpoint.
     pub grpc: SocketAddr,
+    /// TLS-over-TCP device endpoint, when the relay listens on one.
+    pub tcp: Option<SocketAddr>,
 }
 
 impl RelayProcess {
@@ -38,6 +40,12 @@ impl RelayProcess {
         } else {
             &["--metrics-listen", "off"]
         };
+        // Nor the fixed default TCP device port.
+        let tcp_any: &[&str] = if extra.contains(&"--tcp-listen") {
+            &[]
+        } else {
+            &["--tcp-listen", "127.0.0.1:0"]
+        };
         let mut child = Command::new(bin)
             .args([
                 "serve",
@@ -45,6 +53,7 @@ impl RelayProcess {
                 "wakewire_server::relay=info,wakewire_server::cluster=info,warn",
             ])
             .args(metrics_off)
+            .args(tcp_any)
             .arg("--data-dir")
             .arg(data_dir)
             .arg("--quic-listen")
@@ -99,6 +108,7 @@ impl RelayProcess {
         Ok(Self {
             quic: field("quic=")?,
             grpc: field("grpc=")?,
+            tcp: field("tcp=").ok(),
             child,
             bin: bin.to_owned(),
             data_dir: data_dir.to_owned(),
