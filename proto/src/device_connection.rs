@@ -82,6 +82,16 @@ pub enum DeviceConnectionEvent {
         /// How long the device had sent nothing before this Ping.
         idle: Duration,
     },
+    /// The canary arrived: the NAT binding survived `idle` of silence.
+    CanaryReceived {
+        /// Silence before the canary.
+        idle: Duration,
+    },
+    /// The canary did not arrive: the binding died within `after_idle`.
+    CanaryMissed {
+        /// The silence the canary was to cross.
+        after_idle: Duration,
+    },
     /// The relay is about to close the connection.
     GoAway {
         /// Why.
@@ -342,6 +352,12 @@ impl DeviceConnection {
                         observed_addr,
                         idle,
                     }),
+                DeviceEvent::CanaryReceived { idle } => self
+                    .events
+                    .push_back(DeviceConnectionEvent::CanaryReceived { idle }),
+                DeviceEvent::CanaryMissed { after_idle } => self
+                    .events
+                    .push_back(DeviceConnectionEvent::CanaryMissed { after_idle }),
                 DeviceEvent::GoAway {
                     reason,
                     reconnect_after,

@@ -18,7 +18,7 @@ use crate::pb::device::{
 };
 use crate::relay_session::{decode_reason, frame_name};
 pub use crate::session_core::Close;
-use crate::session_core::Core;
+use crate::session_core::{millis, Core};
 use crate::{ErrorCode, MAX_FRAME_SIZE, MAX_PAYLOAD_SIZE, PROTOCOL_VERSION};
 
 /// Settings of a device session.
@@ -34,6 +34,10 @@ pub struct DeviceSessionConfig {
     pub keepalive_timeout: Duration,
     /// Give up if Welcome takes longer than this.
     pub welcome_timeout: Duration,
+    /// Ask relays that offer it for a Canary just before each keepalive:
+    /// the proof (or disproof) that the NAT binding survived the silence,
+    /// whatever port the NAT gives back.
+    pub canary: bool,
 }
 
 impl DeviceSessionConfig {
@@ -45,8 +49,17 @@ impl DeviceSessionConfig {
             keepalive_interval: Duration::from_secs(25),
             keepalive_timeout: Duration::from_secs(10),
             welcome_timeout: Duration::from_secs(10),
+            canary: true,
         }
     }
+}
+
+/// How long before the keepalive the canary is asked for: four round trips
+/// and a second, at most a quarter of the interval. A canary on a live
+/// binding arrives before the keepalive would have been sent, in time for
+/// the device to answer it in the same radio wake.
+pub fn canary_margin(interval: Duration, rtt: Duration) -> Duration {
+    (rtt * 4 + Duration::from_secs(1)).min(interval / 4)
 }
 
 /// A refused Register request.
@@ -91,6 +104,20 @@ pub enum DeviceEvent {
         /// time its NAT binding had to survive).
         idle: Duration,
     },
+    /// The canary arrived: the connection's NAT binding survived `idle` of
+    /// silence in both directions (the session has answered with a Ping).
+    CanaryReceived {
+        /// Silence before the canary, as the device saw it.
+        idle: Duration,
+    },
+    /// The canary asked for did not arrive before the keepalive was due:
+    /// the binding died within `after_idle` of silence (or the relay's
+    /// packet was lost on the way). The keepalive has been sent, which
+    /// opens a new binding.
+    CanaryMissed {
+        /// The silence the canary was to cross.
+        after_idle: Duration,
+    },
     /// The relay is about to close the connection.
     GoAway {
         /// Why.
@@ -122,6 +149,20 @@ pub struct DeviceSession {
     last_send: Instant,
     ping_out: Option<(u64, Instant)>,
     ping_idle: Duration,
+    last_recv: Instant,
+    /// Whether the relay sends canaries (from Welcome).
+    relay_canary: bool,
+    /// The canary asked for and not yet seen.
+    canary_wait: Option<CanaryWait>,
+    /// Last keepalive round trip.
+    rtt: Duration,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct CanaryWait {
+    nonce: u64,
+    after: Duration,
+    margin: Duration,
 }
 
 impl DeviceSession {
@@ -145,6 +186,10 @@ impl DeviceSession {
             last_send: now,
             ping_out: None,
             ping_idle: Duration::ZERO,
+            last_recv: now,
+            relay_canary: false,
+            canary_wait: None,
+            rtt: Duration::from_millis(250),
         }
     }
 
@@ -202,7 +247,29 @@ impl DeviceSession {
         self.next_nonce += 1;
         self.ping_out = Some((nonce, now));
         self.ping_idle = now.saturating_duration_since(self.last_send);
-        self.send(now, Body::Ping(Ping { nonce }));
+        let interval = self.config.keepalive_interval;
+        let margin = canary_margin(interval, self.rtt);
+        self.canary_wait = (self.config.canary && self.relay_canary)
+            .then(|| interval.saturating_sub(margin))
+            .filter(|after| *after >= crate::relay_session::MIN_CANARY_AFTER)
+            .map(|after| CanaryWait {
+                nonce,
+                after,
+                margin,
+            });
+        let canary_after_ms = self.canary_wait.map_or(0, |c| millis(c.after));
+        self.send(
+            now,
+            Body::Ping(Ping {
+                nonce,
+                canary_after_ms,
+            }),
+        );
+    }
+
+    /// Whether the relay sends canaries on this session.
+    pub fn relay_sends_canaries(&self) -> bool {
+        self.relay_canary
     }
 
     /// Feeds bytes read from the control stream.
@@ -252,7 +319,17 @@ impl DeviceSession {
                     );
                 }
                 Some(_) => {}
-                None if now >= self.last_send + self.config.keepalive_interval => self.ping(now),
+                None if now >= self.last_send + self.config.keepalive_interval => {
+                    if let Some(c) = self.canary_wait.take() {
+                        // The canary had its chance only if the device
+                        // stayed silent for its silence and the margin.
+                        if now >= self.last_send.max(self.last_recv) + c.after + c.margin {
+                            self.core
+                                .push_event(DeviceEvent::CanaryMissed { after_idle: c.after });
+                        }
+                    }
+                    self.ping(now)
+                }
                 None => {}
             },
         }
@@ -298,13 +375,17 @@ impl DeviceSession {
     }
 
     fn handle_frame(&mut self, now: Instant, body: Body) {
+        let silence = now.saturating_duration_since(self.last_send.max(self.last_recv));
+        self.last_recv = now;
         match (self.state, body) {
             (State::AwaitWelcome { .. }, Body::Welcome(w)) => {
                 let limits = w.limits.unwrap_or_default();
+                let relay_canary = limits.canary;
                 if limits.max_payload_size > 0 {
                     self.max_payload = limits.max_payload_size as usize;
                 }
                 self.state = State::Established;
+                self.relay_canary = relay_canary;
                 self.last_send = now;
                 self.core.push_event(DeviceEvent::Welcome {
                     session_id: w.session_id,
@@ -312,6 +393,12 @@ impl DeviceSession {
                     limits,
                     server_time_ms: w.server_time_ms,
                 });
+                if self.config.canary && self.relay_canary {
+                    // While the radio is up from the handshake: the first
+                    // round trip, the observed address, and the canary that
+                    // covers the first silence.
+                    self.ping(now);
+                }
             }
             // The relay closes a TCP connection: its code says why, as
             // QUIC's CONNECTION_CLOSE would.
@@ -356,6 +443,7 @@ impl DeviceSession {
             (State::Established, Body::Pong(p)) => match self.ping_out {
                 Some((nonce, sent)) if nonce == p.nonce => {
                     self.ping_out = None;
+                    self.rtt = now.saturating_duration_since(sent);
                     self.core.push_event(DeviceEvent::KeepaliveCompleted {
                         rtt: now.saturating_duration_since(sent),
                         observed_addr: p.observed_addr,
@@ -365,6 +453,18 @@ impl DeviceSession {
                 // A late or unsolicited Pong is harmless.
                 _ => {}
             },
+            (State::Established, Body::Canary(c)) => {
+                // A late canary (after the keepalive it was to precede) or
+                // one for another Ping proves nothing.
+                if self.canary_wait.is_some_and(|w| w.nonce == c.nonce) {
+                    self.canary_wait = None;
+                    self.core
+                        .push_event(DeviceEvent::CanaryReceived { idle: silence });
+                    // Answer in the same radio wake: this Ping is the
+                    // keepalive, a little early.
+                    self.ping(now);
+                }
+            }
             (state, other) => self.core.fail(
                 ErrorCode::ProtocolViolation,
                 format!(

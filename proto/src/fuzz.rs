@@ -253,7 +253,7 @@ mod tests {
                     0 => Body::Register(Register { request_id: n % 4, names: vec![s.clone(), s] }),
                     1 => Body::Unregister(Unregister { channel_ids: vec![format!("{s}-id")] }),
                     2 => Body::Ack(Ack { event_id: format!("{s}-id-queued") }),
-                    3 => Body::Ping(Ping { nonce: n }),
+                    3 => Body::Ping(Ping { nonce: n, canary_after_ms: n % 3 * 1000 }),
                     4 => Body::Hello(Hello { protocol_version: 1, credential: s, sdk: String::new() }),
                     _ => Body::Ack(Ack { event_id: s }),
                 };
@@ -290,7 +290,7 @@ mod corpus {
             Body::Ack(Ack {
                 event_id: "mail-id-queued".into(),
             }),
-            Body::Ping(Ping { nonce: 9 }),
+            Body::Ping(Ping { nonce: 9, canary_after_ms: 0 }),
             Body::Unregister(Unregister {
                 channel_ids: vec!["chat-id".into()],
             }),

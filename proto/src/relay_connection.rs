@@ -586,6 +586,9 @@ impl RelayConnection {
                 }
                 RelayEvent::Ack { event_id } => self.handle_ack(now, event_id),
                 RelayEvent::Ping => self.events.push_back(ConnectionEvent::Ping),
+                // Held normal-priority wakes ride the radio wake the canary
+                // causes.
+                RelayEvent::CanarySent => self.flush_held(now),
             }
         }
         self.maybe_refill();

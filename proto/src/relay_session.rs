@@ -22,8 +22,8 @@ use thiserror::Error;
 use crate::codec::DecodeError;
 use crate::names::validate_channel_name;
 use crate::pb::device::{
-    frame::Body, ChannelBinding, GoAway, GoAwayReason, Pong, Registered, ServerLimits, Wake,
-    Welcome,
+    frame::Body, Canary, ChannelBinding, GoAway, GoAwayReason, Pong, Registered, ServerLimits,
+    Wake, Welcome,
 };
 pub use crate::session_core::Close;
 use crate::session_core::{millis, Core, WallClock};
@@ -35,6 +35,9 @@ pub const REGISTER_ERROR_INVALID_NAME: u32 = 1;
 pub const REGISTER_ERROR_TOO_MANY_CHANNELS: u32 = 2;
 /// `Registered.error_code`: too many new channels too fast; retry later.
 pub const REGISTER_ERROR_RATE_LIMITED: u32 = 3;
+
+/// Shortest silence a canary may be asked for.
+pub const MIN_CANARY_AFTER: Duration = Duration::from_secs(1);
 
 /// Limits and timers of relay sessions.
 #[derive(Debug, Clone)]
@@ -57,6 +60,8 @@ pub struct RelaySessionConfig {
     /// New channel names per minute a connection may register after its
     /// burst.
     pub register_per_minute: u32,
+    /// Send Canary frames when a Ping asks for them (announced in Welcome).
+    pub canary: bool,
 }
 
 impl Default for RelaySessionConfig {
@@ -70,6 +75,7 @@ impl Default for RelaySessionConfig {
             probe_port: 0,
             register_burst: 128,
             register_per_minute: 60,
+            canary: true,
         }
     }
 }
@@ -107,6 +113,9 @@ pub enum RelayEvent {
     },
     /// The device sent a keepalive ping (already answered).
     Ping,
+    /// A canary went out: it wakes the device's radio, so what waits for
+    /// the radio may go with it.
+    CanarySent,
 }
 
 /// Why a wake could not be queued on this session.
@@ -155,6 +164,16 @@ pub struct RelaySession {
     /// Token bucket of new names (milli-names, refilled with time).
     register_budget: u64,
     budget_at: Instant,
+    /// The canary the device asked for: silence that triggers it, nonce of
+    /// the Ping that asked, and when it is due.
+    canary: Option<CanaryTimer>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct CanaryTimer {
+    after: Duration,
+    nonce: u64,
+    due: Instant,
 }
 
 impl RelaySession {
@@ -175,6 +194,7 @@ impl RelaySession {
             waiting: HashMap::new(),
             register_budget,
             budget_at: now,
+            canary: None,
         }
     }
 
@@ -237,6 +257,15 @@ impl RelaySession {
                     .fail(ErrorCode::HelloTimeout, "no Hello within the hello timeout");
             }
         }
+        if let Some(c) = self.canary {
+            if now >= c.due && !self.core.is_closed() && self.device_id().is_some() {
+                // One canary per Ping: the device answers it with a Ping
+                // that asks for the next one.
+                self.canary = None;
+                self.core.send(Body::Canary(Canary { nonce: c.nonce }));
+                self.core.push_event(RelayEvent::CanarySent);
+            }
+        }
     }
 
     /// Accepts the Hello: the credential names `device_id`.
@@ -252,6 +281,7 @@ impl RelaySession {
                 max_channels: self.config.max_channels as u32,
                 idle_timeout_ms: millis(self.config.idle_timeout),
                 probe_port: u32::from(self.config.probe_port),
+                canary: self.config.canary,
             }),
             server_time_ms: self.clock.unix_ms(now),
             device_id: device_id.clone(),
@@ -366,9 +396,13 @@ impl RelaySession {
 
     /// When [`RelaySession::handle_timeout`] must be called next.
     pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.core.is_closed() {
+            return None;
+        }
         match self.state {
-            State::AwaitHello { deadline } if !self.core.is_closed() => Some(deadline),
-            _ => None,
+            State::AwaitHello { deadline } => Some(deadline),
+            State::Established { .. } => self.canary.map(|c| c.due),
+            State::Authenticating => None,
         }
     }
 
@@ -387,6 +421,11 @@ impl RelaySession {
     }
 
     fn handle_frame(&mut self, now: Instant, body: Body) {
+        // The canary measures silence from the device: anything it sends
+        // starts the wait again.
+        if let Some(c) = &mut self.canary {
+            c.due = now + c.after;
+        }
         match (&self.state, body) {
             (State::AwaitHello { .. }, Body::Hello(h)) => {
                 if h.protocol_version != PROTOCOL_VERSION {
@@ -435,6 +474,15 @@ impl RelaySession {
                 event_id: a.event_id,
             }),
             (State::Established { .. }, Body::Ping(p)) => {
+                self.canary = (self.config.canary && p.canary_after_ms > 0).then(|| {
+                    let after = Duration::from_millis(p.canary_after_ms)
+                        .clamp(MIN_CANARY_AFTER, self.config.idle_timeout);
+                    CanaryTimer {
+                        after,
+                        nonce: p.nonce,
+                        due: now + after,
+                    }
+                });
                 self.core.send(Body::Pong(Pong {
                     nonce: p.nonce,
                     observed_addr: self.observed_addr.clone(),
@@ -553,6 +601,7 @@ pub(crate) fn frame_name(b: &Body) -> &'static str {
         Body::Pong(_) => "Pong",
         Body::GoAway(_) => "GoAway",
         Body::Close(_) => "Close",
+        Body::Canary(_) => "Canary",
     }
 }
 

@@ -29,6 +29,11 @@ struct Pair {
     relay: RelaySession,
     device_events: Vec<DeviceEvent>,
     relay_events: Vec<RelayEvent>,
+    /// The device's NAT binding is dead: what the relay sends waits here
+    /// (as QUIC or TCP would retransmit it) until the device sends
+    /// something, which opens a new binding (on the same port, for a
+    /// port-preserving NAT: nothing else tells the relay or the device).
+    dead_binding: Option<Vec<bytes::Bytes>>,
 }
 
 impl Pair {
@@ -42,6 +47,7 @@ impl Pair {
             relay,
             device_events: vec![],
             relay_events: vec![],
+            dead_binding: None,
         }
     }
 
@@ -54,6 +60,10 @@ impl Pair {
             while let Some(b) = self.device.poll_transmit() {
                 self.relay.handle_data(self.now, &b);
                 moved = true;
+                // Outbound traffic re-creates the binding: held bytes flow.
+                for held in self.dead_binding.take().unwrap_or_default() {
+                    self.device.handle_data(self.now, &held);
+                }
             }
             while let Some(e) = self.relay.poll_event() {
                 match &e {
@@ -76,7 +86,10 @@ impl Pair {
                 moved = true;
             }
             while let Some(b) = self.relay.poll_transmit() {
-                self.device.handle_data(self.now, &b);
+                match &mut self.dead_binding {
+                    Some(held) => held.push(b),
+                    None => self.device.handle_data(self.now, &b),
+                }
                 moved = true;
             }
             while let Some(e) = self.device.poll_event() {
@@ -129,10 +142,13 @@ fn handshake_register_wake_ack() {
         .device
         .register(p.now, vec!["mail".into(), "chat".into(), "mail".into()]);
     p.pump();
-    let DeviceEvent::Registered {
+    let Some(DeviceEvent::Registered {
         request_id,
         result: Ok(bindings),
-    } = &p.device_events[1]
+    }) = p
+        .device_events
+        .iter()
+        .find(|e| matches!(e, DeviceEvent::Registered { .. }))
     else {
         panic!("{:?}", p.device_events)
     };
@@ -146,7 +162,7 @@ fn handshake_register_wake_ack() {
     p.relay.send_wake(wake("e1", "chat-id", b"hi")).unwrap();
     p.pump();
     assert!(
-        matches!(&p.device_events[2], DeviceEvent::Wake(w) if w.event_id == "e1" && w.payload == b"hi")
+        matches!(&p.device_events.last().unwrap(), DeviceEvent::Wake(w) if w.event_id == "e1" && w.payload == b"hi")
     );
     p.device.ack(p.now, "e1".into());
     p.pump();
@@ -174,7 +190,12 @@ fn handshake_register_wake_ack() {
 
 #[test]
 fn keepalive_runs_on_the_simulated_clock_and_reports_observed_address() {
-    let mut p = Pair::established();
+    // A relay without canaries: the plain keepalive.
+    let mut p = Pair::new(RelaySessionConfig {
+        canary: false,
+        ..RelaySessionConfig::default()
+    });
+    p.pump();
     let interval = p.device.keepalive_interval();
     assert_eq!(p.device.poll_timeout(), Some(p.now + interval));
     p.advance(interval - Duration::from_millis(1));
@@ -467,4 +488,135 @@ fn names_already_registered_are_answered_without_the_driver_and_new_ones_are_rat
         Some(DeviceEvent::Registered { result: Ok(b), .. }) if b.len() == 1
     ));
     assert!(!p.relay.is_closed());
+}
+
+fn canaries(events: &[DeviceEvent]) -> (Vec<Duration>, Vec<Duration>) {
+    let mut received = vec![];
+    let mut missed = vec![];
+    for e in events {
+        match e {
+            DeviceEvent::CanaryReceived { idle } => received.push(*idle),
+            DeviceEvent::CanaryMissed { after_idle } => missed.push(*after_idle),
+            _ => {}
+        }
+    }
+    (received, missed)
+}
+
+/// Runs the pair for `total`, a second at a time.
+fn run_for(p: &mut Pair, total: Duration) {
+    let end = p.now + total;
+    while p.now < end {
+        p.advance(Duration::from_secs(1));
+    }
+}
+
+#[test]
+fn a_canary_crosses_the_silence_just_before_each_keepalive() {
+    let mut p = Pair::established();
+    let interval = p.device.keepalive_interval();
+    assert!(p.device.relay_sends_canaries(), "announced in Welcome");
+    // The device pinged right after Welcome, asking for the first canary.
+    let pings = |p: &Pair| p.relay_events.iter().filter(|e| **e == RelayEvent::Ping).count();
+    assert_eq!(pings(&p), 1);
+    assert!(p
+        .device_events
+        .iter()
+        .any(|e| matches!(e, DeviceEvent::KeepaliveCompleted { .. })));
+    // Four cycles: each one is a canary answered by a Ping at once, so
+    // keepalives come every (interval - margin), never a missed one.
+    run_for(&mut p, interval * 4);
+    let (received, missed) = canaries(&p.device_events);
+    assert!(missed.is_empty(), "{missed:?}");
+    assert!(received.len() >= 4, "{received:?}");
+    assert!(pings(&p) >= 5);
+    for idle in &received[1..] {
+        // The round trip is instant here: margin = 1 s.
+        assert_eq!(*idle, interval - Duration::from_secs(1));
+    }
+    assert!(!p.device.is_closed());
+}
+
+#[test]
+fn a_binding_that_dies_on_a_port_preserving_nat_is_seen_at_the_next_keepalive() {
+    let mut p = Pair::established();
+    let interval = p.device.keepalive_interval();
+    run_for(&mut p, interval * 2);
+    let before = canaries(&p.device_events);
+    assert!(before.1.is_empty());
+    // The NAT drops the binding in the silence; the relay's canary is lost
+    // (held for retransmission). Nothing about ports changes.
+    p.device_events.clear();
+    p.dead_binding = Some(vec![]);
+    run_for(&mut p, interval);
+    let (received, missed) = canaries(&p.device_events);
+    assert_eq!(missed.len(), 1, "seen within one interval: {:?}", p.device_events);
+    assert!(missed[0] < interval);
+    // The late canary (retransmitted once the keepalive re-opened the
+    // binding) proves nothing and is ignored.
+    assert!(received.is_empty(), "{received:?}");
+    assert!(p.dead_binding.is_none(), "the keepalive re-opened the binding");
+    // Afterwards canaries flow again.
+    p.device_events.clear();
+    run_for(&mut p, interval * 2);
+    let (received, missed) = canaries(&p.device_events);
+    assert!(missed.is_empty());
+    assert!(!received.is_empty());
+}
+
+#[test]
+fn anything_the_device_sends_postpones_the_canary_and_no_false_miss_follows() {
+    let mut p = Pair::established();
+    let interval = p.device.keepalive_interval();
+    run_for(&mut p, interval * 2);
+    p.device_events.clear();
+    // The device acks something every 10 s: its keepalive and the relay's
+    // canary both keep moving; no canary is due, none is missed.
+    for i in 0..10 {
+        run_for(&mut p, Duration::from_secs(10));
+        p.device.ack(p.now, format!("e{i}"));
+        p.pump();
+    }
+    let (received, missed) = canaries(&p.device_events);
+    assert!(missed.is_empty() && received.is_empty(), "{:?}", p.device_events);
+    // A shorter interval set while a canary is pending is not a miss.
+    p.device.set_keepalive_interval(Duration::from_secs(5));
+    run_for(&mut p, Duration::from_secs(30));
+    let (_, missed) = canaries(&p.device_events);
+    assert!(missed.is_empty(), "{:?}", p.device_events);
+}
+
+#[test]
+fn relays_without_canaries_are_not_asked_and_the_relay_clamps_what_it_is_asked() {
+    let mut p = Pair::new(RelaySessionConfig {
+        canary: false,
+        ..RelaySessionConfig::default()
+    });
+    p.pump();
+    assert!(!p.device.relay_sends_canaries());
+    let interval = p.device.keepalive_interval();
+    run_for(&mut p, interval * 3);
+    let (received, missed) = canaries(&p.device_events);
+    assert!(received.is_empty() && missed.is_empty());
+
+    // A hostile Ping asking for a canary after 0 ms or u64::MAX ms: at
+    // least 1 s, at most the idle timeout, one per Ping.
+    let now = origin();
+    let mut relay = relay_after(&[hello(1)]);
+    while relay.poll_transmit().is_some() {}
+    for ask in [1u64, u64::MAX] {
+        let ping = Body::Ping(wakewire_proto::pb::device::Ping {
+            nonce: 7,
+            canary_after_ms: ask,
+        });
+        relay.handle_data(now, &encode_to_bytes(ping, MAX_FRAME_SIZE).unwrap());
+        while relay.poll_transmit().is_some() {}
+        let due = relay.poll_timeout().expect("canary armed");
+        let after = due - now;
+        assert!(after >= Duration::from_secs(1), "{after:?}");
+        assert!(after <= RelaySessionConfig::default().idle_timeout, "{after:?}");
+        relay.handle_timeout(due);
+        assert!(relay.poll_transmit().is_some(), "canary sent");
+        assert_eq!(relay.poll_timeout(), None, "one canary per Ping");
+    }
 }

@@ -551,6 +551,16 @@ impl Driver {
                     .on_keepalive(clock::now(), idle, &observed_addr);
                 self.emit(&Status::KeepaliveCompleted { rtt, observed_addr });
             }
+            DeviceConnectionEvent::CanaryReceived { idle } => {
+                debug!(?idle, "canary: the binding survived");
+                self.keepalive.on_canary(clock::now(), idle);
+            }
+            DeviceConnectionEvent::CanaryMissed { after_idle } => {
+                info!(?after_idle, "canary missed: the NAT binding had died");
+                if let Some(status) = self.keepalive.on_canary_missed(clock::now(), after_idle) {
+                    self.emit(&status);
+                }
+            }
             DeviceConnectionEvent::GoAway {
                 reason,
                 reconnect_after,

@@ -5,7 +5,6 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::net::UdpSocket;
@@ -15,7 +14,7 @@ use wakewire_proto::probe::{Probe, COOKIE_LEN};
 
 use crate::config::PeriodicCallback;
 use crate::memory::NetworkMemory;
-use crate::tuner::{ProbeRequest, Tuner, TunerEvent};
+use crate::tuner::{ProbeRequest, Tuner, TunerEvent, PROBE_LEAD};
 use crate::types::{KeepalivePolicy, Status};
 
 struct Periodic {
@@ -34,7 +33,6 @@ pub(crate) struct Keepalive {
     pub(crate) replies: mpsc::UnboundedReceiver<u64>,
     standby: bool,
     periodic: Vec<Periodic>,
-    cookies: CookieCache,
 }
 
 impl Keepalive {
@@ -49,7 +47,6 @@ impl Keepalive {
             replies,
             standby: false,
             periodic: vec![],
-            cookies: CookieCache::default(),
         };
         k.set_policy(policy, crate::clock::now());
         k
@@ -73,10 +70,6 @@ impl Keepalive {
     /// The device moved to another network.
     pub(crate) fn network_changed(&mut self, network: String, now: Instant) {
         self.network = network;
-        // A new network means a new public address: a new cookie.
-        if let Ok(mut c) = self.cookies.lock() {
-            *c = None;
-        }
         self.set_policy(self.policy.clone(), now);
     }
 
@@ -129,6 +122,26 @@ impl Keepalive {
         }
     }
 
+    /// A canary crossed the NAT after `idle` of silence.
+    pub(crate) fn on_canary(&mut self, now: Instant, idle: Duration) {
+        if let Some(t) = &mut self.tuner {
+            t.handle_canary(now, idle);
+        }
+    }
+
+    /// The canary did not come: the binding died within `after_idle`. With
+    /// a tuner the loss is reported through its events; without one, the
+    /// status to report is returned.
+    pub(crate) fn on_canary_missed(&mut self, now: Instant, after_idle: Duration) -> Option<Status> {
+        match &mut self.tuner {
+            Some(t) => {
+                t.handle_binding_lost(now, after_idle);
+                None
+            }
+            None => Some(Status::BindingLost { after_idle }),
+        }
+    }
+
     pub(crate) fn on_probe_reply(&mut self, now: Instant, id: u64) {
         if let Some(t) = &mut self.tuner {
             t.handle_probe_reply(now, id);
@@ -170,12 +183,7 @@ impl Keepalive {
         let Some(t) = &mut self.tuner else { return out };
         if let Some(addr) = probe_addr {
             while let Some(req) = t.poll_probe(now) {
-                tokio::spawn(probe(
-                    addr,
-                    req,
-                    self.replies_tx.clone(),
-                    self.cookies.clone(),
-                ));
+                tokio::spawn(probe(addr, req, self.replies_tx.clone()));
             }
         }
         while let Some(ev) = t.poll_event() {
@@ -208,14 +216,6 @@ fn run(cb: &PeriodicCallback) {
     }
 }
 
-/// How long a probe cookie is reused before a fresh one is fetched (the
-/// relay accepts one for 10 to 20 minutes).
-const COOKIE_REUSE: Duration = Duration::from_secs(300);
-
-/// The relay's return-routability cookie for this device's public address,
-/// shared by the probe tasks.
-pub(crate) type CookieCache = Arc<Mutex<Option<([u8; COOKIE_LEN], Instant)>>>;
-
 fn any_addr(addr: SocketAddr) -> SocketAddr {
     if addr.is_ipv4() {
         ([0, 0, 0, 0], 0).into()
@@ -247,47 +247,29 @@ async fn exchange(socket: &UdpSocket, addr: SocketAddr, p: Probe, wait: Duration
     .flatten()
 }
 
-/// A cookie for probes to `addr`: the cached one, or a fresh one from a
-/// delay-0 exchange.
-async fn cookie(addr: SocketAddr, cache: &CookieCache) -> Option<[u8; COOKIE_LEN]> {
-    let now = crate::clock::now();
-    if let Some((c, at)) = cache.lock().ok().and_then(|g| *g) {
-        if now.saturating_duration_since(at) < COOKIE_REUSE {
-            return Some(c);
-        }
-    }
-    let socket = UdpSocket::bind(any_addr(addr)).await.ok()?;
+/// One probe from a fresh socket (its own NAT binding), shaped like the
+/// main connection to a stateful NAT: a delay-0 exchange (which also brings
+/// the relay's return-routability cookie), then, [`PROBE_LEAD`] after its
+/// reply, the delayed request, then the reply if it comes.
+async fn probe(addr: SocketAddr, req: ProbeRequest, replies: mpsc::UnboundedSender<u64>) {
+    let Ok(socket) = UdpSocket::bind(any_addr(addr)).await else {
+        return;
+    };
     let ask = Probe {
         nonce: random_nonce(),
         delay_ms: 0,
         cookie: [0; COOKIE_LEN],
     };
-    let reply = exchange(&socket, addr, ask, Duration::from_secs(5)).await?;
-    if let Ok(mut g) = cache.lock() {
-        *g = Some((reply.cookie, now));
-    }
-    Some(reply.cookie)
-}
-
-/// One probe: a fresh socket (its own NAT binding), one request with the
-/// relay's cookie, the reply if it comes.
-async fn probe(
-    addr: SocketAddr,
-    req: ProbeRequest,
-    replies: mpsc::UnboundedSender<u64>,
-    cache: CookieCache,
-) {
-    let Some(cookie) = cookie(addr, &cache).await else {
+    let Some(first) = exchange(&socket, addr, ask, Duration::from_secs(5)).await else {
         debug!("no probe cookie from the relay; probe skipped");
         return;
     };
-    let Ok(socket) = UdpSocket::bind(any_addr(addr)).await else {
-        return;
-    };
+    // The tuner's deadline allows for the exchange's round trip on top.
+    tokio::time::sleep(PROBE_LEAD).await;
     let p = Probe {
         nonce: random_nonce(),
         delay_ms: u32::try_from(req.delay.as_millis()).unwrap_or(u32::MAX),
-        cookie,
+        cookie: first.cookie,
     };
     let wait = req.delay + req.delay / 10 + Duration::from_secs(10);
     if exchange(&socket, addr, p, wait).await.is_some() {

@@ -121,6 +121,10 @@ fn session_config(config: &Config, keepalive_interval: Duration) -> DeviceSessio
         keepalive_interval,
         keepalive_timeout: config.keepalive_timeout,
         welcome_timeout: config.connect_timeout,
+        // Canaries make binding loss visible whatever port the NAT gives
+        // back (docs/keepalive.md); relays that do not offer them are
+        // simply not asked.
+        canary: true,
     }
 }
 

@@ -6,16 +6,24 @@
 //!
 //! The NAT keeps a binding while the device sent something within the last
 //! T seconds (only outgoing packets refresh it, RFC 4787 REQ-6); a packet
-//! sent after that opens a new binding with a new external port, which the
-//! relay reports in its Pong. A probe opens its own binding and is answered
-//! if its delay is shorter than T at that time. Wakes published while the
-//! main binding is gone wait for the device's next keepalive (the relay
-//! holds them; QUIC migrates to the new binding), so none is lost.
+//! sent after that opens a new binding, with a new external port (which the
+//! relay reports in its Pong) or, on a port-preserving NAT, the same one
+//! (which nobody can see). The relay's canary, sent just before each
+//! keepalive, crosses the NAT only while the binding lives: the device
+//! answers it with its keepalive in the same radio wake, and a missing one
+//! is a lost binding whatever the port. A probe opens its own binding
+//! (shaped like a stream: an exchange, then the delayed request 2.5 s later)
+//! and is answered if its delay is shorter than T at that time. Wakes
+//! published while the main binding is gone wait for the device's next
+//! keepalive (the relay holds them; QUIC migrates to the new binding), so
+//! none is lost.
 
 use std::time::{Duration, Instant};
 
+use wakewire_proto::device_session::canary_margin;
+
 use crate::energy::{EnergyMeter, RadioModel};
-use crate::tuner::{Tuner, TunerConfig, TunerEvent};
+use crate::tuner::{Tuner, TunerConfig, TunerEvent, PROBE_LEAD};
 
 /// What to simulate.
 #[derive(Debug, Clone)]
@@ -43,6 +51,12 @@ pub struct SimConfig {
     pub radio: RadioModel,
     /// Round-trip time to the relay.
     pub rtt: Duration,
+    /// The NAT gives a re-created binding the port it had (Linux
+    /// `masquerade`, many home routers): a lost binding changes nothing the
+    /// device or the relay can see, but the canary.
+    pub port_preserving: bool,
+    /// The relay sends canaries (the device asks for them).
+    pub canary: bool,
 }
 
 impl SimConfig {
@@ -59,6 +73,8 @@ impl SimConfig {
             tuner: TunerConfig::default(),
             radio: RadioModel::LTE,
             rtt: Duration::from_millis(50),
+            port_preserving: false,
+            canary: true,
         }
     }
 }
@@ -80,8 +96,18 @@ pub struct SimReport {
     pub final_interval_s: f64,
     /// Share of standby time in which a wake reaches the device at once.
     pub reachability: f64,
-    /// Main-path bindings lost.
+    /// Main-path bindings lost (the NAT dropped them).
     pub lost_bindings: u64,
+    /// Of those, the ones the device noticed.
+    pub noticed_losses: u64,
+    /// Canaries received.
+    pub canaries: u64,
+    /// Highest lower bound the tuner ever held, s (it must never exceed
+    /// the NAT timeout of the time).
+    pub max_lower_s: f64,
+    /// Highest ratio of a held lower bound to the NAT timeout of the time
+    /// (above 1.0: the tuner believed something false).
+    pub max_lower_ratio: f64,
     /// Probes sent.
     pub probes: u64,
     /// Wake events published.
@@ -170,10 +196,35 @@ pub fn run(cfg: &SimConfig) -> SimReport {
 
     let mut moved = false;
     let mut steps = 0u64;
+    let mut nat_lost = 0u64;
+    // The canary the last keepalive asked for (its silence), and one that
+    // did not come (to report at the keepalive).
+    let arm = |interval: Duration| {
+        cfg.canary
+            .then(|| interval.saturating_sub(canary_margin(interval, cfg.rtt)))
+            .filter(|a| *a >= Duration::from_secs(1))
+    };
+    // The device pings right after Welcome, which asks for the first one.
+    let mut canary_after: Option<Duration> = arm(tuner.interval());
+    let mut missed: Option<Duration> = None;
     while t < cfg.duration {
         steps += 1;
         assert!(steps < 50_000_000, "simulation does not advance at t={t:?}");
+        // Send what the tuner wants to probe, from fresh bindings.
+        while let Some(p) = tuner.poll_probe(at(t)) {
+            report.probes += 1;
+            // Shaped like a stream: an exchange, then the delayed request.
+            meter.packet(t);
+            meter.packet(t + PROBE_LEAD);
+            let sent = t + PROBE_LEAD;
+            if p.delay < timeout_at(sent + p.delay) {
+                probe_replies.push((sent + p.delay + cfg.rtt, p.id));
+            }
+        }
         let ping_at = last_send + tuner.interval();
+        // The relay re-arms the canary on anything the device sends; it
+        // arrives one round trip after its silence.
+        let canary_at = canary_after.map_or(Duration::MAX, |a| last_send + cfg.rtt + a);
         let tuner_at = tuner
             .poll_timeout()
             .map(|i| i - base)
@@ -184,6 +235,7 @@ pub fn run(cfg: &SimConfig) -> SimReport {
             .min()
             .unwrap_or(Duration::MAX);
         let next = ping_at
+            .min(canary_at)
             .min(tuner_at)
             .min(reply_at)
             .min(wake_at)
@@ -203,6 +255,8 @@ pub fn run(cfg: &SimConfig) -> SimReport {
                 last_out = t;
                 last_send = t;
                 port += 1;
+                canary_after = arm(tuner.interval());
+                missed = None;
                 converged_at = None;
                 learn_start = t;
                 keepalives_after = 0;
@@ -212,14 +266,7 @@ pub fn run(cfg: &SimConfig) -> SimReport {
                 continue;
             }
         }
-        // Send what the tuner wants to probe, from fresh bindings.
-        while let Some(p) = tuner.poll_probe(at(t)) {
-            report.probes += 1;
-            meter.packet(t);
-            if p.delay < timeout_at(t + p.delay) {
-                probe_replies.push((t + p.delay + cfg.rtt, p.id));
-            }
-        }
+        let mut keepalive = false;
         if t == reply_at {
             let mut due = vec![];
             probe_replies.retain(|&(when, id)| {
@@ -250,11 +297,35 @@ pub fn run(cfg: &SimConfig) -> SimReport {
                 waiting.push(t);
             }
             wake_at = next_wake(t, &mut rng);
+        } else if t == canary_at {
+            let after = canary_after.take().unwrap_or_default();
+            let sent = t.saturating_sub(cfg.rtt / 2);
+            if sent.saturating_sub(last_out) < timeout_at(sent) {
+                // Crossed the NAT: proof, and the keepalive goes now, in
+                // the same radio wake.
+                report.canaries += 1;
+                meter.packet(t);
+                tuner.handle_canary(at(t), after);
+                keepalive = true;
+            } else {
+                missed = Some(after);
+            }
         } else if t == ping_at {
+            if let Some(after) = missed.take() {
+                tuner.handle_binding_lost(at(t), after);
+            }
+            keepalive = true;
+        }
+        if keepalive {
             let idle = t.saturating_sub(last_send);
             if t.saturating_sub(last_out) >= timeout_at(t) {
-                port += 1; // the NAT opened a new binding
+                // The NAT opens a new binding.
+                nat_lost += 1;
+                if !cfg.port_preserving {
+                    port += 1;
+                }
             }
+            canary_after = arm(tuner.interval());
             last_out = t;
             last_send = t;
             meter.packet(t);
@@ -269,6 +340,11 @@ pub fn run(cfg: &SimConfig) -> SimReport {
             }
             tuner.handle_keepalive(at(t + cfg.rtt), idle, &format!("198.51.100.1:{port}"));
         }
+        let lower = tuner.learned().lower.as_secs_f64();
+        report.max_lower_s = report.max_lower_s.max(lower);
+        report.max_lower_ratio = report
+            .max_lower_ratio
+            .max(lower / timeout_at(t).as_secs_f64());
         while let Some(ev) = tuner.poll_event() {
             match ev {
                 TunerEvent::IntervalChanged { interval, .. } => report
@@ -296,7 +372,8 @@ pub fn run(cfg: &SimConfig) -> SimReport {
     report.efficiency = report.limit_per_hour / report.keepalives_per_hour;
     report.final_interval_s = tuner.interval().as_secs_f64();
     report.reachability = alive_time.as_secs_f64() / cfg.duration.as_secs_f64();
-    report.lost_bindings = lost_before_move + tuner.lost_bindings();
+    report.lost_bindings = nat_lost;
+    report.noticed_losses = lost_before_move + tuner.lost_bindings();
     delays.sort_by(f64::total_cmp);
     let pick = |q: f64| {
         delays
@@ -409,6 +486,92 @@ mod tests {
         );
         assert_eq!(r.wakes, r.wakes_delivered, "no wake is lost, only delayed");
         assert!(r.reachability >= 0.99, "{}", r.reachability);
+    }
+
+    #[test]
+    fn a_port_preserving_nat_meets_the_same_targets() {
+        for t in TS {
+            let mut cfg = SimConfig::new(Duration::from_secs(t));
+            cfg.port_preserving = true;
+            let r = run(&cfg);
+            assert_targets(&r, t);
+            assert_eq!(r.lost_bindings, 0, "T={t}");
+            assert!(r.max_lower_ratio < 1.0, "T={t}: {}", r.max_lower_ratio);
+        }
+    }
+
+    /// The case: T shrinks from 40 s to 20 s on a port-preserving
+    /// NAT. Every lost binding must be noticed (by the missing canary),
+    /// the first one at once, and at most two per downward move.
+    #[test]
+    fn a_shrinking_timeout_on_a_port_preserving_nat_is_seen_at_the_first_lost_binding() {
+        for (from, to) in [(40, 20), (300, 60), (1800, 30), (120, 25)] {
+            let mut cfg = SimConfig::new(Duration::from_secs(from));
+            cfg.port_preserving = true;
+            cfg.wakes_per_hour = 20.0;
+            cfg.silent_change = Some((Duration::from_secs(6 * 3600), Duration::from_secs(to)));
+            let r = run(&cfg);
+            assert_eq!(
+                r.noticed_losses, r.lost_bindings,
+                "{from}->{to}: every loss noticed"
+            );
+            assert!(
+                (1..=2).contains(&r.lost_bindings),
+                "{from}->{to}: {} lost bindings",
+                r.lost_bindings
+            );
+            assert!(r.final_interval_s < to as f64, "{from}->{to}");
+            assert_eq!(r.wakes, r.wakes_delivered);
+            // Unreachable only between the NAT's drop and the keepalive
+            // that notices it: at most one old interval, plus one new one
+            // for a second loss.
+            let dead_s = (1.0 - r.reachability) * cfg.duration.as_secs_f64();
+            assert!(
+                dead_s <= (from + 2 * to) as f64,
+                "{from}->{to}: unreachable for {dead_s:.0} s"
+            );
+        }
+    }
+
+    /// Without canaries the same NAT hides its losses: what the canary buys.
+    #[test]
+    fn without_canaries_a_port_preserving_nat_hides_lost_bindings() {
+        let mut cfg = SimConfig::new(Duration::from_secs(40));
+        cfg.port_preserving = true;
+        cfg.canary = false;
+        cfg.silent_change = Some((Duration::from_secs(6 * 3600), Duration::from_secs(20)));
+        let r = run(&cfg);
+        assert!(
+            r.lost_bindings > r.noticed_losses + 5,
+            "{} lost, {} noticed",
+            r.lost_bindings,
+            r.noticed_losses
+        );
+    }
+
+    /// T below the start interval from the start: the tuner never believes
+    /// in a bound above T, and ends below it.
+    #[test]
+    fn a_timeout_below_the_start_interval_is_never_overestimated() {
+        for t in [16, 18, 20, 24] {
+            for port_preserving in [false, true] {
+                let mut cfg = SimConfig::new(Duration::from_secs(t));
+                cfg.port_preserving = port_preserving;
+                let r = run(&cfg);
+                assert!(
+                    r.max_lower_s < t as f64,
+                    "T={t} pp={port_preserving}: lower bound {}",
+                    r.max_lower_s
+                );
+                assert!(r.final_interval_s < t as f64);
+                assert!(r.lost_bindings <= 2, "T={t}: {}", r.lost_bindings);
+                assert_eq!(
+                    r.noticed_losses, r.lost_bindings,
+                    "T={t} pp={port_preserving}: {r:?}"
+                );
+                assert!(r.reachability >= 0.999, "T={t}: {}", r.reachability);
+            }
+        }
     }
 
     #[test]

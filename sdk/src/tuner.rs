@@ -37,6 +37,12 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+/// A probe first exchanges a packet with the relay, then sends its delayed
+/// request this long after: to a stateful NAT (Linux conntrack, OpenWrt)
+/// the probe is then a two-way stream, like the main connection, and gets
+/// the stream timeout rather than the shorter one of one-shot flows.
+pub const PROBE_LEAD: Duration = Duration::from_millis(2500);
+
 /// Tuner settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TunerConfig {
@@ -152,6 +158,9 @@ pub struct Tuner {
     learned_at: Option<Instant>,
     observed: Option<String>,
     lost_bindings: u64,
+    /// A loss was reported since the last keepalive (a missed canary and
+    /// the changed port that follows are one loss).
+    loss_pending: bool,
     events: VecDeque<TunerEvent>,
 }
 
@@ -188,6 +197,7 @@ impl Tuner {
             learned_at: None,
             observed: None,
             lost_bindings: 0,
+            loss_pending: false,
             events: VecDeque::new(),
             cfg,
         }
@@ -232,29 +242,44 @@ impl Tuner {
     pub fn handle_keepalive(&mut self, now: Instant, idle: Duration, observed: &str) {
         let changed = self.observed.as_deref().is_some_and(|o| o != observed);
         self.observed = Some(observed.to_owned());
-        if changed {
-            self.lost_bindings += 1;
-            self.events
-                .push_back(TunerEvent::BindingLost { after_idle: idle });
-            self.upper = Some(self.upper.map_or(idle, |u| u.min(idle)));
-            // Step straight down to the start interval (safe for the 30 s
-            // NATs), or further if even that was too long, then probe
-            // upwards again: one lost binding per downward move.
-            let floor = self.cfg.start_interval.min(idle.mul_f64(0.6));
-            self.lower = self.lower.min(floor);
-            // Forget probes that can no longer tell us anything.
-            self.probes.retain(|p| p.delay < idle);
-            self.to_send.clear();
-            self.converged = false;
-            let step = floor.max(self.cfg.min_interval);
-            self.set_interval(step, IntervalReason::BindingLost);
-            self.plan(now);
+        if changed && !self.loss_pending {
+            self.handle_binding_lost(now, idle);
         }
+        self.loss_pending = false;
         // The same port proves nothing: a NAT that preserves ports gives
-        // the same one to a binding it had dropped and re-created. Only a
-        // probe reply (inbound traffic cannot re-create a binding) raises
-        // the lower bound.
-        let _ = now;
+        // the same one to a binding it had dropped and re-created. Only
+        // inbound traffic after a silence (a probe reply, a canary) raises
+        // the lower bound; only a missed canary sees a loss on such NATs.
+    }
+
+    /// The main connection's binding died after `idle` of silence: its
+    /// port changed, or the canary did not arrive.
+    pub fn handle_binding_lost(&mut self, now: Instant, idle: Duration) {
+        self.loss_pending = true;
+        self.lost_bindings += 1;
+        self.events
+            .push_back(TunerEvent::BindingLost { after_idle: idle });
+        self.upper = Some(self.upper.map_or(idle, |u| u.min(idle)));
+        // Step straight down to the start interval (safe for the 30 s
+        // NATs), or further if even that was too long, then probe
+        // upwards again: one lost binding per downward move.
+        let floor = self.cfg.start_interval.min(idle.mul_f64(0.6));
+        self.lower = self.lower.min(floor);
+        // Forget probes that can no longer tell us anything.
+        self.probes.retain(|p| p.delay < idle);
+        self.to_send.clear();
+        self.converged = false;
+        let step = floor.max(self.cfg.min_interval);
+        self.set_interval(step, IntervalReason::BindingLost);
+        self.plan(now);
+    }
+
+    /// A canary crossed the NAT after `idle` of silence on the main
+    /// connection. Inbound traffic cannot re-create a dropped binding, so
+    /// this is proof that T > `idle` for the flow that matters, the main
+    /// connection itself.
+    pub fn handle_canary(&mut self, now: Instant, idle: Duration) {
+        self.alive(now, idle);
     }
 
     /// A probe reply arrived.
@@ -307,7 +332,7 @@ impl Tuner {
         self.probes.push(Probe {
             id,
             delay,
-            deadline: now + delay + grace,
+            deadline: now + PROBE_LEAD + delay + grace,
         });
         Some(ProbeRequest { id, delay })
     }
