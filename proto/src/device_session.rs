@@ -321,9 +321,10 @@ impl DeviceSession {
                 Some(_) => {}
                 None if now >= self.last_send + self.config.keepalive_interval => {
                     if let Some(c) = self.canary_wait.take() {
-                        // The canary had its chance only if the device
-                        // stayed silent for its silence and the margin.
-                        if now >= self.last_send.max(self.last_recv) + c.after + c.margin {
+                        // The relay times the canary from the device's last
+                        // frame: it had its chance if the device stayed
+                        // silent for its silence and the margin.
+                        if now >= self.last_send + c.after + c.margin {
                             self.core
                                 .push_event(DeviceEvent::CanaryMissed { after_idle: c.after });
                         }

@@ -620,3 +620,55 @@ fn relays_without_canaries_are_not_asked_and_the_relay_clamps_what_it_is_asked()
         assert_eq!(relay.poll_timeout(), None, "one canary per Ping");
     }
 }
+
+/// With a real round trip the Pong comes after the Ping: the canary's
+/// deadline runs from what the device sent (the relay re-arms on that), so
+/// a missing canary is still seen at the keepalive.
+#[test]
+fn a_missing_canary_is_seen_with_a_real_round_trip() {
+    use wakewire_proto::pb::device::{Pong, ServerLimits, Welcome};
+    let mut now = origin();
+    let mut device = DeviceSession::new(now, DeviceSessionConfig::new("t"));
+    while device.poll_transmit().is_some() {}
+    let frame = |b: Body| encode_to_bytes(b, MAX_FRAME_SIZE).unwrap();
+    device.handle_data(
+        now,
+        &frame(Body::Welcome(Welcome {
+            session_id: "s".into(),
+            limits: Some(ServerLimits {
+                canary: true,
+                ..ServerLimits::default()
+            }),
+            server_time_ms: 0,
+            device_id: "d".into(),
+        })),
+    );
+    let rtt = Duration::from_millis(300);
+    let mut nonce = 1;
+    for round in 0..3 {
+        // The Ping went out (right after Welcome, then at each keepalive).
+        assert!(device.poll_transmit().is_some(), "round {round}: ping");
+        now += rtt;
+        device.handle_data(
+            now,
+            &frame(Body::Pong(Pong {
+                nonce,
+                observed_addr: "203.0.113.7:1".into(),
+                server_time_ms: 0,
+            })),
+        );
+        nonce += 1;
+        // No canary comes: at the keepalive, a miss (not on the first
+        // round, whose margin used the default round trip).
+        let due = device.poll_timeout().unwrap();
+        now = due;
+        device.handle_timeout(now);
+        let events: Vec<_> = std::iter::from_fn(|| device.poll_event()).collect();
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e, DeviceEvent::CanaryMissed { .. })),
+            "round {round}: {events:?}"
+        );
+    }
+}

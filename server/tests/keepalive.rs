@@ -140,6 +140,66 @@ async fn the_tuner_learns_a_2s_nat_and_a_wake_survives_an_expired_binding() -> a
     Ok(())
 }
 
+/// The case: a NAT that gives a re-created binding its old port.
+/// No address changes, so only the relay's missing canary tells the device
+/// its binding died; it must say so at its next keepalive, and a wake
+/// published meanwhile still arrives, once.
+#[tokio::test]
+async fn a_binding_lost_on_a_port_preserving_nat_is_seen_by_the_missing_canary(
+) -> anyhow::Result<()> {
+    let relay = TestRelay::start().await?;
+    let nat = UdpProxy::nat(relay.quic_addr(), None, 21).await?;
+    nat.nat.set_port_preserving(true);
+    let (status_cb, mut statuses) = status_sink();
+    let interval = Duration::from_secs(3);
+    let client = relay
+        .client_at("quiet", nat.addr)
+        .keepalive(KeepalivePolicy::Fixed(interval))
+        .on_status(status_cb)
+        .connect()
+        .await?;
+    let (cb, mut wakes) = wake_sink();
+    let ch = client
+        .channel("news")
+        .on_wake(cb)
+        .register()
+        .await?
+        .into_string();
+    // A few canary cycles on a live binding: no loss reported.
+    for _ in 0..3 {
+        wait_status(&mut statuses, |s| {
+            matches!(s, Status::KeepaliveCompleted { .. })
+        })
+        .await?;
+    }
+    // The NAT's timeout shrinks to 2 s: the binding now dies in every
+    // silence before the canary (sent 2.25 s after the device's last
+    // frame), and comes back on the same port at the next keepalive.
+    nat.nat.set_idle_timeout(Some(Duration::from_secs(2)));
+    let lost = wait_status(&mut statuses, |s| {
+        matches!(s, Status::BindingLost { .. } | Status::Disconnected { .. })
+    })
+    .await?;
+    let Status::BindingLost { after_idle } = lost else {
+        panic!("the connection should survive: {lost:?}")
+    };
+    assert!(after_idle < interval, "{after_idle:?}");
+    // A wake published while the binding may be dead arrives, once.
+    let r = relay.publish_to(&ch, b"behind a dead binding").await?;
+    let w = recv(&mut wakes).await?;
+    assert_eq!(w.event_id, r.event_id);
+    assert_eq!(r.status(), DeliveryStatus::Delivered);
+    assert_eq!(
+        nat.nat.opened.load(Ordering::Relaxed),
+        1,
+        "the binding came back on its old port"
+    );
+    assert!(nat.nat.expired.load(Ordering::Relaxed) >= 1);
+    assert!(wakes.try_recv().is_err(), "delivered twice");
+    client.close().await;
+    Ok(())
+}
+
 #[tokio::test]
 async fn standby_runs_periodic_work_on_keepalive_wakes_and_a_network_change_keeps_the_connection(
 ) -> anyhow::Result<()> {

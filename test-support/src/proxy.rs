@@ -6,7 +6,9 @@
 //! like a NAT (RFC 4787): a binding lives while the client sent something
 //! within the timeout (only outgoing packets refresh it, REQ-6); inbound
 //! packets to an expired binding are dropped; the client's next packet
-//! opens a new binding with a new external port.
+//! opens a new binding with a new external port, or, in port-preserving
+//! mode (Linux `masquerade`, many home routers), with the same one: then
+//! neither end can tell from addresses that the binding died.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -69,6 +71,8 @@ pub struct Nat {
     pub dropped_expired: AtomicU64,
     /// Bindings last refreshed before this instant (ms) count as expired.
     epoch_ms: AtomicU64,
+    /// Re-create an expired binding on the same external port.
+    preserve_ports: AtomicBool,
     changed: Notify,
 }
 
@@ -89,6 +93,12 @@ impl Nat {
     /// out, or rebooted).
     pub fn expire_now(&self) {
         self.epoch_ms.store(self.now_ms() + 1, Ordering::Relaxed);
+    }
+
+    /// Re-creates expired bindings on their old external port (true), or
+    /// on a new one (false, the default).
+    pub fn set_port_preserving(&self, on: bool) {
+        self.preserve_ports.store(on, Ordering::Relaxed);
     }
 
     /// Changes the idle timeout (None = never expire).
@@ -162,6 +172,7 @@ impl UdpProxy {
             opened: AtomicU64::new(0),
             dropped_expired: AtomicU64::new(0),
             epoch_ms: AtomicU64::new(0),
+            preserve_ports: AtomicBool::new(false),
             changed: Notify::new(),
         });
         nat.set_idle_timeout(timeout);
@@ -173,8 +184,12 @@ impl UdpProxy {
             while let Ok((len, client)) = front.recv_from(&mut buf).await {
                 if let Some(b) = bindings.get(&client) {
                     if n.expired_since(b.last_out.load(Ordering::Relaxed)) {
-                        if let Some(old) = bindings.remove(&client) {
-                            old.task.abort();
+                        // Port-preserving: the same socket (external port)
+                        // serves the new binding; this packet refreshes it.
+                        if !n.preserve_ports.load(Ordering::Relaxed) {
+                            if let Some(old) = bindings.remove(&client) {
+                                old.task.abort();
+                            }
                         }
                         n.expired.fetch_add(1, Ordering::Relaxed);
                         n.changed.notify_waiters();
