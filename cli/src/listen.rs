@@ -60,6 +60,11 @@ pub(crate) struct ListenArgs {
     /// Exit after this many wakes (default: run until Ctrl-C).
     #[arg(long)]
     count: Option<u64>,
+    /// Runs the adaptive keepalive's clock faster: every tuner duration
+    /// (start, minimum, maximum, grace) times this factor. For tests and
+    /// demos against NATs with compressed timeouts.
+    #[arg(long, hide = true, default_value_t = 1.0)]
+    tuner_scale: f64,
 }
 
 /// `--transport`.
@@ -137,7 +142,16 @@ pub(crate) async fn listen(args: ListenArgs) -> anyhow::Result<()> {
     let ca = args.ca.unwrap_or_else(|| args.data_dir.join(DEV_CERT_FILE));
     let keepalive = match args.keepalive {
         KeepaliveArg::Adaptive => {
-            wakewire_sdk::KeepalivePolicy::Adaptive(wakewire_sdk::TunerConfig::default())
+            let d = wakewire_sdk::TunerConfig::default();
+            let k = args.tuner_scale.clamp(0.001, 1000.0);
+            wakewire_sdk::KeepalivePolicy::Adaptive(wakewire_sdk::TunerConfig {
+                min_interval: d.min_interval.mul_f64(k),
+                max_interval: d.max_interval.mul_f64(k),
+                start_interval: d.start_interval.mul_f64(k),
+                grace: d.grace.mul_f64(k),
+                reprobe_after: d.reprobe_after.mul_f64(k),
+                ..d
+            })
         }
         KeepaliveArg::Fixed(d) => wakewire_sdk::KeepalivePolicy::Fixed(d),
     };

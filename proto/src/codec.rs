@@ -140,7 +140,10 @@ mod tests {
     use crate::pb::device::{Ack, Ping};
 
     fn ping(n: u64) -> Body {
-        Body::Ping(Ping { nonce: n, canary_after_ms: n % 3 * 1000 })
+        Body::Ping(Ping {
+            nonce: n,
+            canary_after_ms: n % 3 * 1000,
+        })
     }
 
     #[test]

@@ -325,8 +325,9 @@ impl DeviceSession {
                         // frame: it had its chance if the device stayed
                         // silent for its silence and the margin.
                         if now >= self.last_send + c.after + c.margin {
-                            self.core
-                                .push_event(DeviceEvent::CanaryMissed { after_idle: c.after });
+                            self.core.push_event(DeviceEvent::CanaryMissed {
+                                after_idle: c.after,
+                            });
                         }
                     }
                     self.ping(now)

@@ -290,7 +290,10 @@ mod corpus {
             Body::Ack(Ack {
                 event_id: "mail-id-queued".into(),
             }),
-            Body::Ping(Ping { nonce: 9, canary_after_ms: 0 }),
+            Body::Ping(Ping {
+                nonce: 9,
+                canary_after_ms: 0,
+            }),
             Body::Unregister(Unregister {
                 channel_ids: vec!["chat-id".into()],
             }),

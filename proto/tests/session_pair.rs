@@ -517,7 +517,12 @@ fn a_canary_crosses_the_silence_just_before_each_keepalive() {
     let interval = p.device.keepalive_interval();
     assert!(p.device.relay_sends_canaries(), "announced in Welcome");
     // The device pinged right after Welcome, asking for the first canary.
-    let pings = |p: &Pair| p.relay_events.iter().filter(|e| **e == RelayEvent::Ping).count();
+    let pings = |p: &Pair| {
+        p.relay_events
+            .iter()
+            .filter(|e| **e == RelayEvent::Ping)
+            .count()
+    };
     assert_eq!(pings(&p), 1);
     assert!(p
         .device_events
@@ -550,12 +555,20 @@ fn a_binding_that_dies_on_a_port_preserving_nat_is_seen_at_the_next_keepalive() 
     p.dead_binding = Some(vec![]);
     run_for(&mut p, interval);
     let (received, missed) = canaries(&p.device_events);
-    assert_eq!(missed.len(), 1, "seen within one interval: {:?}", p.device_events);
+    assert_eq!(
+        missed.len(),
+        1,
+        "seen within one interval: {:?}",
+        p.device_events
+    );
     assert!(missed[0] < interval);
     // The late canary (retransmitted once the keepalive re-opened the
     // binding) proves nothing and is ignored.
     assert!(received.is_empty(), "{received:?}");
-    assert!(p.dead_binding.is_none(), "the keepalive re-opened the binding");
+    assert!(
+        p.dead_binding.is_none(),
+        "the keepalive re-opened the binding"
+    );
     // Afterwards canaries flow again.
     p.device_events.clear();
     run_for(&mut p, interval * 2);
@@ -578,7 +591,11 @@ fn anything_the_device_sends_postpones_the_canary_and_no_false_miss_follows() {
         p.pump();
     }
     let (received, missed) = canaries(&p.device_events);
-    assert!(missed.is_empty() && received.is_empty(), "{:?}", p.device_events);
+    assert!(
+        missed.is_empty() && received.is_empty(),
+        "{:?}",
+        p.device_events
+    );
     // A shorter interval set while a canary is pending is not a miss.
     p.device.set_keepalive_interval(Duration::from_secs(5));
     run_for(&mut p, Duration::from_secs(30));
@@ -614,7 +631,10 @@ fn relays_without_canaries_are_not_asked_and_the_relay_clamps_what_it_is_asked()
         let due = relay.poll_timeout().expect("canary armed");
         let after = due - now;
         assert!(after >= Duration::from_secs(1), "{after:?}");
-        assert!(after <= RelaySessionConfig::default().idle_timeout, "{after:?}");
+        assert!(
+            after <= RelaySessionConfig::default().idle_timeout,
+            "{after:?}"
+        );
         relay.handle_timeout(due);
         assert!(relay.poll_transmit().is_some(), "canary sent");
         assert_eq!(relay.poll_timeout(), None, "one canary per Ping");
@@ -644,8 +664,7 @@ fn a_missing_canary_is_seen_with_a_real_round_trip() {
         })),
     );
     let rtt = Duration::from_millis(300);
-    let mut nonce = 1;
-    for round in 0..3 {
+    for (nonce, round) in (1..).zip(0..3) {
         // The Ping went out (right after Welcome, then at each keepalive).
         assert!(device.poll_transmit().is_some(), "round {round}: ping");
         now += rtt;
@@ -657,7 +676,6 @@ fn a_missing_canary_is_seen_with_a_real_round_trip() {
                 server_time_ms: 0,
             })),
         );
-        nonce += 1;
         // No canary comes: at the keepalive, a miss (not on the first
         // round, whose margin used the default round trip).
         let due = device.poll_timeout().unwrap();

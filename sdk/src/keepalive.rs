@@ -132,7 +132,11 @@ impl Keepalive {
     /// The canary did not come: the binding died within `after_idle`. With
     /// a tuner the loss is reported through its events; without one, the
     /// status to report is returned.
-    pub(crate) fn on_canary_missed(&mut self, now: Instant, after_idle: Duration) -> Option<Status> {
+    pub(crate) fn on_canary_missed(
+        &mut self,
+        now: Instant,
+        after_idle: Duration,
+    ) -> Option<Status> {
         match &mut self.tuner {
             Some(t) => {
                 t.handle_binding_lost(now, after_idle);

@@ -5,6 +5,7 @@
 
 pub mod cluster;
 pub mod flood;
+pub mod kernel_nat;
 pub mod metrics;
 pub mod nats;
 pub mod process;
