@@ -96,8 +96,92 @@ pub fn standby(
             &series,
         ),
     )?;
+    md.push_str(&nat_behaviours(seed));
     std::fs::write(out.join("standby.md"), &md)?;
     Ok(md)
+}
+
+/// NATs that preserve ports and timeouts that shrink: lost bindings (real
+/// and noticed), reachability, and radio cost on the first day (learning)
+/// against the second (steady state), canaries included.
+fn nat_behaviours(seed: u64) -> String {
+    let mut md = String::from(
+        "\n### NAT behaviours: port-preserving NATs, shrinking timeouts, canaries\n\n\
+         Two simulated days with no wake traffic (so every radio wake is a keepalive, a canary or a probe), then the same two days with 20 wakes/h for reachability and delays. \
+         Lost bindings are the NAT's (real), noticed ones are those the device reported. Radio wakes per hour on day 2 against the 3600/T limit (target <= 1.15x).\n\n\
+         | NAT | T | canary | lost / noticed | reachability | wake delay max | radio wakes/h day 1 | day 2 | limit | day 2 / limit | LTE J day 1 / day 2 |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    let day = Duration::from_secs(86_400);
+    let cases: Vec<(&str, u64, Option<u64>, bool, bool)> = vec![
+        ("port-randomizing", 30, None, false, true),
+        ("port-preserving", 30, None, true, true),
+        ("port-preserving", 120, None, true, true),
+        ("port-preserving", 1800, None, true, true),
+        ("port-preserving", 20, None, true, true),
+        (
+            "port-preserving, 40 -> 20 s at 6 h",
+            40,
+            Some(20),
+            true,
+            true,
+        ),
+        (
+            "port-preserving, 40 -> 20 s at 6 h",
+            40,
+            Some(20),
+            true,
+            false,
+        ),
+        (
+            "port-preserving, 300 -> 60 s at 6 h",
+            300,
+            Some(60),
+            true,
+            true,
+        ),
+        (
+            "port-randomizing, 1800 -> 30 s at 6 h",
+            1800,
+            Some(30),
+            false,
+            true,
+        ),
+    ];
+    for (name, t, shrink, preserving, canary) in cases {
+        let mut cfg = SimConfig::new(Duration::from_secs(t));
+        cfg.port_preserving = preserving;
+        cfg.canary = canary;
+        cfg.seed = seed;
+        cfg.silent_change =
+            shrink.map(|to| (Duration::from_secs(6 * 3600), Duration::from_secs(to)));
+        cfg.wakes_per_hour = 0.0;
+        let mut one = cfg.clone();
+        one.duration = day;
+        let d1 = run(&one);
+        let mut two = cfg.clone();
+        two.duration = day * 2;
+        let d12 = run(&two);
+        let mut busy = two.clone();
+        busy.wakes_per_hour = 20.0;
+        let b = run(&busy);
+        let end_t = shrink.unwrap_or(t) as f64;
+        let limit = 3600.0 / end_t;
+        let w1 = d1.radio_wakes as f64 / 24.0;
+        let w2 = (d12.radio_wakes - d1.radio_wakes) as f64 / 24.0;
+        let j1 = d1.joules_per_day;
+        let j2 = d12.joules_per_day * 2.0 - j1;
+        md.push_str(&format!(
+            "| {name} | {t} s | {} | {} / {} | {:.4}% | {:.1} s | {w1:.1} | {w2:.1} | {limit:.1} | {:.2} | {j1:.0} / {j2:.0} |\n",
+            if canary { "on" } else { "off" },
+            b.lost_bindings,
+            b.noticed_losses,
+            b.reachability * 100.0,
+            b.wake_delay_s[2],
+            w2 / limit,
+        ));
+    }
+    md
 }
 
 /// A step plot from change points.

@@ -54,10 +54,10 @@ impl DeviceSessionConfig {
     }
 }
 
-/// How long before the keepalive the canary is asked for: four round trips
-/// and a second, at most a quarter of the interval. A canary on a live
-/// binding arrives before the keepalive would have been sent, in time for
-/// the device to answer it in the same radio wake.
+/// How long the device waits for a canary past the keepalive interval
+/// before it pings on its own and calls the binding lost: four round trips
+/// and a second (room for QUIC to retransmit a lost canary), at most a
+/// quarter of the interval.
 pub fn canary_margin(interval: Duration, rtt: Duration) -> Duration {
     (rtt * 4 + Duration::from_secs(1)).min(interval / 4)
 }
@@ -214,7 +214,8 @@ impl DeviceSession {
     }
 
     /// Changes the keepalive interval; the next Ping is due `interval` after
-    /// the last thing sent.
+    /// the last thing sent (or, while a canary is awaited, when it is
+    /// overdue, if that is later).
     pub fn set_keepalive_interval(&mut self, interval: Duration) {
         self.config.keepalive_interval = interval;
     }
@@ -247,15 +248,17 @@ impl DeviceSession {
         self.next_nonce += 1;
         self.ping_out = Some((nonce, now));
         self.ping_idle = now.saturating_duration_since(self.last_send);
+        // The canary comes after the keepalive interval of silence: it is
+        // the keepalive (the device answers it at once). The device's own
+        // Ping waits one margin longer, for a canary that does not come.
         let interval = self.config.keepalive_interval;
-        let margin = canary_margin(interval, self.rtt);
-        self.canary_wait = (self.config.canary && self.relay_canary)
-            .then(|| interval.saturating_sub(margin))
-            .filter(|after| *after >= crate::relay_session::MIN_CANARY_AFTER)
-            .map(|after| CanaryWait {
+        self.canary_wait = (self.config.canary
+            && self.relay_canary
+            && interval >= crate::relay_session::MIN_CANARY_AFTER)
+            .then(|| CanaryWait {
                 nonce,
-                after,
-                margin,
+                after: interval,
+                margin: canary_margin(interval, self.rtt),
             });
         let canary_after_ms = self.canary_wait.map_or(0, |c| millis(c.after));
         self.send(
@@ -319,7 +322,7 @@ impl DeviceSession {
                     );
                 }
                 Some(_) => {}
-                None if now >= self.last_send + self.config.keepalive_interval => {
+                None if now >= self.next_keepalive() => {
                     if let Some(c) = self.canary_wait.take() {
                         // The relay times the canary from the device's last
                         // frame: it had its chance if the device stayed
@@ -346,7 +349,7 @@ impl DeviceSession {
             State::AwaitWelcome { deadline } => Some(deadline),
             State::Established => Some(match self.ping_out {
                 Some((_, sent)) => sent + self.config.keepalive_timeout,
-                None => self.last_send + self.config.keepalive_interval,
+                None => self.next_keepalive(),
             }),
         }
     }
@@ -364,6 +367,20 @@ impl DeviceSession {
     /// The close to perform, yielded once.
     pub fn poll_close(&mut self) -> Option<Close> {
         self.core.poll_close()
+    }
+
+    /// When the device pings on its own: the interval after its last
+    /// frame, plus the margin while a canary is awaited.
+    fn next_keepalive(&self) -> Instant {
+        let interval = self.config.keepalive_interval;
+        let wait = match self.canary_wait {
+            // A shorter interval set since: ping at it (the canary has
+            // not had its chance, so no loss is judged).
+            Some(c) if interval < c.after => interval,
+            Some(c) => c.after + c.margin,
+            None => interval,
+        };
+        self.last_send + wait
     }
 
     fn send(&mut self, now: Instant, body: Body) {

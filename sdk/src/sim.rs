@@ -120,6 +120,8 @@ pub struct SimReport {
     pub joules_per_day: f64,
     /// Radio-on seconds per day.
     pub radio_on_s_per_day: f64,
+    /// Radio wakes (idle-to-connected promotions) in the whole run.
+    pub radio_wakes: u64,
     /// Keepalive interval over time: (hours, interval s).
     pub interval_series: Vec<(f64, f64)>,
 }
@@ -199,11 +201,10 @@ pub fn run(cfg: &SimConfig) -> SimReport {
     let mut nat_lost = 0u64;
     // The canary the last keepalive asked for (its silence), and one that
     // did not come (to report at the keepalive).
-    let arm = |interval: Duration| {
-        cfg.canary
-            .then(|| interval.saturating_sub(canary_margin(interval, cfg.rtt)))
-            .filter(|a| *a >= Duration::from_secs(1))
-    };
+    // The canary comes after the keepalive interval (it is the
+    // keepalive); the device pings on its own one margin later.
+    let arm =
+        |interval: Duration| (cfg.canary && interval >= Duration::from_secs(1)).then_some(interval);
     // The device pings right after Welcome, which asks for the first one.
     let mut canary_after: Option<Duration> = arm(tuner.interval());
     let mut missed: Option<Duration> = None;
@@ -221,7 +222,12 @@ pub fn run(cfg: &SimConfig) -> SimReport {
                 probe_replies.push((sent + p.delay + cfg.rtt, p.id));
             }
         }
-        let ping_at = last_send + tuner.interval();
+        let interval = tuner.interval();
+        let ping_at = last_send
+            + match canary_after.or(missed) {
+                Some(a) if interval >= a => a + canary_margin(a, cfg.rtt),
+                _ => interval,
+            };
         // The relay re-arms the canary on anything the device sends; it
         // arrives one round trip after its silence.
         let canary_at = canary_after.map_or(Duration::MAX, |a| last_send + cfg.rtt + a);
@@ -385,6 +391,7 @@ pub fn run(cfg: &SimConfig) -> SimReport {
     let energy = meter.report(cfg.duration);
     report.joules_per_day = energy.joules_per_day();
     report.radio_on_s_per_day = energy.radio_on_s * 86_400.0 / cfg.duration.as_secs_f64();
+    report.radio_wakes = energy.wakes;
     report
 }
 

@@ -173,8 +173,8 @@ async fn a_binding_lost_on_a_port_preserving_nat_is_seen_by_the_missing_canary(
         .await?;
     }
     // The NAT's timeout shrinks to 2 s: the binding now dies in every
-    // silence before the canary (sent 2.25 s after the device's last
-    // frame), and comes back on the same port at the next keepalive.
+    // silence before the canary (sent 3 s after the device's last frame),
+    // and comes back on the same port at the device's own ping.
     nat.nat.set_idle_timeout(Some(Duration::from_secs(2)));
     let lost = wait_status(&mut statuses, |s| {
         matches!(s, Status::BindingLost { .. } | Status::Disconnected { .. })
@@ -183,7 +183,7 @@ async fn a_binding_lost_on_a_port_preserving_nat_is_seen_by_the_missing_canary(
     let Status::BindingLost { after_idle } = lost else {
         panic!("the connection should survive: {lost:?}")
     };
-    assert!(after_idle < interval, "{after_idle:?}");
+    assert!(after_idle <= interval, "{after_idle:?}");
     // A wake published while the binding may be dead arrives, once.
     let r = relay.publish_to(&ch, b"behind a dead binding").await?;
     let w = recv(&mut wakes).await?;
