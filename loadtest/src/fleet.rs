@@ -135,6 +135,8 @@ pub struct FleetConfig {
     pub channels: usize,
     /// Keepalive interval.
     pub keepalive: Duration,
+    /// Connect with TLS over TCP to this port instead of QUIC.
+    pub tcp_port: Option<u16>,
 }
 
 /// What every device's callbacks update.
@@ -166,7 +168,7 @@ pub async fn connect_device(
 ) -> anyhow::Result<()> {
     let up = Arc::new(AtomicBool::new(false));
     let status_state = state.clone();
-    let client = ClientBuilder::new(config.relay.to_string())
+    let builder = ClientBuilder::new(config.relay.to_string())
         .server_name("localhost")
         .trust_pem_file(&config.ca)
         .device_token(token)
@@ -188,9 +190,14 @@ pub async fn connect_device(
                 status_state.resets.fetch_add(1, Ordering::Relaxed);
             }
             _ => {}
-        })
-        .connect()
-        .await?;
+        });
+    let builder = match config.tcp_port {
+        Some(port) => builder
+            .transport(wakewire_sdk::Transport::Tcp)
+            .tcp_port(port),
+        None => builder,
+    };
+    let client = builder.connect().await?;
     for k in 0..config.channels {
         let s = state.clone();
         let id = client

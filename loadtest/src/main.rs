@@ -58,6 +58,13 @@ enum Which {
     Floor,
 }
 
+/// `--transport`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum TransportArg {
+    Quic,
+    Tcp,
+}
+
 #[derive(Subcommand)]
 #[allow(clippy::large_enum_variant)] // parsed once at start-up
 enum Cmd {
@@ -164,6 +171,10 @@ enum Cmd {
         /// Concurrent publishers in the durable phase.
         #[arg(long, default_value_t = 256)]
         durable_workers: usize,
+        /// Device transport for the relay target: quic, or tcp (TLS 1.3
+        /// over TCP, the fallback for networks that block UDP).
+        #[arg(long, value_enum, default_value = "quic")]
+        transport: TransportArg,
         /// Path of wakewire-relay (default: next to this binary).
         #[arg(long)]
         relay_bin: Option<PathBuf>,
@@ -429,6 +440,7 @@ async fn main() -> anyhow::Result<()> {
             relay_args,
             durable_secs,
             durable_workers,
+            transport,
             relay_bin,
             out,
         } => {
@@ -468,6 +480,7 @@ async fn main() -> anyhow::Result<()> {
                 external,
                 relay_args,
                 durable: Duration::from_secs_f64(durable_secs),
+                tcp: matches!(transport, TransportArg::Tcp),
                 durable_workers,
             };
             let live = Arc::new(Live::default());

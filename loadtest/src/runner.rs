@@ -58,6 +58,8 @@ pub struct Opts {
     pub durable: Duration,
     /// Concurrent publishers in the durable phase.
     pub durable_workers: usize,
+    /// Devices connect with TLS over TCP instead of QUIC (relay only).
+    pub tcp: bool,
 }
 
 /// A running relay to test instead of a child process.
@@ -223,6 +225,10 @@ async fn idle_phase(
 /// The relay scenario.
 pub async fn run_relay(opts: &Opts, live: Arc<Live>) -> anyhow::Result<TargetReport> {
     let epoch = Instant::now();
+    anyhow::ensure!(
+        !(opts.tcp && opts.external.is_some()),
+        "--transport tcp needs the relay child process (its TCP port is not known otherwise)"
+    );
     let (data_dir, mut relay, quic, grpc, pid) = match &opts.external {
         Some(e) => (e.data_dir.clone(), None, e.quic, e.grpc, e.pid),
         None => {
@@ -246,11 +252,20 @@ pub async fn run_relay(opts: &Opts, live: Arc<Live>) -> anyhow::Result<TargetRep
     let mut cpu = CpuStats::default();
     let cpu0 = cpu_of(pid);
     let endpoints = fleet::endpoints(opts.endpoints)?;
+    let tcp_port = match (&relay, opts.tcp) {
+        (Some(r), true) => Some(
+            r.tcp
+                .ok_or_else(|| anyhow::anyhow!("the relay has no TCP device listener"))?
+                .port(),
+        ),
+        _ => None,
+    };
     let config = Arc::new(FleetConfig {
         relay: quic,
         ca: data_dir.join(wakewire_server::data_dir::DEV_CERT_FILE),
         channels: opts.channels,
         keepalive: opts.keepalive,
+        tcp_port,
     });
     let state = Arc::new(FleetState::default());
     let now = unix_secs();
