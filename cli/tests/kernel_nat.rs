@@ -50,9 +50,22 @@ fn forward<R: tokio::io::AsyncRead + Unpin + Send + 'static>(
 
 impl Scene {
     async fn start(spec: NatSpec) -> anyhow::Result<Option<Self>> {
+        Self::start_with(spec, None, "quic").await
+    }
+
+    /// `relay_name`: the name the device connects to (made to resolve to
+    /// the relay's IPv4 and a broken IPv6 address), instead of its address.
+    async fn start_with(
+        spec: NatSpec,
+        relay_name: Option<&str>,
+        transport: &str,
+    ) -> anyhow::Result<Option<Self>> {
         let Some(nat) = create_or_skip(spec) else {
             return Ok(None);
         };
+        if let Some(name) = relay_name {
+            nat.broken_ipv6_name(name).map_err(anyhow::Error::msg)?;
+        }
         let data = tempfile::tempdir()?;
         let dir = data.path().to_str().expect("utf-8").to_owned();
         let (tx, mut lines) = mpsc::unbounded_channel();
@@ -60,7 +73,7 @@ impl Scene {
         let mut relay = nat
             .command(&nat.relay, BIN)
             .args(["serve", "--data-dir", &dir, "--quic-listen", &quic])
-            .args(["--tcp-listen", "off", "--grpc-listen", "127.0.0.1:50051"])
+            .args(["--tcp-listen", &quic, "--grpc-listen", "127.0.0.1:50051"])
             .args(["--probe-listen", &format!("{RELAY_ADDR}:4434")])
             .args(["--health-listen", "off", "--metrics-listen", "off"])
             .env("WAKEWIRE_LOG", "info")
@@ -71,10 +84,14 @@ impl Scene {
             .spawn()?;
         forward(relay.stderr.take().expect("piped"), "relay: ", tx.clone());
         wait_line(&mut lines, |l| l.contains("relay started")).await?;
+        let target = match relay_name {
+            Some(name) => format!("{name}:4433"),
+            None => quic.clone(),
+        };
         let mut device = nat
             .command(&nat.dev, BIN)
-            .args(["listen", "--data-dir", &dir, "--relay", &quic])
-            .args(["--server-name", "localhost", "--transport", "quic"])
+            .args(["listen", "--data-dir", &dir, "--relay", &target])
+            .args(["--server-name", "localhost", "--transport", transport])
             .args(["--keepalive", "adaptive", "--tuner-scale", SCALE])
             .args(["--network-id", "kernel-nat", "--dedup-store", "off"])
             .env("WAKEWIRE_LOG", "warn")
@@ -276,5 +293,41 @@ async fn a_timeout_below_the_start_interval_and_wakes_at_random_times_on_a_fully
         s.device.try_wait()?.is_none(),
         "the device is still running"
     );
+    Ok(())
+}
+
+/// RFC 8305: the relay's name resolves to IPv6 and IPv4, and the IPv6 path
+/// drops everything. The device must connect over IPv4 on its first
+/// attempt (IPv4 starts 250 ms after IPv6), over QUIC and over TCP.
+#[tokio::test]
+async fn a_broken_ipv6_path_loses_the_race_to_ipv4_on_the_first_attempt() -> anyhow::Result<()> {
+    for transport in ["quic", "tcp"] {
+        let spec = NatSpec {
+            fully_random: false,
+            unreplied_s: 30,
+            stream_s: 120,
+        };
+        #[allow(clippy::disallowed_methods)] // the test checks no timeout was waited for
+        let started = tokio::time::Instant::now();
+        let Some(mut s) = Scene::start_with(spec, Some("relay.test"), transport).await? else {
+            return Ok(());
+        };
+        let first = wait_line(&mut s.lines, |l| {
+            l.starts_with("err: connected") || l.starts_with("err: disconnected")
+        })
+        .await?;
+        assert!(
+            first.starts_with("err: connected") && first.contains("relay=10.9.2.2:4433"),
+            "{transport}: {first}"
+        );
+        // Without the race, an attempt that drew the IPv6 address waits out
+        // the 10 s connect timeout before trying again.
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_secs(5),
+            "{transport}: connected after {took:?}: the broken IPv6 attempt was waited for"
+        );
+        wait_line(&mut s.lines, |l| l.starts_with("out: registered")).await?;
+    }
     Ok(())
 }

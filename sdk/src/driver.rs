@@ -144,25 +144,31 @@ async fn connect_once(
 ) -> Result<Link, (ConnectError, usize)> {
     let resolved = resolve_all(&relays.targets()).await.map_err(|e| (e, 1))?;
     let n = resolved.len();
-    let Some(target) = relays.choose(clock::now(), &resolved, random_u64()) else {
+    let Some(chosen) = relays.choose(clock::now(), &resolved, random_u64()) else {
         return Err((ConnectError::Unreachable("no relay address".into()), n));
     };
+    let (first, alt) = relays.family_pair(&resolved, &chosen);
+    let target = (chosen.0, first);
     match Link::establish(
         config,
         endpoints,
         core,
         keepalive_interval,
         &target,
+        alt,
         transport,
     )
     .await
     {
         Ok(l) => {
-            relays.connected(target.1);
+            relays.connected(l.info.relay_addr);
             Ok(l)
         }
         Err(e) => {
             relays.failed(clock::now(), target.1);
+            if let Some(a) = alt {
+                relays.failed(clock::now(), a);
+            }
             Err((e, n))
         }
     }

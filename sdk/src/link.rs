@@ -2,6 +2,7 @@
 //! TCP) and the session on it: the I/O half of the SDK's driver. What is sent and what arrivals mean is decided by
 //! the sans-IO [`DeviceConnection`]; a link only moves its bytes.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -17,6 +18,7 @@ use tracing::debug;
 use crate::clock;
 use crate::config::Config;
 use crate::error::ConnectError;
+use crate::relays::FAMILY_DELAY;
 use crate::tls::{self, CipherSuite};
 use crate::transport::{TcpTls, Transport};
 use crate::types::ConnectionInfo;
@@ -85,6 +87,49 @@ pub(crate) async fn resolve_all(
     Ok(out)
 }
 
+/// RFC 8305 for one relay: runs `first`; starts `second` (if any) after
+/// `delay`, or at once if `first` fails; the first success wins and the
+/// other attempt is dropped. When both fail, `first`'s error is returned
+/// (the preferred family's reason is the more telling one).
+pub(crate) async fn race<T>(
+    first: impl Future<Output = Result<T, ConnectError>>,
+    second: Option<impl Future<Output = Result<T, ConnectError>>>,
+    delay: Duration,
+) -> Result<T, ConnectError> {
+    let Some(second) = second else {
+        return first.await;
+    };
+    tokio::pin!(first);
+    tokio::pin!(second);
+    let timer = tokio::time::sleep(delay);
+    tokio::pin!(timer);
+    let mut started = false;
+    let mut first_err: Option<ConnectError> = None;
+    loop {
+        tokio::select! {
+            r = &mut first, if first_err.is_none() => match r {
+                Ok(v) => return Ok(v),
+                Err(e) => {
+                    debug!(error = %e, "first address family failed; trying the other");
+                    first_err = Some(e);
+                    started = true;
+                }
+            },
+            () = &mut timer, if !started => started = true,
+            r = &mut second, if started => match r {
+                Ok(v) => return Ok(v),
+                Err(e) => match first_err {
+                    Some(f) => return Err(f),
+                    None => {
+                        debug!(error = %e, "second address family failed");
+                        return first.await;
+                    }
+                },
+            },
+        }
+    }
+}
+
 /// One established connection, over QUIC or TLS on TCP.
 pub(crate) struct Link {
     io: Io,
@@ -139,25 +184,34 @@ impl Link {
         core: &mut DeviceConnection,
         keepalive_interval: Duration,
         target: &(String, SocketAddr),
+        alt: Option<SocketAddr>,
         transport: Transport,
     ) -> Result<Link, ConnectError> {
         match transport {
             Transport::Quic => {
-                Self::establish_quic(config, endpoints, core, keepalive_interval, target).await
+                Self::establish_quic(config, endpoints, core, keepalive_interval, target, alt).await
             }
-            Transport::Tcp => Self::establish_tcp(config, core, keepalive_interval, target).await,
+            Transport::Tcp => {
+                Self::establish_tcp(config, core, keepalive_interval, target, alt).await
+            }
             Transport::Auto => {
                 let tcp_start = config.tcp_fallback_delay;
                 let tcp = async {
                     tokio::time::sleep(tcp_start).await;
-                    Self::tcp_stream(config, target).await
+                    Self::tcp_stream(config, target, alt).await
                 };
                 tokio::pin!(tcp);
                 // QUIC runs the session (0-RTT Hello) on `core`; TCP only
                 // connects until it wins.
                 let won_tcp = {
-                    let quic =
-                        Self::establish_quic(config, endpoints, core, keepalive_interval, target);
+                    let quic = Self::establish_quic(
+                        config,
+                        endpoints,
+                        core,
+                        keepalive_interval,
+                        target,
+                        alt,
+                    );
                     tokio::pin!(quic);
                     let mut quic_failed = None;
                     loop {
@@ -184,32 +238,45 @@ impl Link {
                 };
                 // TCP connected first: QUIC's half-started session ends.
                 core.disconnected();
-                let (stream, suite) = won_tcp;
-                Self::session_over_tcp(config, core, keepalive_interval, target, stream, suite)
+                let (stream, suite, addr) = won_tcp;
+                let target = (target.0.clone(), addr);
+                Self::session_over_tcp(config, core, keepalive_interval, &target, stream, suite)
                     .await
             }
         }
     }
 
+    /// TCP and TLS to `target` (racing `alt`, the other address family,
+    /// RFC 8305); returns the stream and the address that won.
     async fn tcp_stream(
         config: &Config,
         target: &(String, SocketAddr),
-    ) -> Result<(TcpTls, CipherSuite), ConnectError> {
+        alt: Option<SocketAddr>,
+    ) -> Result<(TcpTls, CipherSuite, SocketAddr), ConnectError> {
         let server_name = config
             .server_name
             .clone()
             .unwrap_or_else(|| crate::client::host_of(&target.0));
-        let addr = SocketAddr::new(target.1.ip(), config.tcp_port.unwrap_or(target.1.port()));
-        crate::transport::connect(
-            config.tcp_tls.clone(),
-            &target.0,
-            addr,
-            &server_name,
-            config.proxy.as_ref(),
-            config.min_protection,
-            config.connect_timeout,
-        )
-        .await
+        let attempt = |ip: SocketAddr| {
+            let server_name = server_name.clone();
+            async move {
+                let addr = SocketAddr::new(ip.ip(), config.tcp_port.unwrap_or(ip.port()));
+                let (stream, suite) = crate::transport::connect(
+                    config.tcp_tls.clone(),
+                    &target.0,
+                    addr,
+                    &server_name,
+                    config.proxy.as_ref(),
+                    config.min_protection,
+                    config.connect_timeout,
+                )
+                .await?;
+                Ok((stream, suite, ip))
+            }
+        };
+        // Through a proxy the proxy resolves and connects: no race.
+        let alt = alt.filter(|_| config.proxy.is_none());
+        race(attempt(target.1), alt.map(attempt), FAMILY_DELAY).await
     }
 
     async fn establish_tcp(
@@ -217,9 +284,11 @@ impl Link {
         core: &mut DeviceConnection,
         keepalive_interval: Duration,
         target: &(String, SocketAddr),
+        alt: Option<SocketAddr>,
     ) -> Result<Link, ConnectError> {
-        let (stream, suite) = Self::tcp_stream(config, target).await?;
-        Self::session_over_tcp(config, core, keepalive_interval, target, stream, suite).await
+        let (stream, suite, addr) = Self::tcp_stream(config, target, alt).await?;
+        let target = (target.0.clone(), addr);
+        Self::session_over_tcp(config, core, keepalive_interval, &target, stream, suite).await
     }
 
     async fn session_over_tcp(
@@ -266,31 +335,69 @@ impl Link {
         core: &mut DeviceConnection,
         keepalive_interval: Duration,
         target: &(String, SocketAddr),
+        alt: Option<SocketAddr>,
     ) -> Result<Link, ConnectError> {
-        let addr = target.1;
         let server_name = config
             .server_name
             .clone()
             .unwrap_or_else(|| crate::client::host_of(&target.0));
-        let endpoint = endpoints.for_addr(addr)?;
         let probe = &config.suite_probe;
         probe.reset();
-        let connecting = endpoint
-            .connect_with(config.tls.clone(), addr, &server_name)
-            .map_err(|e| match e {
-                quinn::ConnectError::InvalidServerName(n) => {
-                    ConnectError::Config(format!("invalid server name {n:?}"))
-                }
-                other => ConnectError::Unreachable(other.to_string()),
-            })?;
         let deadline = tokio::time::Instant::from_std(clock::now() + config.connect_timeout);
-        let timed_out = || {
+        let timed_out = |addr: SocketAddr| {
             ConnectError::TimedOut(format!(
                 "no QUIC handshake with {addr} within {:?}",
                 config.connect_timeout
             ))
         };
+        let connect = |endpoint: &quinn::Endpoint, addr: SocketAddr| {
+            endpoint
+                .connect_with(config.tls.clone(), addr, &server_name)
+                .map_err(|e| match e {
+                    quinn::ConnectError::InvalidServerName(n) => {
+                        ConnectError::Config(format!("invalid server name {n:?}"))
+                    }
+                    other => ConnectError::Unreachable(other.to_string()),
+                })
+        };
         let session_config = session_config(config, keepalive_interval);
+        if let Some(alt) = alt {
+            // Two address families race (RFC 8305): full handshakes, the
+            // first to complete carries the session (no 0-RTT Hello).
+            let first_ep = endpoints.for_addr(target.1)?.clone();
+            let second_ep = endpoints.for_addr(alt)?.clone();
+            let attempt = |endpoint: quinn::Endpoint, addr: SocketAddr| {
+                let connecting = connect(&endpoint, addr);
+                async move {
+                    let conn = tokio::time::timeout_at(deadline, connecting?)
+                        .await
+                        .map_err(|_| timed_out(addr))?
+                        .map_err(ConnectError::from_connection)?;
+                    Ok((conn, endpoint, addr))
+                }
+            };
+            let (conn, endpoint, addr) = race(
+                attempt(first_ep, target.1),
+                Some(attempt(second_ep, alt)),
+                FAMILY_DELAY,
+            )
+            .await?;
+            return Self::quic_session(
+                config,
+                core,
+                keepalive_interval,
+                (conn, None),
+                &endpoint,
+                addr,
+                deadline,
+                session_config,
+            )
+            .await;
+        }
+        let addr = target.1;
+        let endpoint = endpoints.for_addr(addr)?.clone();
+        let connecting = connect(&endpoint, addr)?;
+        let timed_out = || timed_out(addr);
         // Reconnecting with a resumable TLS session, the Hello travels in
         // 0-RTT, in the first flight: one round trip less of radio-on time.
         // That is replay-safe: Hello and Register are idempotent, and the
@@ -326,6 +433,36 @@ impl Link {
                 (conn, None)
             }
         };
+        Self::quic_session(
+            config,
+            core,
+            keepalive_interval,
+            (conn, early),
+            &endpoint,
+            addr,
+            deadline,
+            session_config,
+        )
+        .await
+    }
+
+    /// The session on a QUIC connection whose handshake is complete
+    /// (`early`: the streams the Hello went on in 0-RTT, if accepted).
+    #[allow(clippy::too_many_arguments)]
+    async fn quic_session(
+        config: &Config,
+        core: &mut DeviceConnection,
+        keepalive_interval: Duration,
+        (conn, early): (
+            quinn::Connection,
+            Option<(quinn::SendStream, quinn::RecvStream)>,
+        ),
+        endpoint: &quinn::Endpoint,
+        addr: SocketAddr,
+        deadline: tokio::time::Instant,
+        session_config: DeviceSessionConfig,
+    ) -> Result<Link, ConnectError> {
+        let probe = &config.suite_probe;
         let alpn = conn
             .handshake_data()
             .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
@@ -546,5 +683,87 @@ fn read_error(e: quinn::ReadError) -> ConnectError {
     match e {
         quinn::ReadError::ConnectionLost(c) => ConnectError::from_connection(c),
         other => ConnectError::ConnectionLost(format!("control stream: {other}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An attempt that ends after `after` with `ok` (its label) or an error.
+    async fn attempt(
+        after: Duration,
+        label: &'static str,
+        ok: bool,
+        started: std::sync::Arc<std::sync::Mutex<Vec<&'static str>>>,
+    ) -> Result<&'static str, ConnectError> {
+        started.lock().unwrap().push(label);
+        tokio::time::sleep(after).await;
+        if ok {
+            Ok(label)
+        } else {
+            Err(ConnectError::Unreachable(label.into()))
+        }
+    }
+
+    fn log() -> std::sync::Arc<std::sync::Mutex<Vec<&'static str>>> {
+        std::sync::Arc::default()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_ipv6_path_loses_to_ipv4_started_after_the_delay() {
+        let l = log();
+        let t0 = crate::clock::now();
+        let won = race(
+            attempt(Duration::from_secs(10), "v6", true, l.clone()),
+            Some(attempt(Duration::from_millis(30), "v4", true, l.clone())),
+            FAMILY_DELAY,
+        )
+        .await;
+        assert_eq!(won.unwrap(), "v4");
+        assert_eq!(crate::clock::now() - t0, FAMILY_DELAY + Duration::from_millis(30));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quick_ipv6_success_never_starts_ipv4() {
+        let l = log();
+        let won = race(
+            attempt(Duration::from_millis(100), "v6", true, l.clone()),
+            Some(attempt(Duration::from_millis(1), "v4", true, l.clone())),
+            FAMILY_DELAY,
+        )
+        .await;
+        assert_eq!(won.unwrap(), "v6");
+        assert_eq!(*l.lock().unwrap(), ["v6"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_ipv6_attempt_starts_ipv4_at_once_and_both_failing_reports_ipv6() {
+        let l = log();
+        let t0 = crate::clock::now();
+        let won = race(
+            attempt(Duration::from_millis(10), "v6", false, l.clone()),
+            Some(attempt(Duration::from_millis(20), "v4", true, l.clone())),
+            FAMILY_DELAY,
+        )
+        .await;
+        assert_eq!(won.unwrap(), "v4");
+        assert_eq!(crate::clock::now() - t0, Duration::from_millis(30));
+
+        let both = race(
+            attempt(Duration::from_millis(10), "v6", false, l.clone()),
+            Some(attempt(Duration::from_millis(20), "v4", false, l.clone())),
+            FAMILY_DELAY,
+        )
+        .await;
+        assert!(matches!(both, Err(ConnectError::Unreachable(m)) if m == "v6"));
+        // IPv4 fails first while IPv6 still runs: IPv6 is awaited.
+        let late = race(
+            attempt(Duration::from_secs(1), "v6", true, l.clone()),
+            Some(attempt(Duration::from_millis(1), "v4", false, l)),
+            FAMILY_DELAY,
+        )
+        .await;
+        assert_eq!(late.unwrap(), "v6");
     }
 }

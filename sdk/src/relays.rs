@@ -14,6 +14,10 @@ use std::time::{Duration, Instant};
 /// others are available.
 pub(crate) const AVOID_FOR: Duration = Duration::from_secs(60);
 
+/// RFC 8305's connection attempt delay: how long the IPv6 attempt runs
+/// alone before the IPv4 one starts.
+pub(crate) const FAMILY_DELAY: Duration = Duration::from_millis(250);
+
 /// Most addresses learned from GoAways (a relay cannot make a device
 /// remember an unbounded list).
 const MAX_LEARNED: usize = 16;
@@ -81,6 +85,25 @@ impl Relays {
             .cloned()
     }
 
+    /// RFC 8305 for the chosen relay: when its name also resolved to the
+    /// other address family, the attempt races the two, IPv6 first and
+    /// IPv4 after [`FAMILY_DELAY`]. Returns (first, second to start after
+    /// the delay, if any); addresses being avoided are not raced.
+    pub(crate) fn family_pair(
+        &self,
+        resolved: &[(String, SocketAddr)],
+        chosen: &(String, SocketAddr),
+    ) -> (SocketAddr, Option<SocketAddr>) {
+        let sibling = resolved.iter().find(|(name, a)| {
+            *name == chosen.0 && a.is_ipv4() != chosen.1.is_ipv4() && !self.avoid.contains_key(a)
+        });
+        match sibling {
+            None => (chosen.1, None),
+            Some((_, other)) if other.is_ipv6() => (*other, Some(chosen.1)),
+            Some((_, other)) => (chosen.1, Some(*other)),
+        }
+    }
+
     /// An attempt on `addr` failed, or its connection was lost.
     pub(crate) fn failed(&mut self, now: Instant, addr: SocketAddr) {
         self.avoid.insert(addr, now + AVOID_FOR);
@@ -127,6 +150,30 @@ mod tests {
 
     fn set(n: u16) -> Vec<(String, SocketAddr)> {
         (1..=n).map(|p| (format!("r{p}:{p}"), addr(p))).collect()
+    }
+
+    #[test]
+    fn a_dual_stack_name_races_ipv6_first_then_ipv4_and_other_names_are_not_mixed_in() {
+        let v6: SocketAddr = "[2001:db8::1]:4433".parse().unwrap();
+        let v4: SocketAddr = "192.0.2.1:4433".parse().unwrap();
+        let other: SocketAddr = "[2001:db8::9]:4433".parse().unwrap();
+        let resolved = vec![
+            ("relay:4433".to_owned(), v4),
+            ("relay:4433".to_owned(), v6),
+            ("backup:4433".to_owned(), other),
+        ];
+        let mut r = Relays::new(["relay:4433", "backup:4433"]);
+        // Whichever of the pair was drawn, IPv6 goes first.
+        assert_eq!(r.family_pair(&resolved, &resolved[0]), (v6, Some(v4)));
+        assert_eq!(r.family_pair(&resolved, &resolved[1]), (v6, Some(v4)));
+        // Another name is another relay: never raced with this one.
+        assert_eq!(r.family_pair(&resolved, &resolved[2]), (other, None));
+        // A family that just failed is not raced again for a while.
+        r.failed(crate::clock::now(), v6);
+        assert_eq!(r.family_pair(&resolved, &resolved[0]), (v4, None));
+        // A single-family name is not raced.
+        let only = vec![("relay:4433".to_owned(), v4)];
+        assert_eq!(r.family_pair(&only, &only[0]), (v4, None));
     }
 
     #[test]

@@ -172,6 +172,44 @@ impl KernelNat {
         run(&["ip", "netns", "exec", &self.nat, "sysctl", "-qw", &u, &s])
     }
 
+    /// Makes `name` resolve, in the device namespace only, to the relay's
+    /// IPv4 address and to an IPv6 address that leads nowhere (the device
+    /// has IPv6, its route to the relay's IPv6 prefix goes through a
+    /// neighbour that does not exist: a broken IPv6 path that drops
+    /// silently, the case RFC 8305 is for). Uses
+    /// iproute2's per-namespace `/etc/netns/<ns>/hosts`.
+    pub fn broken_ipv6_name(&self, name: &str) -> Result<(), String> {
+        run(&[
+            "ip",
+            "-n",
+            &self.dev,
+            "-6",
+            "addr",
+            "add",
+            "fd00:9:1::2/64",
+            "dev",
+            "wwd0",
+            "nodad",
+        ])?;
+        run(&[
+            "ip",
+            "-n",
+            &self.dev,
+            "-6",
+            "route",
+            "add",
+            "blackhole",
+            "fd00:9:2::/64",
+        ])?;
+        let dir = format!("/etc/netns/{}", self.dev);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{dir}: {e}"))?;
+        std::fs::write(
+            format!("{dir}/hosts"),
+            format!("127.0.0.1 localhost\nfd00:9:2::2 {name}\n{RELAY_ADDR} {name}\n"),
+        )
+        .map_err(|e| format!("{dir}/hosts: {e}"))
+    }
+
     /// A command that runs `program` inside namespace `ns`.
     pub fn command(&self, ns: &str, program: &str) -> tokio::process::Command {
         let mut c = tokio::process::Command::new("ip");
@@ -182,6 +220,7 @@ impl KernelNat {
 
 impl Drop for KernelNat {
     fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(format!("/etc/netns/{}", self.dev));
         for ns in [&self.dev, &self.nat, &self.relay] {
             let _ = run(&["ip", "netns", "del", ns]);
         }
