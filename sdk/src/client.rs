@@ -57,7 +57,9 @@ impl ClientBuilder {
     /// A builder for the relay at `relay` (`host:port`). A cluster: several
     /// addresses separated by commas (`relay-1:4433,relay-2:4433`), or a
     /// name with several DNS records; each connection picks one at random,
-    /// avoiding relays that were just lost or asked the device to leave.
+    /// avoiding relays that were just lost or asked the device to leave. A
+    /// name with both IPv6 and IPv4 addresses is raced (RFC 8305): IPv6
+    /// first, IPv4 250 ms later.
     pub fn new(relay: impl Into<String>) -> Self {
         Self {
             relay: relay.into(),
