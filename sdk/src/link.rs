@@ -721,7 +721,10 @@ mod tests {
         )
         .await;
         assert_eq!(won.unwrap(), "v4");
-        assert_eq!(crate::clock::now() - t0, FAMILY_DELAY + Duration::from_millis(30));
+        assert_eq!(
+            crate::clock::now() - t0,
+            FAMILY_DELAY + Duration::from_millis(30)
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -581,6 +581,23 @@ mod tests {
         }
     }
 
+    /// Learning a new network: extra radio wakes on day one against day
+    /// two, canaries and probes included. At most ~10 for T <= 5 min (the
+    /// goal is missed for longer timeouts: docs/keepalive.md).
+    #[test]
+    fn learning_a_network_costs_few_extra_radio_wakes_for_short_timeouts() {
+        for t in [30, 60, 120, 300] {
+            let mut cfg = SimConfig::new(Duration::from_secs(t));
+            cfg.wakes_per_hour = 0.0;
+            cfg.duration = Duration::from_secs(86_400);
+            let day1 = run(&cfg).radio_wakes;
+            cfg.duration = Duration::from_secs(2 * 86_400);
+            let both = run(&cfg).radio_wakes;
+            let extra = day1 as i64 - (both - day1) as i64;
+            assert!(extra <= 10, "T={t}: {extra} extra radio wakes on day one");
+        }
+    }
+
     #[test]
     fn energy_falls_with_the_nat_timeout() {
         let short = run(&SimConfig::new(Duration::from_secs(30)));
