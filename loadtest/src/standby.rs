@@ -113,27 +113,30 @@ fn nat_behaviours(seed: u64) -> String {
          |---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let day = Duration::from_secs(86_400);
-    let cases: Vec<(&str, u64, Option<u64>, bool, bool)> = vec![
-        ("port-randomizing", 30, None, false, true),
-        ("port-preserving", 30, None, true, true),
-        ("port-preserving", 60, None, true, true),
-        ("port-preserving", 120, None, true, true),
-        ("port-preserving", 300, None, true, true),
-        ("port-preserving", 900, None, true, true),
-        ("port-preserving", 1800, None, true, true),
-        ("port-preserving", 20, None, true, true),
+    // (name, T, shrinks to, port-preserving, canary, TLS/TCP)
+    let cases: Vec<(&str, u64, Option<u64>, bool, bool, bool)> = vec![
+        ("port-randomizing", 30, None, false, true, false),
+        ("port-preserving", 30, None, true, true, false),
+        ("port-preserving", 60, None, true, true, false),
+        ("port-preserving", 120, None, true, true, false),
+        ("port-preserving", 300, None, true, true, false),
+        ("port-preserving", 900, None, true, true, false),
+        ("port-preserving", 1800, None, true, true, false),
+        ("port-preserving", 20, None, true, true, false),
         (
             "port-preserving, 40 -> 20 s at 6 h",
             40,
             Some(20),
             true,
             true,
+            false,
         ),
         (
             "port-preserving, 40 -> 20 s at 6 h",
             40,
             Some(20),
             true,
+            false,
             false,
         ),
         (
@@ -142,6 +145,7 @@ fn nat_behaviours(seed: u64) -> String {
             Some(60),
             true,
             true,
+            false,
         ),
         (
             "port-randomizing, 1800 -> 30 s at 6 h",
@@ -149,12 +153,17 @@ fn nat_behaviours(seed: u64) -> String {
             Some(30),
             false,
             true,
+            false,
         ),
+        ("TLS/TCP, no probes (main path)", 300, None, true, true, true),
+        ("TLS/TCP, no probes (main path)", 1800, None, true, true, true),
+        ("TLS/TCP, no probes (main path)", 7440, None, true, true, true),
     ];
-    for (name, t, shrink, preserving, canary) in cases {
+    for (name, t, shrink, preserving, canary, tcp) in cases {
         let mut cfg = SimConfig::new(Duration::from_secs(t));
         cfg.port_preserving = preserving;
         cfg.canary = canary;
+        cfg.tcp = tcp;
         cfg.seed = seed;
         cfg.silent_change =
             shrink.map(|to| (Duration::from_secs(6 * 3600), Duration::from_secs(to)));
@@ -168,7 +177,8 @@ fn nat_behaviours(seed: u64) -> String {
         let mut busy = two.clone();
         busy.wakes_per_hour = 20.0;
         let b = run(&busy);
-        let end_t = shrink.unwrap_or(t) as f64;
+        // The longest interval allowed (29 min) bounds what can be reached.
+        let end_t = (shrink.unwrap_or(t) as f64).min(29.0 * 60.0 / 0.92);
         let limit = 3600.0 / end_t;
         let w1 = d1.radio_wakes as f64 / 24.0;
         let w2 = (d12.radio_wakes - d1.radio_wakes) as f64 / 24.0;

@@ -429,6 +429,7 @@ impl Driver {
             self.quic_retry_at = None;
         }
         self.quic_probe = None;
+        self.keepalive.set_transport(link.is_tcp(), clock::now());
         self.set_info(Some(link.info.clone()));
         self.emit(&Status::Connected(link.info.clone()));
     }

@@ -33,6 +33,9 @@ pub(crate) struct Keepalive {
     pub(crate) replies: mpsc::UnboundedReceiver<u64>,
     standby: bool,
     periodic: Vec<Periodic>,
+    /// The connection runs over TLS/TCP: the tuner learns from the main
+    /// path only, and remembers under its own key.
+    tcp: bool,
 }
 
 impl Keepalive {
@@ -47,6 +50,7 @@ impl Keepalive {
             replies,
             standby: false,
             periodic: vec![],
+            tcp: false,
         };
         k.set_policy(policy, crate::clock::now());
         k
@@ -58,13 +62,33 @@ impl Keepalive {
         self.tuner = match &policy {
             KeepalivePolicy::Fixed(_) => None,
             KeepalivePolicy::Adaptive(cfg) => {
-                Some(match self.memory.get(&self.network, cfg.reprobe_after) {
-                    Some(learned) => Tuner::resume(now, cfg.clone(), learned),
-                    None => Tuner::new(now, cfg.clone()),
+                let learned = self.memory.get(&self.memory_key(), cfg.reprobe_after);
+                Some(match (self.tcp, learned) {
+                    (true, learned) => Tuner::main_path(now, cfg.clone(), learned),
+                    (false, Some(learned)) => Tuner::resume(now, cfg.clone(), learned),
+                    (false, None) => Tuner::new(now, cfg.clone()),
                 })
             }
         };
         self.policy = policy;
+    }
+
+    /// The connection now runs over TLS/TCP (`true`) or QUIC: TCP and UDP
+    /// bindings live differently, so each has its own tuner and memory.
+    pub(crate) fn set_transport(&mut self, tcp: bool, now: Instant) {
+        if tcp != self.tcp {
+            self.tcp = tcp;
+            self.set_policy(self.policy.clone(), now);
+        }
+    }
+
+    /// What the network memory calls this network and transport.
+    fn memory_key(&self) -> String {
+        if self.tcp {
+            format!("{}#tcp", self.network)
+        } else {
+            self.network.clone()
+        }
     }
 
     /// The device moved to another network.
@@ -184,6 +208,7 @@ impl Keepalive {
     /// statuses to report.
     pub(crate) fn poll(&mut self, now: Instant, probe_addr: Option<SocketAddr>) -> Vec<Status> {
         let mut out = vec![];
+        let key = self.memory_key();
         let Some(t) = &mut self.tuner else { return out };
         if let Some(addr) = probe_addr {
             while let Some(req) = t.poll_probe(now) {
@@ -196,7 +221,7 @@ impl Keepalive {
                     out.push(Status::KeepaliveInterval { interval, reason })
                 }
                 TunerEvent::Converged { interval, learned } => {
-                    if let Err(e) = self.memory.put(&self.network, learned) {
+                    if let Err(e) = self.memory.put(&key, learned) {
                         warn!(error = %e, "cannot save the learned keepalive");
                     }
                     out.push(Status::KeepaliveConverged {

@@ -57,6 +57,9 @@ pub struct SimConfig {
     pub port_preserving: bool,
     /// The relay sends canaries (the device asks for them).
     pub canary: bool,
+    /// The device is on TLS over TCP: no probes, the tuner learns from
+    /// the main path (canaries) alone (`Tuner::main_path`).
+    pub tcp: bool,
 }
 
 impl SimConfig {
@@ -75,6 +78,7 @@ impl SimConfig {
             rtt: Duration::from_millis(50),
             port_preserving: false,
             canary: true,
+            tcp: false,
         }
     }
 }
@@ -156,7 +160,14 @@ pub fn run(cfg: &SimConfig) -> SimReport {
         }
         nominal
     };
-    let mut tuner = Tuner::new(base, cfg.tuner.clone());
+    let fresh_tuner = |now: Instant| {
+        if cfg.tcp {
+            Tuner::main_path(now, cfg.tuner.clone(), None)
+        } else {
+            Tuner::new(now, cfg.tuner.clone())
+        }
+    };
+    let mut tuner = fresh_tuner(base);
     let mut meter = EnergyMeter::new(cfg.radio);
     let mut rng = Rng(cfg.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
     let next_wake = |now: Duration, rng: &mut Rng| -> Duration {
@@ -256,7 +267,7 @@ pub fn run(cfg: &SimConfig) -> SimReport {
                 // New network: a fresh binding and a fresh tuner.
                 moved = true;
                 lost_before_move = tuner.lost_bindings();
-                tuner = Tuner::new(at(t), cfg.tuner.clone());
+                tuner = fresh_tuner(at(t));
                 probe_replies.clear();
                 last_out = t;
                 last_send = t;
@@ -595,6 +606,38 @@ mod tests {
             let both = run(&cfg).radio_wakes;
             let extra = day1 as i64 - (both - day1) as i64;
             assert!(extra <= 10, "T={t}: {extra} extra radio wakes on day one");
+        }
+    }
+
+    /// Over TLS/TCP nothing probes: the interval itself explores, proven
+    /// by canaries. It must end below T and close to it, with a few lost
+    /// bindings on day one (each exploring step that fails), every one
+    /// noticed, no wake lost.
+    #[test]
+    fn over_tcp_the_main_path_learns_alone() {
+        for t in [60, 120, 300, 600, 1800, 7440] {
+            let mut cfg = SimConfig::new(Duration::from_secs(t));
+            cfg.tcp = true;
+            cfg.port_preserving = true;
+            cfg.wakes_per_hour = 0.0;
+            let r = run(&cfg);
+            let limit_s = (t as f64).min(cfg.tuner.max_interval.as_secs_f64() / 0.92);
+            assert_eq!(r.probes, 0);
+            assert!(r.final_interval_s < t as f64, "T={t}: {}", r.final_interval_s);
+            assert!(
+                r.final_interval_s >= 0.85 * limit_s,
+                "T={t}: interval {} s",
+                r.final_interval_s
+            );
+            assert!(r.lost_bindings <= 5, "T={t}: {} lost", r.lost_bindings);
+            assert_eq!(r.noticed_losses, r.lost_bindings, "T={t}");
+            assert!(r.reachability >= 0.99, "T={t}: {}", r.reachability);
+            let conv = r.convergence_s.expect("converged");
+            assert!(conv <= 4.0 * 3600.0, "T={t}: converged after {conv} s");
+            let mut busy = cfg.clone();
+            busy.wakes_per_hour = 20.0;
+            let b = run(&busy);
+            assert_eq!(b.wakes, b.wakes_delivered, "T={t}");
         }
     }
 

@@ -161,6 +161,11 @@ pub struct Tuner {
     /// A loss was reported since the last keepalive (a missed canary and
     /// the changed port that follows are one loss).
     loss_pending: bool,
+    /// Main-path mode (TLS over TCP, where UDP probes say nothing): the
+    /// interval itself explores, proven by canaries.
+    main_path: bool,
+    /// Canaries in a row at the current interval.
+    streak: u32,
     events: VecDeque<TunerEvent>,
 }
 
@@ -185,6 +190,28 @@ impl Tuner {
         t
     }
 
+    /// A tuner for a connection no probe can speak for (TLS over TCP: a
+    /// UDP probe measures another flow, and UDP may be blocked). It sends
+    /// no probes: the keepalive interval itself explores upwards, x1.25 at
+    /// a time once a canary proved it, then bisects between the
+    /// longest silence a canary crossed and the shortest one a lost binding
+    /// ended. Each failed step is one lost binding (so about three per
+    /// network, each costing at most one interval of reachability; wakes
+    /// are held by the relay, never lost). Starts from `learned` if this
+    /// network's TCP path was learned before.
+    pub fn main_path(now: Instant, cfg: TunerConfig, learned: Option<Learned>) -> Self {
+        let mut t = Self::new_empty(cfg);
+        t.main_path = true;
+        if let Some(l) = learned {
+            t.lower = l.lower;
+            t.upper = l.upper;
+            t.interval = t.target();
+            t.learned_at = Some(now);
+            t.converged = t.done();
+        }
+        t
+    }
+
     fn new_empty(cfg: TunerConfig) -> Self {
         Self {
             lower: Duration::ZERO,
@@ -198,6 +225,8 @@ impl Tuner {
             observed: None,
             lost_bindings: 0,
             loss_pending: false,
+            main_path: false,
+            streak: 0,
             events: VecDeque::new(),
             cfg,
         }
@@ -259,6 +288,15 @@ impl Tuner {
         self.lost_bindings += 1;
         self.events
             .push_back(TunerEvent::BindingLost { after_idle: idle });
+        self.streak = 0;
+        if self.main_path && !self.lower.is_zero() && idle > self.lower {
+            // An exploring step failed: what was proven still holds.
+            self.upper = Some(self.upper.map_or(idle, |u| u.min(idle)));
+            let target = self.target();
+            self.set_interval(target, IntervalReason::BindingLost);
+            self.check_converged(now);
+            return;
+        }
         self.upper = Some(self.upper.map_or(idle, |u| u.min(idle)));
         // Step straight down to the start interval (safe for the 30 s
         // NATs), or further if even that was too long, then probe
@@ -279,7 +317,62 @@ impl Tuner {
     /// this is proof that T > `idle` for the flow that matters, the main
     /// connection itself.
     pub fn handle_canary(&mut self, now: Instant, idle: Duration) {
-        self.alive(now, idle);
+        if !self.main_path {
+            self.alive(now, idle);
+            return;
+        }
+        if idle > self.lower {
+            self.lower = idle;
+            if self.upper.is_some_and(|u| u <= idle) {
+                self.upper = None;
+            }
+        }
+        if self.check_converged(now) {
+            return;
+        }
+        // A canary crossed this interval's silence: try a longer one.
+        self.streak += 1;
+        if self.streak >= 1 {
+            self.streak = 0;
+            let next = match self.upper {
+                None => self.interval.mul_f64(self.cfg.coarse_ratio),
+                Some(u) => Duration::from_secs_f64((self.lower.as_secs_f64() * u.as_secs_f64()).sqrt()),
+            }
+            .min(self.cfg.max_interval);
+            if next > self.interval {
+                self.set_interval(next, IntervalReason::Learned);
+            }
+        }
+    }
+
+    /// How long a learned value stands before it is checked again. On the
+    /// main path a check costs lost bindings (exploring steps that fail),
+    /// so it runs weekly rather than daily.
+    fn recheck_after(&self) -> Duration {
+        if self.main_path {
+            self.cfg.reprobe_after * 7
+        } else {
+            self.cfg.reprobe_after
+        }
+    }
+
+    /// Main-path mode: once the bracket is tight, settles on the safe
+    /// interval and reports convergence (once). True when converged.
+    fn check_converged(&mut self, now: Instant) -> bool {
+        if !self.done() && self.interval < self.cfg.max_interval {
+            return false;
+        }
+        let target = self.target();
+        self.set_interval(target, IntervalReason::Learned);
+        if !self.converged {
+            self.converged = true;
+            self.learned_at = Some(now);
+            self.events.push_back(TunerEvent::Converged {
+                interval: self.interval,
+                learned: self.learned(),
+            });
+        }
+        true
     }
 
     /// A probe reply arrived.
@@ -309,7 +402,7 @@ impl Tuner {
         }
         if self
             .learned_at
-            .is_some_and(|t| now >= t + self.cfg.reprobe_after)
+            .is_some_and(|t| now >= t + self.recheck_after())
             && self.probes.is_empty()
         {
             // Networks change their NATs: look again, upwards and at the edge.
@@ -340,7 +433,7 @@ impl Tuner {
     /// When [`Tuner::handle_timeout`] must run next.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let probe = self.probes.iter().map(|p| p.deadline).min();
-        let reprobe = self.learned_at.map(|t| t + self.cfg.reprobe_after);
+        let reprobe = self.learned_at.map(|t| t + self.recheck_after());
         match (probe, reprobe) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -454,7 +547,11 @@ impl Tuner {
 
     /// Queues the next round of probes.
     fn plan(&mut self, _now: Instant) {
-        if !self.to_send.is_empty() || !self.probes.is_empty() || self.done() {
+        if self.main_path
+            || !self.to_send.is_empty()
+            || !self.probes.is_empty()
+            || self.done()
+        {
             return;
         }
         let top = self.cfg.max_interval.div_f64(self.cfg.safety);
