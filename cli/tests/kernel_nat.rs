@@ -60,9 +60,21 @@ impl Scene {
         relay_name: Option<&str>,
         transport: &str,
     ) -> anyhow::Result<Option<Self>> {
+        Self::start_full(spec, relay_name, transport, None).await
+    }
+
+    async fn start_full(
+        spec: NatSpec,
+        relay_name: Option<&str>,
+        transport: &str,
+        tcp_established_s: Option<u32>,
+    ) -> anyhow::Result<Option<Self>> {
         let Some(nat) = create_or_skip(spec) else {
             return Ok(None);
         };
+        if let Some(t) = tcp_established_s {
+            nat.set_tcp_timeout(t).map_err(anyhow::Error::msg)?;
+        }
         if let Some(name) = relay_name {
             nat.broken_ipv6_name(name).map_err(anyhow::Error::msg)?;
         }
@@ -329,5 +341,50 @@ async fn a_broken_ipv6_path_loses_the_race_to_ipv4_on_the_first_attempt() -> any
         );
         wait_line(&mut s.lines, |l| l.starts_with("out: registered")).await?;
     }
+    Ok(())
+}
+
+/// Over TLS/TCP no UDP probe can speak for the connection: the keepalive
+/// interval itself explores, each step proven by a canary, and a step the
+/// NAT does not survive (its TCP state expired: the relay's canary is
+/// answered with a reset by the router) is a lost binding, noticed, after
+/// which the device reconnects and the search narrows. conntrack keeps
+/// established TCP connections 5 s here.
+#[tokio::test]
+async fn over_tcp_the_keepalive_learns_the_nat_s_tcp_timeout_from_the_connection_itself(
+) -> anyhow::Result<()> {
+    let spec = NatSpec {
+        fully_random: false,
+        unreplied_s: 30,
+        stream_s: 120,
+    };
+    let Some(mut s) = Scene::start_full(spec, None, "tcp", Some(5)).await? else {
+        return Ok(());
+    };
+    let registered = wait_line(&mut s.lines, |l| l.starts_with("out: registered")).await?;
+    let converged = wait_line(&mut s.lines, |l| l.contains("keepalive converged")).await?;
+    let interval = secs(&converged, "interval=").expect("interval");
+    let lower = secs(&converged, "nat_timeout>").expect("lower bound");
+    // conntrack expires entries lazily (a garbage-collection pass), so a
+    // silence a little past 5 s can still be crossed: the bound may be too.
+    assert!(interval < 5.0 && lower < 5.0 * 1.05, "{converged}");
+    assert!(interval >= 0.8 * 5.0, "close to 5 s: {converged}");
+    // Remembered apart from what UDP learned on the same network.
+    let memory = std::fs::read_to_string(s.data.path().join("listen-networks"))?;
+    assert!(memory.contains("kernel-nat#tcp "), "{memory}");
+    let channel_id = registered
+        .split("id=")
+        .nth(1)
+        .expect("channel id")
+        .to_owned();
+    s.publish(&channel_id, "over-tcp").await?;
+    wait_line(&mut s.lines, |l| {
+        l.starts_with("out: wake") && l.ends_with("payload=over-tcp")
+    })
+    .await?;
+    assert!(
+        s.device.try_wait()?.is_none(),
+        "the device is still running"
+    );
     Ok(())
 }

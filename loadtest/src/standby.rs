@@ -155,9 +155,30 @@ fn nat_behaviours(seed: u64) -> String {
             true,
             false,
         ),
-        ("TLS/TCP, no probes (main path)", 300, None, true, true, true),
-        ("TLS/TCP, no probes (main path)", 1800, None, true, true, true),
-        ("TLS/TCP, no probes (main path)", 7440, None, true, true, true),
+        (
+            "TLS/TCP, no probes (main path)",
+            300,
+            None,
+            true,
+            true,
+            true,
+        ),
+        (
+            "TLS/TCP, no probes (main path)",
+            1800,
+            None,
+            true,
+            true,
+            true,
+        ),
+        (
+            "TLS/TCP, no probes (main path)",
+            7440,
+            None,
+            true,
+            true,
+            true,
+        ),
     ];
     for (name, t, shrink, preserving, canary, tcp) in cases {
         let mut cfg = SimConfig::new(Duration::from_secs(t));

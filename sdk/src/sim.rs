@@ -623,7 +623,11 @@ mod tests {
             let r = run(&cfg);
             let limit_s = (t as f64).min(cfg.tuner.max_interval.as_secs_f64() / 0.92);
             assert_eq!(r.probes, 0);
-            assert!(r.final_interval_s < t as f64, "T={t}: {}", r.final_interval_s);
+            assert!(
+                r.final_interval_s < t as f64,
+                "T={t}: {}",
+                r.final_interval_s
+            );
             assert!(
                 r.final_interval_s >= 0.85 * limit_s,
                 "T={t}: interval {} s",

@@ -336,7 +336,9 @@ impl Tuner {
             self.streak = 0;
             let next = match self.upper {
                 None => self.interval.mul_f64(self.cfg.coarse_ratio),
-                Some(u) => Duration::from_secs_f64((self.lower.as_secs_f64() * u.as_secs_f64()).sqrt()),
+                Some(u) => {
+                    Duration::from_secs_f64((self.lower.as_secs_f64() * u.as_secs_f64()).sqrt())
+                }
             }
             .min(self.cfg.max_interval);
             if next > self.interval {
@@ -547,11 +549,7 @@ impl Tuner {
 
     /// Queues the next round of probes.
     fn plan(&mut self, _now: Instant) {
-        if self.main_path
-            || !self.to_send.is_empty()
-            || !self.probes.is_empty()
-            || self.done()
-        {
+        if self.main_path || !self.to_send.is_empty() || !self.probes.is_empty() || self.done() {
             return;
         }
         let top = self.cfg.max_interval.div_f64(self.cfg.safety);

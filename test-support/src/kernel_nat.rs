@@ -210,6 +210,13 @@ impl KernelNat {
         .map_err(|e| format!("{dir}/hosts: {e}"))
     }
 
+    /// Sets conntrack's timeout for established TCP connections on the
+    /// router (RFC 5382 asks for at least 2 h 4 min; carriers cut sooner).
+    pub fn set_tcp_timeout(&self, established_s: u32) -> Result<(), String> {
+        let t = format!("net.netfilter.nf_conntrack_tcp_timeout_established={established_s}");
+        run(&["ip", "netns", "exec", &self.nat, "sysctl", "-qw", &t])
+    }
+
     /// A command that runs `program` inside namespace `ns`.
     pub fn command(&self, ns: &str, program: &str) -> tokio::process::Command {
         let mut c = tokio::process::Command::new("ip");
