@@ -114,7 +114,8 @@ fn nat_behaviours(seed: u64) -> String {
     );
     let day = Duration::from_secs(86_400);
     // (name, T, shrinks to, port-preserving, canary, TLS/TCP)
-    let cases: Vec<(&str, u64, Option<u64>, bool, bool, bool)> = vec![
+    type Case<'a> = (&'a str, u64, Option<u64>, bool, bool, bool);
+    let cases: Vec<Case> = vec![
         ("port-randomizing", 30, None, false, true, false),
         ("port-preserving", 30, None, true, true, false),
         ("port-preserving", 60, None, true, true, false),
