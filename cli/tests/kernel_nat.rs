@@ -123,6 +123,24 @@ impl Scene {
         }))
     }
 
+    /// The channel id `listen` printed when it registered.
+    async fn channel_id(&mut self) -> anyhow::Result<String> {
+        let registered = wait_line(&mut self.lines, |l| l.starts_with("out: registered")).await?;
+        registered
+            .split("id=")
+            .nth(1)
+            .map(str::to_owned)
+            .ok_or_else(|| anyhow::anyhow!("no channel id in {registered:?}"))
+    }
+
+    /// The next "keepalive converged" line, its interval and lower bound (s).
+    async fn converged(&mut self) -> anyhow::Result<(String, f64, f64)> {
+        let line = wait_line(&mut self.lines, |l| l.contains("keepalive converged")).await?;
+        let interval = secs(&line, "interval=").ok_or_else(|| anyhow::anyhow!("{line}"))?;
+        let lower = secs(&line, "nat_timeout>").ok_or_else(|| anyhow::anyhow!("{line}"))?;
+        Ok((line, interval, lower))
+    }
+
     async fn publish(&self, channel_id: &str, payload: &str) -> anyhow::Result<()> {
         let dir = self.data.path().to_str().expect("utf-8");
         let out = self
@@ -204,15 +222,8 @@ async fn the_stream_timeout_is_learned_and_a_shrinking_one_is_seen_on_a_port_pre
     let Some(mut s) = Scene::start(spec).await? else {
         return Ok(());
     };
-    let registered = wait_line(&mut s.lines, |l| l.starts_with("out: registered")).await?;
-    let channel_id = registered
-        .split("id=")
-        .nth(1)
-        .expect("channel id")
-        .to_owned();
-    let converged = wait_line(&mut s.lines, |l| l.contains("keepalive converged")).await?;
-    let interval = secs(&converged, "interval=").expect("interval");
-    let lower = secs(&converged, "nat_timeout>").expect("lower bound");
+    let channel_id = s.channel_id().await?;
+    let (converged, interval, lower) = s.converged().await?;
     assert!(
         interval > 3.0 && interval < 8.0,
         "the stream timeout (8 s), not the one-shot one (3 s): {converged}"
@@ -234,9 +245,7 @@ async fn the_stream_timeout_is_learned_and_a_shrinking_one_is_seen_on_a_port_pre
     })
     .await?;
     assert!(lost.contains("binding lost"), "{lost}");
-    let again = wait_line(&mut s.lines, |l| l.contains("keepalive converged")).await?;
-    let interval = secs(&again, "interval=").expect("interval");
-    let lower = secs(&again, "nat_timeout>").expect("lower bound");
+    let (again, interval, lower) = s.converged().await?;
     assert!(interval < 4.0 && lower < 4.0, "{again}");
     s.publish(&channel_id, "second").await?;
     wait_line(&mut s.lines, |l| {
@@ -265,15 +274,8 @@ async fn a_timeout_below_the_start_interval_and_wakes_at_random_times_on_a_fully
     let Some(mut s) = Scene::start(spec).await? else {
         return Ok(());
     };
-    let registered = wait_line(&mut s.lines, |l| l.starts_with("out: registered")).await?;
-    let channel_id = registered
-        .split("id=")
-        .nth(1)
-        .expect("channel id")
-        .to_owned();
-    let converged = wait_line(&mut s.lines, |l| l.contains("keepalive converged")).await?;
-    let interval = secs(&converged, "interval=").expect("interval");
-    let lower = secs(&converged, "nat_timeout>").expect("lower bound");
+    let channel_id = s.channel_id().await?;
+    let (converged, interval, lower) = s.converged().await?;
     assert!(lower < 2.0 && interval < 2.0, "{converged}");
 
     // Wakes at pseudo-random moments across several keepalive cycles.
@@ -361,10 +363,8 @@ async fn over_tcp_the_keepalive_learns_the_nat_s_tcp_timeout_from_the_connection
     let Some(mut s) = Scene::start_full(spec, None, "tcp", Some(5)).await? else {
         return Ok(());
     };
-    let registered = wait_line(&mut s.lines, |l| l.starts_with("out: registered")).await?;
-    let converged = wait_line(&mut s.lines, |l| l.contains("keepalive converged")).await?;
-    let interval = secs(&converged, "interval=").expect("interval");
-    let lower = secs(&converged, "nat_timeout>").expect("lower bound");
+    let channel_id = s.channel_id().await?;
+    let (converged, interval, lower) = s.converged().await?;
     // conntrack expires entries lazily (a garbage-collection pass), so a
     // silence a little past 5 s can still be crossed: the bound may be too.
     assert!(interval < 5.0 && lower < 5.0 * 1.05, "{converged}");
@@ -372,11 +372,6 @@ async fn over_tcp_the_keepalive_learns_the_nat_s_tcp_timeout_from_the_connection
     // Remembered apart from what UDP learned on the same network.
     let memory = std::fs::read_to_string(s.data.path().join("listen-networks"))?;
     assert!(memory.contains("kernel-nat#tcp "), "{memory}");
-    let channel_id = registered
-        .split("id=")
-        .nth(1)
-        .expect("channel id")
-        .to_owned();
     s.publish(&channel_id, "over-tcp").await?;
     wait_line(&mut s.lines, |l| {
         l.starts_with("out: wake") && l.ends_with("payload=over-tcp")

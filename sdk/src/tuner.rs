@@ -366,6 +366,12 @@ impl Tuner {
         }
         let target = self.target();
         self.set_interval(target, IntervalReason::Learned);
+        self.mark_converged(now);
+        true
+    }
+
+    /// Learning is done for now: reported once.
+    fn mark_converged(&mut self, now: Instant) {
         if !self.converged {
             self.converged = true;
             self.learned_at = Some(now);
@@ -374,7 +380,6 @@ impl Tuner {
                 learned: self.learned(),
             });
         }
-        true
     }
 
     /// A probe reply arrived.
@@ -522,14 +527,7 @@ impl Tuner {
             .retain(|d| *d > lower && upper.is_none_or(|u| *d < u));
         if self.probes.is_empty() && self.to_send.is_empty() {
             if self.done() {
-                if !self.converged {
-                    self.converged = true;
-                    self.learned_at = Some(now);
-                    self.events.push_back(TunerEvent::Converged {
-                        interval: self.interval,
-                        learned: self.learned(),
-                    });
-                }
+                self.mark_converged(now);
             } else {
                 self.plan(now);
             }

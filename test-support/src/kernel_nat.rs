@@ -45,26 +45,16 @@ pub struct KernelNat {
 }
 
 fn run(args: &[&str]) -> Result<(), String> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .map_err(|e| format!("cannot run {}: {e}", args[0]))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "`{}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
+    run_stdin(args, "")
 }
 
+/// Runs `args[0]` with `input` on its stdin; its stderr explains a failure.
 fn run_stdin(args: &[&str], input: &str) -> Result<(), String> {
     use std::io::Write;
     let mut child = Command::new(args[0])
         .args(&args[1..])
         .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .map_err(|e| format!("cannot run {}: {e}", args[0]))?;
