@@ -43,6 +43,9 @@ async fn event_state(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publish_on_any_relay_reaches_the_device_wherever_it_is() -> anyhow::Result<()> {
+    if !wakewire_test_support::nats::nats_or_skip() {
+        return Ok(());
+    }
     let c = ClusterFixture::start(BIN.as_ref(), 3, 3, &[]).await?;
     let token = c.publisher_token(&["phone-c", "phone-b"]);
 
@@ -145,6 +148,9 @@ async fn a_publish_on_any_relay_reaches_the_device_wherever_it_is() -> anyhow::R
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retried_keyed_publish_on_another_relay_returns_the_first_event() -> anyhow::Result<()> {
+    if !wakewire_test_support::nats::nats_or_skip() {
+        return Ok(());
+    }
     let c = ClusterFixture::start(BIN.as_ref(), 3, 2, &[]).await?;
     let token = c.publisher_token(&["phone"]);
     let dev = c
@@ -201,6 +207,9 @@ type Seen = Arc<Mutex<HashMap<String, u32>>>;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn collapse_keys_and_queue_limits_hold_across_relays() -> anyhow::Result<()> {
+    if !wakewire_test_support::nats::nats_or_skip() {
+        return Ok(());
+    }
     let c = ClusterFixture::start(BIN.as_ref(), 3, 2, &["--queue-limit", "3"]).await?;
     let token = c.publisher_token(&["phone"]);
     let dev = c
@@ -273,6 +282,9 @@ async fn collapse_keys_and_queue_limits_hold_across_relays() -> anyhow::Result<(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_relay_sends_its_devices_to_its_peers() -> anyhow::Result<()> {
+    if !wakewire_test_support::nats::nats_or_skip() {
+        return Ok(());
+    }
     let mut c = ClusterFixture::start(BIN.as_ref(), 3, 2, &[]).await?;
     let token = c.publisher_token(&["phone"]);
     // The device knows relay A only.
@@ -312,6 +324,9 @@ async fn a_draining_relay_sends_its_devices_to_its_peers() -> anyhow::Result<()>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_relay_exports_its_cluster_metrics_and_the_dashboard_uses_only_exported_ones(
 ) -> anyhow::Result<()> {
+    if !wakewire_test_support::nats::nats_or_skip() {
+        return Ok(());
+    }
     use wakewire_test_support::metrics::{metric_names, scrape};
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?

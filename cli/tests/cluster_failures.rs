@@ -206,6 +206,9 @@ fn publish_until(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn devices_of_a_killed_relay_move_to_the_others_and_nothing_ok_is_lost() -> anyhow::Result<()>
 {
+    if !wakewire_test_support::nats::nats_or_skip() {
+        return Ok(());
+    }
     let mut c = ClusterFixture::start(BIN.as_ref(), 3, 3, NO_DROPS).await?;
     let fleet = Fleet::connect(&c, 12).await?;
     // The relay holding the most devices.
@@ -290,6 +293,9 @@ async fn devices_of_a_killed_relay_move_to_the_others_and_nothing_ok_is_lost() -
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nats_node_killed_under_publishing_loses_nothing_ok() -> anyhow::Result<()> {
+    if !wakewire_test_support::nats::nats_or_skip() {
+        return Ok(());
+    }
     let mut c = ClusterFixture::start(BIN.as_ref(), 3, 2, NO_DROPS).await?;
     let fleet = Fleet::connect(&c, 6).await?;
     let stop = Arc::new(AtomicBool::new(false));
@@ -345,6 +351,9 @@ async fn health(grpc: SocketAddr) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_every_nats_node_down_nothing_is_ok_and_service_resumes_by_itself(
 ) -> anyhow::Result<()> {
+    if !wakewire_test_support::nats::nats_or_skip() {
+        return Ok(());
+    }
     let mut c = ClusterFixture::start(BIN.as_ref(), 3, 1, NO_DROPS).await?;
     let fleet = Fleet::connect(&c, 2).await?;
     let token = c.publisher_token(&["device-0", "device-1"]);
@@ -422,6 +431,9 @@ async fn with_every_nats_node_down_nothing_is_ok_and_service_resumes_by_itself(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_restart_of_every_relay_loses_nothing_and_delivers_once() -> anyhow::Result<()> {
+    if !wakewire_test_support::nats::nats_or_skip() {
+        return Ok(());
+    }
     let mut c = ClusterFixture::start(BIN.as_ref(), 3, 3, NO_DROPS).await?;
     let fleet = Fleet::connect(&c, 12).await?;
     let stop = Arc::new(AtomicBool::new(false));

@@ -3,7 +3,7 @@
 //! conntrack's two UDP timeouts set per test. Needs root, `ip` (iproute2)
 //! and `nft` (nftables); [`KernelNat::create`] says plainly why not where
 //! the machine cannot, and tests skip then, unless
-//! `REQUIRE_KERNEL_NAT=1` (set by CI) makes that a failure.
+//! `REQUIRE_TEST_TOOLS=1` (set by CI) makes that a failure.
 //!
 //! ```text
 //! device ns 10.9.1.2 ── router ns (masquerade) ── 10.9.2.2 relay ns
@@ -224,15 +224,14 @@ impl Drop for KernelNat {
     }
 }
 
-/// [`KernelNat::create`], or `None` after saying why the test is skipped;
-/// panics instead where `REQUIRE_KERNEL_NAT=1`.
+/// [`KernelNat::create`], or `None` after saying why the test is skipped
+/// (see [`crate::tool_or_skip`]).
 pub fn create_or_skip(spec: NatSpec) -> Option<KernelNat> {
     match KernelNat::create(spec) {
         Ok(k) => Some(k),
-        Err(why) if std::env::var("REQUIRE_KERNEL_NAT").as_deref() != Ok("1") => {
-            eprintln!("SKIPPED: kernel NAT test: {why}");
+        Err(why) => {
+            crate::tool_or_skip("a kernel NAT in network namespaces", Err(why));
             None
         }
-        Err(why) => panic!("kernel NAT required (REQUIRE_KERNEL_NAT=1): {why}"),
     }
 }

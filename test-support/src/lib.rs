@@ -5,6 +5,21 @@
 
 pub mod cluster;
 pub mod flood;
+
+/// Whether a test's outside tool is there. Where it is not, the test says
+/// so and is skipped (`cargo test` works on a machine with only the Rust
+/// toolchain), unless `REQUIRE_TEST_TOOLS=1` (set by `.ci/run`, which
+/// installs them), where its absence fails the test.
+pub fn tool_or_skip(tool: &str, found: Result<(), String>) -> bool {
+    match found {
+        Ok(()) => true,
+        Err(why) if std::env::var("REQUIRE_TEST_TOOLS").as_deref() != Ok("1") => {
+            eprintln!("SKIPPED: needs {tool}: {why}");
+            false
+        }
+        Err(why) => panic!("{tool} required (REQUIRE_TEST_TOOLS=1): {why}"),
+    }
+}
 pub mod kernel_nat;
 pub mod metrics;
 pub mod nats;

@@ -9,10 +9,22 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use tokio::process::{Child, Command};
 
+/// Whether nats-server is installed (see [`crate::tool_or_skip`]).
+pub fn nats_or_skip() -> bool {
+    crate::tool_or_skip(
+        "nats-server",
+        nats_server_bin().map(|_| ()).map_err(|e| e.to_string()),
+    )
+}
+
 /// The `nats-server` binary to run.
 pub fn nats_server_bin() -> anyhow::Result<PathBuf> {
     if let Ok(p) = std::env::var("WAKEWIRE_NATS_SERVER") {
-        return Ok(PathBuf::from(p));
+        let p = PathBuf::from(p);
+        if !p.is_file() {
+            bail!("WAKEWIRE_NATS_SERVER={} is not a file", p.display());
+        }
+        return Ok(p);
     }
     for dir in std::env::var("PATH").unwrap_or_default().split(':') {
         let p = PathBuf::from(dir).join("nats-server");

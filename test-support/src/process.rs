@@ -66,6 +66,8 @@ impl RelayProcess {
             .args(["--health-listen", "off"])
             .args(extra)
             .env_remove("WAKEWIRE_LOG")
+            // The tests' own setting, not the relay's (it would refuse it).
+            .env_remove("WAKEWIRE_NATS_SERVER")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
