@@ -482,3 +482,31 @@ async fn a_rolling_restart_of_every_relay_loses_nothing_and_delivers_once() -> a
     fleet.close().await;
     Ok(())
 }
+
+/// A relay that starts while its NATS cluster has no quorum (nodes starting
+/// together, a leader being elected) waits for JetStream instead of
+/// exiting, and starts once the cluster is whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_started_before_its_nats_cluster_has_a_quorum_waits_for_it() -> anyhow::Result<()> {
+    if !wakewire_test_support::nats::nats_or_skip() {
+        return Ok(());
+    }
+    let mut c = ClusterFixture::start(BIN.as_ref(), 3, 1, NO_DROPS).await?;
+    c.kill(0).await?;
+    // Two of three NATS nodes down: no JetStream quorum.
+    c.nats.kill(1).await?;
+    c.nats.kill(2).await?;
+    let relay = c.start_once(0);
+    let heal = async {
+        // How long the cluster stays without a quorum (not a wait for
+        // something: the outage being simulated).
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        c.nats.start_all().await
+    };
+    // `start_once` is given 30 s to say "relay started", one attempt.
+    let (relay, healed) = tokio::join!(relay, heal);
+    healed?;
+    let relay = relay?;
+    assert!(relay.grpc.port() > 0);
+    Ok(())
+}

@@ -56,6 +56,9 @@ impl ClusterFixture {
                 "2",
                 "--drain-delay-secs",
                 "0",
+                // Well inside the 30 s the tests wait for a drained relay.
+                "--drain-timeout-secs",
+                "10",
                 "--cluster-consumer-heartbeat-secs",
                 "1",
             ]
@@ -91,6 +94,22 @@ impl ClusterFixture {
     ) -> anyhow::Result<RelayProcess> {
         let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
         RelayProcess::start(&self.bin, &self.dirs[i], quic, grpc, &extra).await
+    }
+
+    /// One attempt at starting relay `i` anew (any ports, its data
+    /// directory), without the retries of [`ClusterFixture::restart`].
+    /// The future owns what it needs, so the fixture stays usable (its NATS
+    /// nodes can be started) while the relay starts.
+    pub fn start_once(
+        &self,
+        i: usize,
+    ) -> impl std::future::Future<Output = anyhow::Result<RelayProcess>> + 'static {
+        let (bin, dir, extra) = (self.bin.clone(), self.dirs[i].clone(), self.extra.clone());
+        async move {
+            let any: SocketAddr = ([127, 0, 0, 1], 0).into();
+            let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+            RelayProcess::start(&bin, &dir, any, any, &extra).await
+        }
     }
 
     /// Starts relay `i` again on its ports (after a kill or a drain).

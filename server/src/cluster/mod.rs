@@ -247,73 +247,20 @@ impl Cluster {
             .map_err(|e| connect_err(e.to_string()))?;
         let js = jetstream::new(client.clone());
         let names = Names::new(&config.name, key);
-        let setup = |what: &str, e: &dyn std::fmt::Display| ClusterError::Setup {
-            what: what.to_owned(),
-            message: e.to_string(),
+        // A NATS cluster that is still forming (all nodes starting together,
+        // a leader being elected) refuses stream placement for a while:
+        // wait for it, within a bound, rather than exit.
+        let give_up = clock::now() + SETUP_PATIENCE;
+        let (events, status, channels, relays) = loop {
+            match set_up(&js, &names, retention, &config).await {
+                Ok(v) => break v,
+                Err(e) if clock::now() < give_up => {
+                    warn!(error = %e, "JetStream is not ready yet; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => return Err(e),
+            }
         };
-        let events_name = names.events_stream();
-        js.create_or_update_stream(stream::Config {
-            name: events_name.clone(),
-            description: Some(
-                "wakewire: queued events, one subject per channel queue and per collapse key"
-                    .into(),
-            ),
-            subjects: vec![names.events_subjects()],
-            max_messages_per_subject: i64::try_from(retention.queue_limit).unwrap_or(i64::MAX),
-            discard: stream::DiscardPolicy::New,
-            discard_new_per_subject: true,
-            allow_rollup: true,
-            duplicate_window: retention.idempotency_retention.min(retention.max_ttl),
-            max_age: retention.max_ttl + Duration::from_secs(3600),
-            max_message_size: 64 * 1024,
-            storage: stream::StorageType::File,
-            num_replicas: config.replicas,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| setup(&events_name, &e))?;
-        let status_name = names.status_stream();
-        js.create_or_update_stream(stream::Config {
-            name: status_name.clone(),
-            description: Some("wakewire: final states of events (receipts)".into()),
-            subjects: vec![names.status_subjects()],
-            max_messages_per_subject: 1,
-            max_age: retention.status_retention,
-            max_message_size: 16 * 1024,
-            storage: stream::StorageType::File,
-            num_replicas: config.replicas,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| setup(&status_name, &e))?;
-        let events = js
-            .get_stream_no_info(&events_name)
-            .await
-            .map_err(|e| setup(&events_name, &e))?;
-        let status = js
-            .get_stream_no_info(&status_name)
-            .await
-            .map_err(|e| setup(&status_name, &e))?;
-        let channels_name = names.channels_bucket();
-        let channels = key_value(
-            &js,
-            &channels_name,
-            "wakewire: channel records",
-            Duration::ZERO,
-            stream::StorageType::File,
-            config.replicas,
-        )
-        .await?;
-        let relays_name = names.relays_bucket();
-        let relays = key_value(
-            &js,
-            &relays_name,
-            "wakewire: live relays and their device addresses",
-            Duration::from_secs(30),
-            stream::StorageType::Memory,
-            config.replicas,
-        )
-        .await?;
         info!(%relay_id, nats = %urls, replicas = config.replicas, "cluster mode: JetStream streams and buckets ready");
         metrics::gauge!(crate::metrics::NATS_CONNECTED).set(1.0);
         Ok(Arc::new(Self {
@@ -403,6 +350,85 @@ impl Cluster {
     pub(crate) async fn flush(&self) -> Result<(), ClusterError> {
         self.client.flush().await.map_err(nats_err)
     }
+}
+
+/// How long a relay waits at start for JetStream to accept its streams.
+const SETUP_PATIENCE: Duration = Duration::from_secs(60);
+
+/// Creates (or updates) the streams and buckets the relay needs.
+async fn set_up(
+    js: &jetstream::Context,
+    names: &Names,
+    retention: &Retention,
+    config: &ClusterConfig,
+) -> Result<(stream::Stream<()>, stream::Stream<()>, kv::Store, kv::Store), ClusterError> {
+    let setup = |what: &str, e: &dyn std::fmt::Display| ClusterError::Setup {
+        what: what.to_owned(),
+        message: e.to_string(),
+    };
+    let events_name = names.events_stream();
+    js.create_or_update_stream(stream::Config {
+        name: events_name.clone(),
+        description: Some(
+            "wakewire: queued events, one subject per channel queue and per collapse key".into(),
+        ),
+        subjects: vec![names.events_subjects()],
+        max_messages_per_subject: i64::try_from(retention.queue_limit).unwrap_or(i64::MAX),
+        discard: stream::DiscardPolicy::New,
+        discard_new_per_subject: true,
+        allow_rollup: true,
+        duplicate_window: retention.idempotency_retention.min(retention.max_ttl),
+        max_age: retention.max_ttl + Duration::from_secs(3600),
+        max_message_size: 64 * 1024,
+        storage: stream::StorageType::File,
+        num_replicas: config.replicas,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| setup(&events_name, &e))?;
+    let status_name = names.status_stream();
+    js.create_or_update_stream(stream::Config {
+        name: status_name.clone(),
+        description: Some("wakewire: final states of events (receipts)".into()),
+        subjects: vec![names.status_subjects()],
+        max_messages_per_subject: 1,
+        max_age: retention.status_retention,
+        max_message_size: 16 * 1024,
+        storage: stream::StorageType::File,
+        num_replicas: config.replicas,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| setup(&status_name, &e))?;
+    let events = js
+        .get_stream_no_info(&events_name)
+        .await
+        .map_err(|e| setup(&events_name, &e))?;
+    let status = js
+        .get_stream_no_info(&status_name)
+        .await
+        .map_err(|e| setup(&status_name, &e))?;
+    let channels_name = names.channels_bucket();
+    let channels = key_value(
+        js,
+        &channels_name,
+        "wakewire: channel records",
+        Duration::ZERO,
+        stream::StorageType::File,
+        config.replicas,
+    )
+    .await?;
+    let relays_name = names.relays_bucket();
+    let relays = key_value(
+        js,
+        &relays_name,
+        "wakewire: live relays and their device addresses",
+        Duration::from_secs(30),
+        stream::StorageType::Memory,
+        config.replicas,
+    )
+    .await?;
+    Ok((events, status, channels, relays))
 }
 
 /// Creates (or updates) a key-value bucket. Written as its stream (the
