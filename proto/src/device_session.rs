@@ -34,9 +34,10 @@ pub struct DeviceSessionConfig {
     pub keepalive_timeout: Duration,
     /// Give up if Welcome takes longer than this.
     pub welcome_timeout: Duration,
-    /// Ask relays that offer it for a Canary just before each keepalive:
-    /// the proof (or disproof) that the NAT binding survived the silence,
-    /// whatever port the NAT gives back.
+    /// Ask relays that offer it for a Canary after each keepalive interval
+    /// of silence (the canary then is the keepalive): the proof, or
+    /// disproof, that the NAT binding survived the silence, whatever port
+    /// the NAT gives back.
     pub canary: bool,
 }
 
@@ -110,10 +111,10 @@ pub enum DeviceEvent {
         /// Silence before the canary, as the device saw it.
         idle: Duration,
     },
-    /// The canary asked for did not arrive before the keepalive was due:
-    /// the binding died within `after_idle` of silence (or the relay's
-    /// packet was lost on the way). The keepalive has been sent, which
-    /// opens a new binding.
+    /// The canary asked for did not arrive within its margin: the binding
+    /// died within `after_idle` of silence (or the relay's packet was lost
+    /// on the way). The device's own Ping has been sent, which opens a new
+    /// binding.
     CanaryMissed {
         /// The silence the canary was to cross.
         after_idle: Duration,
@@ -480,7 +481,7 @@ impl DeviceSession {
                     self.core
                         .push_event(DeviceEvent::CanaryReceived { idle: silence });
                     // Answer in the same radio wake: this Ping is the
-                    // keepalive, a little early.
+                    // keepalive.
                     self.ping(now);
                 }
             }
