@@ -441,18 +441,26 @@ fn ack_flood_closes_the_connection_with_protocol_violation() {
     );
 }
 
-#[test]
-fn normal_priority_rides_the_canary_that_is_the_keepalive() {
-    let config = RelayConnectionConfig {
-        radio_awake: Duration::ZERO,
-        ..RelayConnectionConfig::default()
-    };
+/// A registered "mail" channel on a relay that holds normal-priority wakes
+/// for the radio (never "awake"), and `n1`, a normal-priority wake with
+/// `ttl_s` (0: the default), published to it.
+fn held_normal_wake(mut config: RelayConnectionConfig, ttl_s: Option<u32>) -> World {
+    config.radio_awake = Duration::ZERO;
     let mut w = World::new(config);
     w.pump();
     w.register("mail");
     let mut n = wake(&w, "n1", "mail-id");
     n.priority = Priority::Normal as i32;
+    if let Some(t) = ttl_s {
+        n.ttl_s = t;
+    }
     w.publish(n).unwrap();
+    w
+}
+
+#[test]
+fn normal_priority_rides_the_canary_that_is_the_keepalive() {
+    let mut w = held_normal_wake(RelayConnectionConfig::default(), None);
     // The device pinged right after Welcome, asking for a canary after its
     // keepalive interval of silence: the wake goes with it.
     let start = w.now;
@@ -498,17 +506,9 @@ fn normal_priority_is_held_until_a_high_one_or_the_hold_timer() {
 
 #[test]
 fn normal_priority_rides_the_device_s_next_keepalive() {
-    let mut config = RelayConnectionConfig {
-        radio_awake: Duration::ZERO,
-        ..RelayConnectionConfig::default()
-    };
+    let mut config = RelayConnectionConfig::default();
     config.session.canary = false;
-    let mut w = World::new(config);
-    w.pump();
-    w.register("mail");
-    let mut n = wake(&w, "n1", "mail-id");
-    n.priority = Priority::Normal as i32;
-    w.publish(n).unwrap();
+    let mut w = held_normal_wake(config, None);
     let keepalive = DeviceSessionConfig::new("t").keepalive_interval;
     w.advance(keepalive - Duration::from_millis(1));
     assert!(w.app.is_empty());
@@ -519,17 +519,7 @@ fn normal_priority_rides_the_device_s_next_keepalive() {
 
 #[test]
 fn a_wake_is_never_sent_after_its_ttl() {
-    let config = RelayConnectionConfig {
-        radio_awake: Duration::ZERO,
-        ..RelayConnectionConfig::default()
-    };
-    let mut w = World::new(config);
-    w.pump();
-    w.register("mail");
-    let mut n = wake(&w, "n1", "mail-id");
-    n.priority = Priority::Normal as i32;
-    n.ttl_s = 10;
-    w.publish(n).unwrap();
+    let mut w = held_normal_wake(RelayConnectionConfig::default(), Some(10));
     w.advance(Duration::from_secs(60)); // the hold timer fires after the TTL
     assert!(w.app.is_empty());
     assert_eq!(w.released(), [("n1".into(), ReleaseReason::Expired)]);
@@ -595,16 +585,7 @@ fn duplicates_and_acked_events_are_not_sent_twice_on_one_connection() {
 
 #[test]
 fn unregister_releases_the_channel_s_tracked_wakes() {
-    let config = RelayConnectionConfig {
-        radio_awake: Duration::ZERO,
-        ..RelayConnectionConfig::default()
-    };
-    let mut w = World::new(config);
-    w.pump();
-    w.register("mail");
-    let mut n = wake(&w, "n1", "mail-id");
-    n.priority = Priority::Normal as i32;
-    w.publish(n).unwrap();
+    let mut w = held_normal_wake(RelayConnectionConfig::default(), None);
     w.device.unregister(w.now, "mail-id").unwrap();
     w.pump();
     assert_eq!(w.released(), [("n1".into(), ReleaseReason::Unregistered)]);
