@@ -150,6 +150,7 @@ pub(crate) async fn listen(args: ListenArgs) -> anyhow::Result<()> {
                 start_interval: d.start_interval.mul_f64(k),
                 grace: d.grace.mul_f64(k),
                 reprobe_after: d.reprobe_after.mul_f64(k),
+                eager_refine_below: d.eager_refine_below.mul_f64(k),
                 ..d
             })
         }

@@ -64,6 +64,9 @@ pub struct TunerConfig {
     pub grace: Duration,
     /// Re-check learned values this long after learning them.
     pub reprobe_after: Duration,
+    /// Refine as soon as a probe answers only below this silence; above
+    /// it, wait for the next rung's outcome (fewer radio wakes, slower).
+    pub eager_refine_below: Duration,
 }
 
 impl Default for TunerConfig {
@@ -78,6 +81,7 @@ impl Default for TunerConfig {
             max_probes: 32,
             grace: Duration::from_secs(2),
             reprobe_after: Duration::from_secs(24 * 3600),
+            eager_refine_below: Duration::from_secs(120),
         }
     }
 }
@@ -462,17 +466,28 @@ impl Tuner {
             // Refine above the new bound right away, up to the next rung
             // still in flight (or the upper bound).
             let top = self.cfg.max_interval.div_f64(self.cfg.safety);
-            let next = self
+            let rung = self
                 .probes
                 .iter()
                 .map(|p| p.delay)
                 .chain(self.to_send.iter().copied())
                 .filter(|d| *d > idle)
+                .min();
+            let next = rung
+                .into_iter()
                 .chain(self.upper)
                 .min()
                 .unwrap_or(top)
                 .min(top);
-            self.queue_fine(idle, next);
+            // Long silences: each fine reply would be a radio wake of its
+            // own, so refine only once the rung above has answered or not
+            // (a silent one bounds the search, and the round that follows
+            // refines below it); short ones refine at once, their replies
+            // share radio tails.
+            let lazy = idle >= self.cfg.eager_refine_below && rung.is_some_and(|r| r < top);
+            if !lazy {
+                self.queue_fine(idle, next);
+            }
         }
         self.after_result(now);
     }
@@ -625,6 +640,46 @@ mod tests {
             tuner.handle_timeout(now);
         }
         tuner
+    }
+
+    #[test]
+    fn long_silences_are_refined_once_the_rung_above_has_answered() {
+        let now = crate::clock::now();
+        let mut t = Tuner::new(now, TunerConfig::default());
+        let mut sent = vec![];
+        while let Some(p) = t.poll_probe(now) {
+            sent.push(p);
+        }
+        let find = |d: u64| {
+            sent.iter()
+                .copied()
+                .filter(|p| p.delay >= Duration::from_secs(d))
+                .min_by_key(|p| p.delay)
+                .expect("rung")
+        };
+        // A short rung answers: refined at once (replies share radio tails).
+        let short = find(40);
+        t.handle_probe_reply(now + short.delay, short.id);
+        assert!(
+            t.poll_probe(now + short.delay).is_some(),
+            "eager below 120 s"
+        );
+        while t.poll_probe(now + short.delay).is_some() {}
+        // A long rung answers while the one above is in flight: nothing yet.
+        let long = find(400);
+        let at = now + PROBE_LEAD + long.delay;
+        t.handle_probe_reply(at, long.id);
+        assert_eq!(t.poll_probe(at), None, "waits for the rung above");
+        // The rung above falls silent: the fine round between them starts,
+        // and nothing above it is probed any more.
+        let above = find(long.delay.as_secs() + 1);
+        let silent = now + PROBE_LEAD + above.delay + Duration::from_secs(60);
+        t.handle_timeout(silent);
+        let fine = t.poll_probe(silent).expect("fine round");
+        assert!(
+            fine.delay > long.delay && fine.delay < above.delay,
+            "{fine:?}"
+        );
     }
 
     #[test]
