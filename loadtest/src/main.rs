@@ -175,6 +175,11 @@ enum Cmd {
         /// over TCP, the fallback for networks that block UDP).
         #[arg(long, value_enum, default_value = "quic")]
         transport: TransportArg,
+        /// Give the load generator CPU 0 and the server under test CPU 1
+        /// (taskset), for the floor and the relay alike, where the machine
+        /// has two cores or more.
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        pin: bool,
         /// Path of wakewire-relay (default: next to this binary).
         #[arg(long)]
         relay_bin: Option<PathBuf>,
@@ -441,6 +446,7 @@ async fn main() -> anyhow::Result<()> {
             durable_secs,
             durable_workers,
             transport,
+            pin,
             relay_bin,
             out,
         } => {
@@ -481,8 +487,11 @@ async fn main() -> anyhow::Result<()> {
                 relay_args,
                 durable: Duration::from_secs_f64(durable_secs),
                 tcp: matches!(transport, TransportArg::Tcp),
+                pin: pin && std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2,
                 durable_workers,
             };
+            // Read before pinning narrows this process to one CPU.
+            let machine_desc = machine();
             let live = Arc::new(Live::default());
             let progress = runner::spawn_progress(live.clone());
             let floor = if target != Which::Relay {
@@ -507,7 +516,11 @@ async fn main() -> anyhow::Result<()> {
             let _ = std::fs::remove_dir_all(&work);
             let report = Report {
                 date: now_utc(),
-                machine: machine(),
+                machine: if opts.pin {
+                    format!("{machine_desc}; generator pinned to CPU 0, server to CPU 1 (taskset)")
+                } else {
+                    machine_desc
+                },
                 command: std::env::args()
                     .map(|a| if a.contains(' ') { format!("{a:?}") } else { a })
                     .collect::<Vec<_>>()

@@ -60,6 +60,29 @@ pub struct Opts {
     pub durable_workers: usize,
     /// Devices connect with TLS over TCP instead of QUIC (relay only).
     pub tcp: bool,
+    /// The load generator on CPU 0, the server under test on CPU 1.
+    pub pin: bool,
+}
+
+/// Pins every thread of `pid` to `cpus` (taskset, util-linux); a failure
+/// is reported, not fatal (the run is then unpinned, and says so).
+pub fn pin(pid: u32, cpus: &str) -> bool {
+    let ok = std::process::Command::new("taskset")
+        .args(["-a", "-p", "-c", cpus, &pid.to_string()])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!("warning: cannot pin pid {pid} to CPU {cpus} (taskset)");
+    }
+    ok
+}
+
+/// The fair split of a two-core machine: generator and server apart.
+fn pin_apart(opts: &Opts, server: u32) {
+    if opts.pin && server != 0 {
+        pin(server, "1");
+        pin(std::process::id(), "0");
+    }
 }
 
 /// A running relay to test instead of a child process.
@@ -242,6 +265,7 @@ pub async fn run_relay(opts: &Opts, live: Arc<Live>) -> anyhow::Result<TargetRep
     };
     let keys = DataDir::open(&data_dir)?.keys()?;
     live.pid.store(pid, Ordering::Relaxed);
+    pin_apart(opts, pid);
     live.connected.store(0, Ordering::Relaxed);
     let samples = Arc::new(Mutex::new(vec![]));
     let sampler = spawn_sampler(live.clone(), samples.clone(), epoch);
@@ -490,6 +514,7 @@ pub async fn run_floor(opts: &Opts, live: Arc<Live>) -> anyhow::Result<TargetRep
     let (cert, key) = dir.dev_certificate()?;
     let mut floor = FloorProc::start(&cert, &key).await?;
     live.pid.store(floor.pid(), Ordering::Relaxed);
+    pin_apart(opts, floor.pid());
     live.connected.store(0, Ordering::Relaxed);
     let samples = Arc::new(Mutex::new(vec![]));
     let sampler = spawn_sampler(live.clone(), samples.clone(), epoch);
