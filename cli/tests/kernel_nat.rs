@@ -50,19 +50,12 @@ fn forward<R: tokio::io::AsyncRead + Unpin + Send + 'static>(
 
 impl Scene {
     async fn start(spec: NatSpec) -> anyhow::Result<Option<Self>> {
-        Self::start_with(spec, None, "quic").await
+        Self::start_full(spec, None, "quic", None).await
     }
 
     /// `relay_name`: the name the device connects to (made to resolve to
-    /// the relay's IPv4 and a broken IPv6 address), instead of its address.
-    async fn start_with(
-        spec: NatSpec,
-        relay_name: Option<&str>,
-        transport: &str,
-    ) -> anyhow::Result<Option<Self>> {
-        Self::start_full(spec, relay_name, transport, None).await
-    }
-
+    /// the relay's IPv4 and a broken IPv6 address), instead of its address;
+    /// `tcp_established_s`: conntrack's timeout for established TCP.
     async fn start_full(
         spec: NatSpec,
         relay_name: Option<&str>,
@@ -323,7 +316,8 @@ async fn a_broken_ipv6_path_loses_the_race_to_ipv4_on_the_first_attempt() -> any
         };
         #[allow(clippy::disallowed_methods)] // the test checks no timeout was waited for
         let started = tokio::time::Instant::now();
-        let Some(mut s) = Scene::start_with(spec, Some("relay.test"), transport).await? else {
+        let Some(mut s) = Scene::start_full(spec, Some("relay.test"), transport, None).await?
+        else {
             return Ok(());
         };
         let first = wait_line(&mut s.lines, |l| {

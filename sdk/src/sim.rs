@@ -21,6 +21,7 @@
 use std::time::{Duration, Instant};
 
 use wakewire_proto::device_session::canary_margin;
+use wakewire_proto::relay_session::MIN_CANARY_AFTER;
 
 use crate::energy::{EnergyMeter, RadioModel};
 use crate::tuner::{Tuner, TunerConfig, TunerEvent, PROBE_LEAD};
@@ -214,8 +215,7 @@ pub fn run(cfg: &SimConfig) -> SimReport {
     // did not come (to report at the keepalive).
     // The canary comes after the keepalive interval (it is the
     // keepalive); the device pings on its own one margin later.
-    let arm =
-        |interval: Duration| (cfg.canary && interval >= Duration::from_secs(1)).then_some(interval);
+    let arm = |interval: Duration| (cfg.canary && interval >= MIN_CANARY_AFTER).then_some(interval);
     // The device pings right after Welcome, which asks for the first one.
     let mut canary_after: Option<Duration> = arm(tuner.interval());
     let mut missed: Option<Duration> = None;

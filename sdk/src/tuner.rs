@@ -168,8 +168,6 @@ pub struct Tuner {
     /// Main-path mode (TLS over TCP, where UDP probes say nothing): the
     /// interval itself explores, proven by canaries.
     main_path: bool,
-    /// Canaries in a row at the current interval.
-    streak: u32,
     events: VecDeque<TunerEvent>,
 }
 
@@ -230,7 +228,6 @@ impl Tuner {
             lost_bindings: 0,
             loss_pending: false,
             main_path: false,
-            streak: 0,
             events: VecDeque::new(),
             cfg,
         }
@@ -292,7 +289,6 @@ impl Tuner {
         self.lost_bindings += 1;
         self.events
             .push_back(TunerEvent::BindingLost { after_idle: idle });
-        self.streak = 0;
         if self.main_path && !self.lower.is_zero() && idle > self.lower {
             // An exploring step failed: what was proven still holds.
             self.upper = Some(self.upper.map_or(idle, |u| u.min(idle)));
@@ -335,19 +331,13 @@ impl Tuner {
             return;
         }
         // A canary crossed this interval's silence: try a longer one.
-        self.streak += 1;
-        if self.streak >= 1 {
-            self.streak = 0;
-            let next = match self.upper {
-                None => self.interval.mul_f64(self.cfg.coarse_ratio),
-                Some(u) => {
-                    Duration::from_secs_f64((self.lower.as_secs_f64() * u.as_secs_f64()).sqrt())
-                }
-            }
-            .min(self.cfg.max_interval);
-            if next > self.interval {
-                self.set_interval(next, IntervalReason::Learned);
-            }
+        let next = match self.upper {
+            None => self.interval.mul_f64(self.cfg.coarse_ratio),
+            Some(u) => Duration::from_secs_f64((self.lower.as_secs_f64() * u.as_secs_f64()).sqrt()),
+        }
+        .min(self.cfg.max_interval);
+        if next > self.interval {
+            self.set_interval(next, IntervalReason::Learned);
         }
     }
 
