@@ -62,7 +62,9 @@ impl Keepalive {
         self.tuner = match &policy {
             KeepalivePolicy::Fixed(_) => None,
             KeepalivePolicy::Adaptive(cfg) => {
-                let learned = self.memory.get(&self.memory_key(), cfg.reprobe_after);
+                let learned = self
+                    .memory
+                    .get(&memory_key(&self.network, self.tcp), cfg.reprobe_after);
                 Some(match (self.tcp, learned) {
                     (true, learned) => Tuner::main_path(now, cfg.clone(), learned),
                     (false, Some(learned)) => Tuner::resume(now, cfg.clone(), learned),
@@ -79,15 +81,6 @@ impl Keepalive {
         if tcp != self.tcp {
             self.tcp = tcp;
             self.set_policy(self.policy.clone(), now);
-        }
-    }
-
-    /// What the network memory calls this network and transport.
-    fn memory_key(&self) -> String {
-        if self.tcp {
-            format!("{}#tcp", self.network)
-        } else {
-            self.network.clone()
         }
     }
 
@@ -208,7 +201,6 @@ impl Keepalive {
     /// statuses to report.
     pub(crate) fn poll(&mut self, now: Instant, probe_addr: Option<SocketAddr>) -> Vec<Status> {
         let mut out = vec![];
-        let key = self.memory_key();
         let Some(t) = &mut self.tuner else { return out };
         if let Some(addr) = probe_addr {
             while let Some(req) = t.poll_probe(now) {
@@ -221,6 +213,7 @@ impl Keepalive {
                     out.push(Status::KeepaliveInterval { interval, reason })
                 }
                 TunerEvent::Converged { interval, learned } => {
+                    let key = memory_key(&self.network, self.tcp);
                     if let Err(e) = self.memory.put(&key, learned) {
                         warn!(error = %e, "cannot save the learned keepalive");
                     }
@@ -236,6 +229,16 @@ impl Keepalive {
             }
         }
         out
+    }
+}
+
+/// What the network memory calls a network and transport (TCP and UDP
+/// bindings live differently, so each is learned apart).
+fn memory_key(network: &str, tcp: bool) -> String {
+    if tcp {
+        format!("{network}#tcp")
+    } else {
+        network.to_owned()
     }
 }
 
