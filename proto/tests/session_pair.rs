@@ -303,6 +303,14 @@ fn frames_in_the_wrong_state_are_protocol_violations() {
             vec![hello(1), Body::Wake(wake("e", "c", b""))],
             "unexpected Wake",
         ),
+        // Canaries go relay -> device only.
+        (
+            vec![
+                hello(1),
+                Body::Canary(wakewire_proto::pb::device::Canary { nonce: 1 }),
+            ],
+            "unexpected Canary",
+        ),
     ];
     for (frames, why) in cases {
         let mut relay = relay_after(&frames);
