@@ -65,6 +65,12 @@ pub(crate) struct ServeArgs {
     /// How devices authenticate: token, certificate, either, both [env: WAKEWIRE_DEVICE_AUTH] [default: token]
     #[arg(long)]
     device_auth: Option<String>,
+    /// TLS resumption: tickets (stateless, survive restarts, no 0-RTT) or cache (0-RTT, memory per device) [env: WAKEWIRE_TLS_RESUMPTION] [default: tickets]
+    #[arg(long)]
+    tls_resumption: Option<String>,
+    /// Hours each TLS ticket key seals new tickets [env: WAKEWIRE_TLS_TICKET_ROTATION_HOURS] [default: 12]
+    #[arg(long)]
+    tls_ticket_rotation_hours: Option<u64>,
     /// Most channels per device [env: WAKEWIRE_MAX_CHANNELS_PER_DEVICE] [default: 64]
     #[arg(long)]
     max_channels_per_device: Option<usize>,
@@ -200,6 +206,8 @@ impl ServeArgs {
             ($($f:ident),*) => {$( if let Some(v) = &self.$f { s.$f = v.clone(); } )*};
         }
         set!(
+            tls_resumption,
+            tls_ticket_rotation_hours,
             probe_listen,
             max_connections,
             max_pending_handshakes,

@@ -40,7 +40,14 @@ struct Server {
 /// Runs the floor server until stdin closes.
 pub async fn serve(listen: SocketAddr, cert: &Path, key: &Path) -> anyhow::Result<()> {
     let resolver = wakewire_server::certs::ReloadableCert::load(cert, key)?;
-    let config = wakewire_server::tls::server_config(resolver, Duration::from_secs(660), None)?;
+    // The relay's default resumption (stateless tickets), keys in memory.
+    let tickets = rustls::crypto::ring::Ticketer::new().context("ticketer")?;
+    let config = wakewire_server::tls::server_config(
+        resolver,
+        Duration::from_secs(660),
+        None,
+        &wakewire_server::tls::Resumption::Tickets(tickets),
+    )?;
     let socket = crate::udp_socket(listen)?;
     let runtime = quinn::default_runtime().context("no runtime")?;
     let endpoint = quinn::Endpoint::new(

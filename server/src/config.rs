@@ -74,6 +74,14 @@ pub struct Settings {
     /// PEM file of the CAs that issue device client certificates (mTLS);
     /// unset = devices present no certificate.
     pub device_client_ca: Option<PathBuf>,
+    /// How devices resume TLS sessions: `tickets` (stateless, sealed with a
+    /// rotated key kept in the data directory: no memory per device, works
+    /// after a restart, no 0-RTT) or `cache` (a server-side cache: 0-RTT
+    /// Hello on reconnect, memory per device, empty after a restart).
+    pub tls_resumption: String,
+    /// Hours each TLS ticket key seals new tickets; tickets then resume for
+    /// 1 to 2 times this long.
+    pub tls_ticket_rotation_hours: u64,
     /// How devices prove who they are: `token` (a device token in Hello),
     /// `certificate` (a client certificate with a `wakewire:device:<id>`
     /// SAN URI), `either`, or `both` (naming the same device).
@@ -223,6 +231,8 @@ impl Default for Settings {
             tls_cert: None,
             tls_key: None,
             device_client_ca: None,
+            tls_resumption: "tickets".into(),
+            tls_ticket_rotation_hours: 12,
             device_auth: "token".into(),
             max_channels_per_device: 64,
             hello_timeout_secs: 10,
@@ -401,6 +411,24 @@ impl Settings {
                 ))
             }
         };
+        let resumption = match self.tls_resumption.trim() {
+            "tickets" => Resumption::Tickets {
+                rotation: Duration::from_secs(self.tls_ticket_rotation_hours.saturating_mul(3600)),
+            },
+            "cache" => Resumption::Cache,
+            other => {
+                return Err(invalid(
+                    "tls_resumption",
+                    &format!("{other:?} is not one of tickets, cache"),
+                ))
+            }
+        };
+        if !(1..=168).contains(&self.tls_ticket_rotation_hours) {
+            return Err(invalid(
+                "tls_ticket_rotation_hours",
+                "must be 1 to 168 (tickets then resume for at most 2 weeks)",
+            ));
+        }
         let device_auth = match self.device_auth.trim() {
             "token" => DeviceAuth::Token,
             "certificate" => DeviceAuth::Certificate,
@@ -647,6 +675,7 @@ impl Settings {
             data_dir: self.data_dir.clone(),
             tls,
             device_client_ca: self.device_client_ca.clone(),
+            resumption,
             device_auth,
             connection: RelayConnectionConfig {
                 session: RelaySessionConfig {
@@ -716,6 +745,18 @@ pub enum GrpcTls {
     },
 }
 
+/// How devices resume TLS sessions (`tls_resumption`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resumption {
+    /// Stateless tickets, keys rotated this often ([`crate::tickets`]).
+    Tickets {
+        /// How long each key seals new tickets.
+        rotation: Duration,
+    },
+    /// A server-side session cache (0-RTT).
+    Cache,
+}
+
 /// How devices prove who they are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceAuth {
@@ -775,6 +816,8 @@ pub struct RelayConfig {
     pub tls: TlsSource,
     /// CAs of device client certificates, if any.
     pub device_client_ca: Option<PathBuf>,
+    /// How devices resume TLS sessions.
+    pub resumption: Resumption,
     /// How devices authenticate.
     pub device_auth: DeviceAuth,
     /// Per-connection limits and timers (session, delivery).

@@ -412,7 +412,8 @@ fn create_private_once(path: &Path, bytes: &[u8]) -> Result<Vec<u8>, DataDirErro
     }
 }
 
-fn write_private(path: &Path, bytes: &[u8]) -> Result<(), DataDirError> {
+/// Replaces `path` with `bytes` atomically (temp + rename), mode 0600.
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<(), DataDirError> {
     let io = |source| DataDirError::Io {
         path: path.to_owned(),
         source,

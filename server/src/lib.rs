@@ -49,6 +49,7 @@ pub mod revocation;
 mod state;
 pub mod store;
 mod tcp;
+pub mod tickets;
 pub mod tls;
 
 pub use config::{RelayConfig, Settings};

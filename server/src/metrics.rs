@@ -45,6 +45,12 @@ pub const WAKE_TO_ACK_SECONDS: &str = "wakewire_relay_wake_to_ack_seconds";
 pub const STORE_COMMIT_SECONDS: &str = "wakewire_relay_store_commit_seconds";
 /// Histogram: operations committed together (group commit size).
 pub const STORE_BATCH_OPS: &str = "wakewire_relay_store_batch_ops";
+/// Counter: TLS session tickets opened (a device resuming its session
+/// without a certificate signature).
+pub const TLS_TICKETS_OPENED: &str = "wakewire_relay_tls_tickets_opened_total";
+/// Counter: store commits made durable with fsync (the others, of acks
+/// only, reach the disk with the next of these).
+pub const STORE_FSYNCS: &str = "wakewire_relay_store_fsyncs_total";
 /// Gauge: events queued in the store (accepted, not yet finished).
 pub const QUEUED_EVENTS: &str = "wakewire_relay_queued_events";
 /// Counter: events stored for later delivery.
@@ -163,6 +169,16 @@ pub const ALL: &[(&str, Kind, &str)] = &[
         STORE_BATCH_OPS,
         Kind::Histogram,
         "operations per store commit",
+    ),
+    (
+        TLS_TICKETS_OPENED,
+        Kind::Counter,
+        "TLS session tickets opened (resumptions)",
+    ),
+    (
+        STORE_FSYNCS,
+        Kind::Counter,
+        "store commits made durable with fsync",
     ),
     (QUEUED_EVENTS, Kind::Gauge, "events queued in the store"),
     (QUEUED, Kind::Counter, "publishes answered QUEUED"),

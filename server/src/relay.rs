@@ -318,11 +318,18 @@ pub async fn start_on(
         Some(path) => Some(tls::load_certificates(path)?),
         None => None,
     };
-    let tcp_tls = tls::tcp_server_config(device_cert.clone(), client_ca.clone())?;
+    let resumption = match config.resumption {
+        crate::config::Resumption::Tickets { rotation } => tls::Resumption::Tickets(Arc::new(
+            crate::tickets::Ticketer::open(data_dir.path(), rotation)?,
+        )),
+        crate::config::Resumption::Cache => tls::Resumption::Cache,
+    };
+    let tcp_tls = tls::tcp_server_config(device_cert.clone(), client_ca.clone(), &resumption)?;
     let server_config = tls::server_config(
         device_cert.clone(),
         config.connection.session.idle_timeout,
         client_ca,
+        &resumption,
     )?;
     let mut certificates = vec![device_cert.clone()];
     let grpc_tls = match &config.grpc_tls {

@@ -17,8 +17,36 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use thiserror::Error;
 use wakewire_proto::ALPN;
 
-/// Resumable TLS sessions kept by the relay (a few hundred bytes each).
+/// Resumable TLS sessions kept by the relay in `cache` mode (a few hundred
+/// bytes each, once used).
 pub const SESSION_CACHE: usize = 262_144;
+
+/// How devices resume TLS sessions.
+#[derive(Debug, Clone)]
+pub enum Resumption {
+    /// Stateless tickets sealed with the data directory's rotated key
+    /// ([`crate::tickets`]): nothing kept per device, resumption survives
+    /// restarts; no 0-RTT (rustls allows it only with server-side state).
+    Tickets(Arc<dyn rustls::server::ProducesTickets>),
+    /// A server-side cache of [`SESSION_CACHE`] single-use sessions: 0-RTT
+    /// Hello, memory per device, empty after a restart.
+    Cache,
+}
+
+impl Resumption {
+    fn apply(&self, tls: &mut rustls::ServerConfig) {
+        match self {
+            Resumption::Tickets(t) => {
+                tls.ticketer = t.clone();
+                // Tickets only: no session cache on the side.
+                tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+            }
+            Resumption::Cache => {
+                tls.session_storage = rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE);
+            }
+        }
+    }
+}
 
 /// A certificate or key problem.
 #[derive(Debug, Error)]
@@ -140,13 +168,16 @@ fn device_tls(
 }
 
 /// The device endpoint over TLS on TCP: the same certificate, client
-/// certificates and ALPN as QUIC; resumption from a small cache, no early
-/// data (a TCP fallback is not where radio round trips are saved).
+/// certificates, ALPN and resumption as QUIC, no early data (a TCP
+/// fallback is not where radio round trips are saved).
 pub fn tcp_server_config(
     cert: Arc<dyn rustls::server::ResolvesServerCert>,
     device_client_ca: Option<Vec<CertificateDer<'static>>>,
+    resumption: &Resumption,
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-    Ok(Arc::new(device_tls(cert, device_client_ca)?))
+    let mut tls = device_tls(cert, device_client_ca)?;
+    resumption.apply(&mut tls);
+    Ok(Arc::new(tls))
 }
 
 /// The device a certificate's `wakewire:device:` SAN URI names.
@@ -238,16 +269,20 @@ pub fn server_config(
     cert: Arc<dyn rustls::server::ResolvesServerCert>,
     idle_timeout: Duration,
     device_client_ca: Option<Vec<CertificateDer<'static>>>,
+    resumption: &Resumption,
 ) -> Result<quinn::ServerConfig, TlsError> {
     let mut tls = device_tls(cert, device_client_ca)?;
-    // Session resumption from a server-side cache (single use, so a
-    // replayed resumption fails at the TLS layer), which also allows 0-RTT:
-    // a reconnecting device skips the certificate signature and check and
-    // sends its Hello in the first flight. rustls allows 0-RTT only with
-    // stateful resumption (RFC 8446 section 8.1). QUIC requires exactly
+    // A resuming device skips the certificate signature and check. With
+    // the cache (single use, so a replayed resumption fails at the TLS
+    // layer) it also sends its Hello in the first flight (0-RTT): rustls
+    // allows early data only with stateful resumption (RFC 8446 section
+    // 8.1), and ignores this setting with tickets. QUIC requires exactly
     // u32::MAX here.
-    tls.session_storage = rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE);
-    tls.max_early_data_size = u32::MAX;
+    resumption.apply(&mut tls);
+    tls.max_early_data_size = match resumption {
+        Resumption::Cache => u32::MAX,
+        Resumption::Tickets(_) => 0,
+    };
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| TlsError::Config(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));

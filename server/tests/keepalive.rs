@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use wakewire_api::pb::DeliveryStatus;
 use wakewire_sdk::{KeepalivePolicy, Status, TunerConfig};
+use wakewire_server::config::Resumption;
 use wakewire_test_support::proxy::UdpProxy;
 use wakewire_test_support::{recv, status_sink, wait_status, wake_sink, TestRelay};
 
@@ -261,7 +262,8 @@ async fn standby_runs_periodic_work_on_keepalive_wakes_and_a_network_change_keep
 
 #[tokio::test]
 async fn a_reconnect_sends_its_hello_in_0rtt() -> anyhow::Result<()> {
-    let relay = TestRelay::start().await?;
+    // 0-RTT needs the server-side session cache (tickets carry none).
+    let relay = TestRelay::start_with(|c| c.resumption = Resumption::Cache).await?;
     let path = UdpProxy::start(relay.quic_addr(), 5).await?;
     let (status_cb, mut statuses) = status_sink();
     let client = relay

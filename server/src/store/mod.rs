@@ -32,6 +32,7 @@
 mod writer;
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -241,6 +242,8 @@ pub struct Store {
     claims: Arc<Claims>,
     /// Bytes queued per publisher, as last committed (mirror of a table).
     publisher_bytes: Arc<dashmap::DashMap<String, u64>>,
+    /// Set while a commit without fsync is not on disk yet.
+    unsynced: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Store {
@@ -292,25 +295,43 @@ impl Store {
         let database = Arc::new(database);
         let (receipts, _) = broadcast::channel(65_536);
         let publisher_bytes = Arc::new(dashmap::DashMap::new());
+        let unsynced = Arc::new(AtomicBool::new(false));
         let writer = Writer::open(
             database.clone(),
             config,
             receipts.clone(),
             claims.clone(),
             publisher_bytes.clone(),
+            unsynced.clone(),
         )?;
         let (jobs, rx) = mpsc::channel(65_536);
+        let thread = |e| StoreError::Thread(Arc::new(e));
         std::thread::Builder::new()
             .name("wakewire-store".into())
             .spawn(move || writer.run(rx))
-            .map_err(|e| StoreError::Thread(Arc::new(e)))?;
+            .map_err(thread)?;
+        let sync_jobs = jobs.downgrade();
+        std::thread::Builder::new()
+            .name("wakewire-store-sync".into())
+            .spawn({
+                let unsynced = unsynced.clone();
+                move || sync_loop(&sync_jobs, &unsynced)
+            })
+            .map_err(thread)?;
         Ok(Self {
             db: database,
             jobs,
             receipts,
             claims,
             publisher_bytes,
+            unsynced,
         })
+    }
+
+    /// Whether a commit made without fsync (acks) is not yet on disk; the
+    /// store's sync thread makes it durable within 100 ms.
+    pub fn pending_sync(&self) -> bool {
+        self.unsynced.load(Ordering::Acquire)
     }
 
     /// Bytes `publisher` has queued (as of the last commit).
@@ -440,9 +461,10 @@ impl Store {
         .map(|_| ())
     }
 
-    /// Waits until every operation submitted before has been committed.
+    /// Waits until every operation submitted before has been committed
+    /// and is on disk (fsync).
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.submit(Op::Barrier).await.map(|_| ())
+        self.submit(Op::Sync).await.map(|_| ())
     }
 
     /// The queued events of these channels, oldest first per channel, each
@@ -497,6 +519,27 @@ impl Store {
             found.map(|v| decode("events", v.value())).transpose()
         })
         .await
+    }
+}
+
+/// The store's sync thread: while a commit without fsync is pending, asks
+/// the writer for a durable one every [`writer::LAZY_SYNC`]. Ends with the
+/// store (when every handle is dropped).
+fn sync_loop(jobs: &mpsc::WeakSender<Job>, unsynced: &AtomicBool) {
+    loop {
+        std::thread::sleep(writer::LAZY_SYNC);
+        let Some(jobs) = jobs.upgrade() else { return };
+        if unsynced.load(Ordering::Acquire) {
+            let (reply, _) = oneshot::channel();
+            // A full queue means the writer is busy: a durable commit is
+            // due soon anyway; try again next round.
+            if let Err(mpsc::error::TrySendError::Closed(_)) = jobs.try_send(Job {
+                op: Op::Sync,
+                reply,
+            }) {
+                return;
+            }
+        }
     }
 }
 
@@ -637,6 +680,81 @@ mod tests {
             }
         );
         assert_eq!(state(&s, "a").await.0, EventState::Queued as i32);
+    }
+
+    fn ack_of(id: &str) -> Vec<AckItem> {
+        vec![AckItem {
+            event_id: id.into(),
+            channel_id: "ch".into(),
+        }]
+    }
+
+    #[tokio::test]
+    async fn an_ack_is_committed_without_fsync_and_reaches_the_disk_soon_after() {
+        let (_dir, s) = store(100);
+        s.enqueue(event("a", "ch", 1), None).await.unwrap();
+        assert!(
+            !s.pending_sync(),
+            "an accepted event is on disk when answered"
+        );
+        s.ack(ack_of("a"), 2).await.unwrap();
+        // Every read sees it at once...
+        assert_eq!(state(&s, "a").await.0, EventState::Delivered as i32);
+        assert!(s.pending_sync(), "an ack alone costs no fsync");
+        // ...and the sync thread puts it on disk by itself.
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while s.pending_sync() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the sync thread made the ack durable");
+        // flush() waits for the disk.
+        s.enqueue(event("b", "ch", 3), None).await.unwrap();
+        s.ack(ack_of("b"), 4).await.unwrap();
+        s.flush().await.unwrap();
+        assert!(!s.pending_sync());
+        // A durable operation in the same batch as acks syncs them too.
+        s.enqueue(event("c", "ch", 5), None).await.unwrap();
+        let ack = s.ack(ack_of("c"), 6);
+        let enq = s.enqueue(event("d", "ch", 7), None);
+        let (ack, enq) = tokio::join!(ack, enq);
+        ack.unwrap();
+        enq.unwrap();
+        assert_eq!(state(&s, "c").await.0, EventState::Delivered as i32);
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_drops_its_oldest_plain_event_before_any_collapsible_one() {
+        let (_dir, s) = store(3);
+        let mut collapsible = event("k1", "ch", 1);
+        collapsible.collapse_key = "score".into();
+        s.enqueue(collapsible, None).await.unwrap();
+        s.enqueue(event("p1", "ch", 2), None).await.unwrap();
+        s.enqueue(event("p2", "ch", 3), None).await.unwrap();
+        let Enqueued::Stored { displaced, .. } =
+            s.enqueue(event("p3", "ch", 4), None).await.unwrap()
+        else {
+            panic!("not stored")
+        };
+        let ids: Vec<_> = displaced.iter().map(|(e, _)| e.event_id.as_str()).collect();
+        assert_eq!(ids, ["p1"]);
+        assert_eq!(
+            state(&s, "p1").await,
+            (EventState::Dropped as i32, "queue_full".into())
+        );
+        // Only collapsible ones left besides the newest: the oldest goes.
+        let (_dir2, s2) = store(1);
+        let mut k = event("k", "ch", 1);
+        k.collapse_key = "a".into();
+        s2.enqueue(k, None).await.unwrap();
+        let Enqueued::Stored { displaced, .. } =
+            s2.enqueue(event("n", "ch", 2), None).await.unwrap()
+        else {
+            panic!("not stored")
+        };
+        assert_eq!(displaced.len(), 1);
+        assert_eq!(displaced[0].0.event_id, "k");
     }
 
     #[tokio::test]

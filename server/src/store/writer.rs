@@ -1,6 +1,16 @@
 //! The store's writer thread: applies operations in batches, one write
 //! transaction and one commit per batch, and decides every event's fate.
+//!
+//! A batch is committed durably (fsync) when it holds an operation whose
+//! answer promises durability (an enqueue, a key reservation, a channel
+//! change, a sweep) or a [`Op::Sync`]. A batch of only acks, idempotency
+//! answers and channel pruning is committed without fsync: visible at once
+//! to every read, on disk with the next durable commit, which the store's
+//! sync thread forces within [`LAZY_SYNC`]. A crash in that window only
+//! undoes "delivered" marks: those events are queued again and re-sent,
+//! and the device drops the repeat by its event id.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use metrics::counter;
@@ -35,6 +45,9 @@ const PUBLISHER_BYTES: TableDefinition<&str, u64> = TableDefinition::new("publis
 const MAX_BATCH: usize = 1024;
 /// Most sweep entries handled per sweep.
 const MAX_SWEEP: usize = 10_000;
+/// Longest time a commit without fsync stays off the disk: the store's
+/// sync thread asks for a durable commit this often while one is pending.
+pub(crate) const LAZY_SYNC: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// An operation for the writer.
 pub(crate) enum Op {
@@ -71,8 +84,34 @@ pub(crate) enum Op {
         ids: Vec<String>,
         gone_before_ms: u64,
     },
-    /// Answered once everything before it is committed.
-    Barrier,
+    /// Answered once everything before it is committed durably (fsync).
+    Sync,
+}
+
+impl Op {
+    /// Whether the operation changes the database.
+    fn writes(&self) -> bool {
+        !matches!(self, Op::ClaimQueued { .. } | Op::Sync)
+    }
+
+    /// Whether its answer promises the change is on disk: an accepted
+    /// event, a reserved idempotency key, a channel's record, a sweep's
+    /// final states. Acks (a crash re-sends the event, which the device
+    /// drops as a repeat), idempotency answers and pruning need not be.
+    fn needs_fsync(&self) -> bool {
+        match self {
+            Op::Enqueue(..)
+            | Op::Reserve { .. }
+            | Op::PutChannel { .. }
+            | Op::ChannelGone { .. }
+            | Op::Sweep { .. } => true,
+            Op::Ack { .. }
+            | Op::Settle { .. }
+            | Op::ForgetChannels { .. }
+            | Op::ClaimQueued { .. }
+            | Op::Sync => false,
+        }
+    }
 }
 
 type Finished = Vec<(StoredEvent, FinishReason)>;
@@ -95,6 +134,9 @@ pub(crate) struct Writer {
     queued: u64,
     /// Change of `queued` by the batch being applied.
     queued_delta: i64,
+    /// Set while a commit without fsync is not yet on disk; the store's
+    /// sync thread then sends [`Op::Sync`].
+    unsynced: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Writer {
@@ -105,6 +147,7 @@ impl Writer {
         receipts: broadcast::Sender<(StoredEvent, FinishReason)>,
         claims: Arc<Claims>,
         mirror: Arc<DashMap<String, u64>>,
+        unsynced: Arc<std::sync::atomic::AtomicBool>,
     ) -> Result<Self, StoreError> {
         let txn = db.begin_write().map_err(super::db)?;
         let queued;
@@ -134,6 +177,7 @@ impl Writer {
             touched: HashMap::new(),
             queued,
             queued_delta: 0,
+            unsynced,
         })
     }
 
@@ -146,13 +190,14 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            if batch
-                .iter()
-                .all(|j| matches!(j.op, Op::ClaimQueued { .. } | Op::Barrier))
-            {
-                self.read_only(batch);
+            let unsynced = self.unsynced.load(Ordering::Acquire);
+            let sync = batch.iter().any(|j| matches!(j.op, Op::Sync));
+            if (sync && unsynced) || batch.iter().any(|j| j.op.writes()) {
+                let durable =
+                    sync || !self.config.group_commit || batch.iter().any(|j| j.op.needs_fsync());
+                self.commit(batch, durable);
             } else {
-                self.commit(batch);
+                self.read_only(batch);
             }
         }
     }
@@ -170,7 +215,7 @@ impl Writer {
                 (Ok((queue, events)), Op::ClaimQueued { channel_ids }) => {
                     self.claim_queued(queue, events, channel_ids)
                 }
-                (_, Op::Barrier) => Ok(Reply::Done),
+                (_, Op::Sync) => Ok(Reply::Done),
                 (Err(e), _) => Err(e.clone()),
                 _ => Err(StoreError::Read("not a read".into())),
             };
@@ -201,13 +246,28 @@ impl Writer {
         Ok(Reply::Queued(out))
     }
 
-    fn commit(&mut self, batch: Vec<Job>) {
+    /// Applies a batch in one write transaction and commits it, with fsync
+    /// when `durable`.
+    fn commit(&mut self, batch: Vec<Job>, durable: bool) {
         let seq_before = self.next_seq;
         let started = crate::state::clock::now();
         let ops = batch.len();
         let attempt = (|| -> BatchResult {
-            let txn = self.db.begin_write().map_err(db)?;
-            let results = batch.iter().map(|job| self.apply(&txn, &job.op)).collect();
+            let mut txn = self.db.begin_write().map_err(db)?;
+            if !durable {
+                txn.set_durability(redb::Durability::None);
+            }
+            let results = {
+                let mut t = Tables::open(&txn)?;
+                let results = batch
+                    .iter()
+                    .map(|job| self.apply_on(&mut t, &job.op))
+                    .collect();
+                t.write_publisher_bytes()?;
+                self.touched = std::mem::take(&mut t.touched);
+                self.queued_delta = t.queued_delta;
+                results
+            };
             txn.open_table(META)
                 .map_err(db)?
                 .insert("next_seq", self.next_seq)
@@ -217,6 +277,11 @@ impl Writer {
         })();
         match attempt {
             Ok(results) => {
+                // A durable commit also puts every earlier one on disk.
+                self.unsynced.store(!durable, Ordering::Release);
+                if durable {
+                    counter!(m::STORE_FSYNCS).increment(1);
+                }
                 metrics::histogram!(m::STORE_COMMIT_SECONDS).record(
                     crate::state::clock::now()
                         .saturating_duration_since(started)
@@ -258,14 +323,6 @@ impl Writer {
                 }
             }
         }
-    }
-
-    fn apply(&mut self, txn: &WriteTransaction, op: &Op) -> Result<(Reply, Finished), StoreError> {
-        let mut t = Tables::open(txn)?;
-        let result = self.apply_on(&mut t, op);
-        self.touched.extend(t.touched.drain());
-        self.queued_delta += t.queued_delta;
-        result
     }
 
     fn apply_on(&mut self, t: &mut Tables<'_>, op: &Op) -> Result<(Reply, Finished), StoreError> {
@@ -387,7 +444,7 @@ impl Writer {
                 let reply = self.claim_queued(&t.queue, &t.events, channel_ids)?;
                 Ok((reply, vec![]))
             }
-            Op::Barrier => Ok((Reply::Done, vec![])),
+            Op::Sync => Ok((Reply::Done, vec![])),
             Op::ForgetChannels {
                 ids,
                 gone_before_ms,
@@ -456,24 +513,34 @@ impl Writer {
                 )
                 .map_err(db)?;
         }
-        let queued = t.queued_ids(&ch)?;
-        let mut excess = (queued.len() + 1).saturating_sub(self.config.queue_limit.max(1));
+        let queued = t.queued_len(&ch)?;
+        let mut excess = (queued + 1).saturating_sub(self.config.queue_limit.max(1));
         if excess > 0 {
-            let mut plain = vec![];
-            let mut collapsible = vec![];
-            for id in queued.iter().filter(|id| !self.claims.is_claimed(id)) {
-                if let Some(e) = t.event(id)? {
-                    if e.collapse_key.is_empty() {
-                        plain.push(e);
-                    } else {
-                        collapsible.push(e);
-                    }
-                }
-            }
             // Oldest non-collapsible first; collapsible ones only if nothing
             // else is left. Events on their way to the device are never
             // dropped: the queue may then exceed its limit for a while.
-            for victim in plain.into_iter().chain(collapsible) {
+            let mut collapsible = vec![];
+            for id in t.queued_ids(&ch)? {
+                if excess == 0 {
+                    break;
+                }
+                if self.claims.is_claimed(&id) {
+                    continue;
+                }
+                let Some(e) = t.event(&id)? else { continue };
+                if e.collapse_key.is_empty() {
+                    finished.push(t.finish(
+                        e,
+                        FinishReason::QueueFull,
+                        ev.created_at_ms,
+                        retention,
+                    )?);
+                    excess -= 1;
+                } else {
+                    collapsible.push(e);
+                }
+            }
+            for victim in collapsible {
                 if excess == 0 {
                     break;
                 }
@@ -607,7 +674,11 @@ impl<'t> Tables<'t> {
         })
     }
 
+    /// Bytes `publisher` has queued, counting this batch's changes.
     fn publisher_bytes(&self, publisher: &str) -> Result<u64, StoreError> {
+        if let Some(n) = self.touched.get(publisher) {
+            return Ok(*n);
+        }
         Ok(self
             .publisher_bytes
             .get(publisher)
@@ -615,7 +686,8 @@ impl<'t> Tables<'t> {
             .map_or(0, |v| v.value()))
     }
 
-    /// Adds (or removes) bytes queued by `publisher`.
+    /// Adds (or removes) bytes queued by `publisher`; written to the table
+    /// once per batch by [`Tables::write_publisher_bytes`].
     fn add_publisher_bytes(
         &mut self,
         publisher: &str,
@@ -631,12 +703,23 @@ impl<'t> Tables<'t> {
         } else {
             cur.saturating_sub(n)
         };
-        if next == 0 {
-            self.publisher_bytes.remove(publisher).map_err(db)?;
-        } else {
-            self.publisher_bytes.insert(publisher, next).map_err(db)?;
-        }
         self.touched.insert(publisher.to_owned(), next);
+        Ok(())
+    }
+
+    /// Writes the batch's changed byte counts.
+    fn write_publisher_bytes(&mut self) -> Result<(), StoreError> {
+        for (publisher, n) in &self.touched {
+            if *n == 0 {
+                self.publisher_bytes
+                    .remove(publisher.as_str())
+                    .map_err(db)?;
+            } else {
+                self.publisher_bytes
+                    .insert(publisher.as_str(), *n)
+                    .map_err(db)?;
+            }
+        }
         Ok(())
     }
 
@@ -650,6 +733,20 @@ impl<'t> Tables<'t> {
             .insert(ev.event_id.as_str(), ev.encode_to_vec().as_slice())
             .map_err(db)?;
         Ok(())
+    }
+
+    /// How many events `channel` has queued.
+    fn queued_len(&self, channel: &str) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for row in self
+            .queue
+            .range((channel, 0)..=(channel, u64::MAX))
+            .map_err(db)?
+        {
+            row.map_err(db)?;
+            n += 1;
+        }
+        Ok(n)
     }
 
     fn queued_ids(&self, channel: &str) -> Result<Vec<String>, StoreError> {
