@@ -24,7 +24,7 @@ done
 [ -n "$pid" ] || { echo "relay did not start" >&2; kill $LT; exit 1; }
 # Connect (2000 devices) and idle first; profile the push phase.
 sleep 12
-perf record -e cpu-clock -F 499 -g -p "$pid" -o "$OUT/perf.data" -- sleep "$PROFILE_SECS" 2>"$OUT/perf.log"
+perf record -e cpu-clock -F ${PERF_FREQ:-499} ${PERF_CALLGRAPH:--g} -p "$pid" -o "$OUT/perf.data" -- sleep "$PROFILE_SECS" 2>"$OUT/perf.log"
 wait $LT
 perf script -i "$OUT/perf.data" 2>/dev/null | inferno-collapse-perf >"$OUT/stacks.folded"
 inferno-flamegraph <"$OUT/stacks.folded" >"$OUT/flame.svg"

@@ -122,6 +122,9 @@ pub(crate) struct ServeArgs {
     /// Group commit of concurrent publishes: true or false [env: WAKEWIRE_STORE_GROUP_COMMIT] [default: true]
     #[arg(long)]
     store_group_commit: Option<bool>,
+    /// Microseconds a small batch of publishes waits for more to share its fsync [env: WAKEWIRE_STORE_COMMIT_DELAY_US] [default: 2000]
+    #[arg(long)]
+    store_commit_delay_us: Option<u64>,
     /// Most wakes one connection tracks at once [env: WAKEWIRE_MAX_IN_FLIGHT_PER_CONNECTION] [default: 4096]
     #[arg(long)]
     max_in_flight_per_connection: Option<usize>,
@@ -218,6 +221,7 @@ impl ServeArgs {
             status_retention_secs,
             channel_expiry_days,
             store_group_commit,
+            store_commit_delay_us,
             quic_listen,
             grpc_listen,
             metrics_listen,

@@ -125,6 +125,10 @@ pub struct Settings {
     /// Commit concurrent publishes together (one fsync per batch). Turn off
     /// only to measure the difference.
     pub store_group_commit: bool,
+    /// Microseconds a small batch of publishes waits for more to share its
+    /// fsync (0 = commit at once). The device gets its wake meanwhile; only
+    /// the Publish answer waits.
+    pub store_commit_delay_us: u64,
     /// Most wakes one connection tracks at once (sent or waiting, not
     /// acked); more stay queued and follow as acks come in.
     pub max_in_flight_per_connection: usize,
@@ -249,6 +253,7 @@ impl Default for Settings {
             status_retention_secs: 86_400,
             channel_expiry_days: 30,
             store_group_commit: true,
+            store_commit_delay_us: 2_000,
             max_in_flight_per_connection: 4096,
             idempotency_retention_hours: 24,
             gone_retention_days: 30,
@@ -423,6 +428,12 @@ impl Settings {
                 ))
             }
         };
+        if self.store_commit_delay_us > 100_000 {
+            return Err(invalid(
+                "store_commit_delay_us",
+                "must be at most 100000 (100 ms): every Publish answer waits for it",
+            ));
+        }
         if !(1..=168).contains(&self.tls_ticket_rotation_hours) {
             return Err(invalid(
                 "tls_ticket_rotation_hours",
@@ -705,6 +716,7 @@ impl Settings {
                     self.idempotency_retention_hours.saturating_mul(3600),
                 ),
                 group_commit: self.store_group_commit,
+                commit_delay: Duration::from_micros(self.store_commit_delay_us),
                 max_bytes_per_publisher: self.publisher_max_stored_bytes,
             },
             channel_expiry: Duration::from_secs(self.channel_expiry_days.saturating_mul(86_400)),

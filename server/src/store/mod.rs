@@ -151,6 +151,9 @@ pub struct StoreConfig {
     /// Commit many operations per fsync (true) or one each (false: only to
     /// measure what group commit saves).
     pub group_commit: bool,
+    /// How long a small batch that needs an fsync waits for more operations
+    /// to share it (zero: commit at once).
+    pub commit_delay: Duration,
     /// Bytes (payloads and collapse keys) one publisher may have queued.
     pub max_bytes_per_publisher: u64,
 }
@@ -565,6 +568,7 @@ mod tests {
                 status_retention: Duration::from_secs(3600),
                 idempotency_retention: Duration::from_secs(86_400),
                 group_commit: true,
+                commit_delay: Duration::from_millis(1),
                 max_bytes_per_publisher: 10_000,
             },
             Arc::default(),
@@ -755,6 +759,32 @@ mod tests {
         };
         assert_eq!(displaced.len(), 1);
         assert_eq!(displaced[0].0.event_id, "k");
+
+        // The plain event sits behind many collapsible ones: still found.
+        let (_dir3, s3) = store(30);
+        for i in 0..25 {
+            let mut k = event(&format!("k{i}"), "ch", i);
+            k.collapse_key = format!("key{i}");
+            s3.enqueue(k, None).await.unwrap();
+        }
+        for i in 0..5 {
+            s3.enqueue(event(&format!("p{i}"), "ch", 100 + i), None)
+                .await
+                .unwrap();
+        }
+        let Enqueued::Stored { displaced, .. } =
+            s3.enqueue(event("new", "ch", 200), None).await.unwrap()
+        else {
+            panic!("not stored")
+        };
+        assert_eq!(displaced.len(), 1);
+        assert_eq!(displaced[0].0.event_id, "p0");
+        // The count kept in memory follows acks, drops and new events.
+        s3.ack(ack_of("k0"), 201).await.unwrap();
+        s3.enqueue(event("n2", "ch", 202), None).await.unwrap();
+        assert_eq!(state(&s3, "p1").await.0, EventState::Queued as i32, "room after the ack");
+        s3.enqueue(event("n3", "ch", 203), None).await.unwrap();
+        assert_eq!(state(&s3, "p1").await.1, "queue_full");
     }
 
     #[tokio::test]
