@@ -4,6 +4,12 @@
 # tables, commands, machine and date) and docs/bench/*.svg (the plots);
 # docs/benchmarks.head.md and docs/benchmarks.tail.md frame the tables.
 # Takes about 15 minutes on 2 cores and needs ~14 GiB of memory.
+#
+# BEFORE_RELAY=<path to an older wakewire-relay> adds a "relay before" column
+# to scenarios A, B and C: the same commands run against that binary in the
+# same session (about 10 more minutes), so a change is judged against what
+# it replaced on the same machine. Build one with e.g.
+#   git worktree add /tmp/old <commit> && (cd /tmp/old && cargo build --release -p wakewire-cli)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -p wakewire-cli -p wakewire-loadtest
@@ -11,18 +17,40 @@ LT=target/release/wakewire-loadtest
 OUT=${OUT:-target/bench}
 rm -rf "$OUT" && mkdir -p "$OUT" docs/bench
 
+BEFORE_RELAY=${BEFORE_RELAY:-}
+# Runs `compare --target TARGET ARGS --out DIR` and, with BEFORE_RELAY, the
+# relay part again on that binary into DIR-before.
+compare() {
+  local out=$1 target=$2
+  shift 2
+  $LT compare --target "$target" "$@" --out "$out"
+  if [ -n "$BEFORE_RELAY" ]; then
+    $LT compare "$@" --target relay --relay-bin "$BEFORE_RELAY" --out "$out-before"
+  fi
+}
+# The report of a run, with the before column when there is one.
+report() {
+  if [ -f "$1-before/report.md" ]; then
+    python3 scripts/merge_reports.py "$1/report.md" "$1-before/report.md"
+  else
+    cat "$1/report.md"
+  fi
+}
 # A: 10k devices - handshakes, idle memory, push latency at 10k/s, saturation.
-$LT compare --devices 10000 --idle-secs 20 --push-rate 10000 --push-secs 20 \
-  --saturate-outstanding 1000 --saturate-secs 10 --out "$OUT/10k"
+compare "$OUT/10k" both --devices 10000 --idle-secs 20 --push-rate 10000 --push-secs 20 \
+  --saturate-outstanding 1000 --saturate-secs 10
 # B: 100k devices - idle memory at scale, push latency at 10k/s, crash storm.
-$LT compare --devices 100000 --idle-secs 30 --push-rate 10000 --push-secs 20 \
-  --saturate-outstanding 0 --storm kill --storm-limit-secs 180 --out "$OUT/100k"
+compare "$OUT/100k" both --devices 100000 --idle-secs 30 --push-rate 10000 --push-secs 20 \
+  --saturate-outstanding 0 --storm kill --storm-limit-secs 180
+# B2: graceful restart storm (SIGTERM, GoAway with spread reconnects).
+$LT compare --target relay --devices 100000 --idle-secs 10 --push-rate 0 \
+  --saturate-outstanding 0 --storm term --storm-limit-secs 180 --out "$OUT/100k-term"
 # C: durable publishing to offline devices: group commit vs one fsync each.
-for mode in true false; do
-  $LT compare --target relay --devices 1000 --idle-secs 1 --push-rate 0 \
-    --saturate-outstanding 0 --durable-secs 15 --durable-workers 256 \
-    --relay-arg=--store-group-commit --relay-arg=$mode --out "$OUT/durable-$mode"
-done
+compare "$OUT/durable-true" relay --devices 1000 --idle-secs 1 --push-rate 0 \
+  --saturate-outstanding 0 --durable-secs 15 --durable-workers 256
+$LT compare --target relay --devices 1000 --idle-secs 1 --push-rate 0 \
+  --saturate-outstanding 0 --durable-secs 15 --durable-workers 256 \
+  --relay-arg=--store-group-commit --relay-arg=false --out "$OUT/durable-false"
 # D: the adaptive keepalive in simulated standby (deterministic, no network).
 $LT standby --out "$OUT/standby"
 # F: legitimate devices during a ClientHello flood, with and without Retry.
@@ -43,7 +71,7 @@ cp "$OUT/standby/standby-interval.svg" docs/bench/
     echo
     echo "## $run devices"
     echo
-    cat "$OUT/$run/report.md"
+    report "$OUT/$run"
     echo
     for f in "$OUT/$run"/*.svg; do
       name="$run-$(basename "$f")"
@@ -56,11 +84,16 @@ cp "$OUT/standby/standby-interval.svg" docs/bench/
   echo "Devices registered, then offline: every Publish is a committed store write (fsync) before it"
   echo "is answered. Group commit (the default) vs one fsync per event, same machine, same disk:"
   echo
-  for mode in true false; do
-    grep -E "^- (command|machine)|^### Run" "$OUT/durable-$mode/report.md"
-    grep -E "^\| (metric|---|durable)" "$OUT/durable-$mode/report.md"
-    echo
-  done
+  report "$OUT/durable-true" | grep -E "^- (command|machine|before)|^### Run|^\| (metric|---|durable)"
+  echo
+  grep -E "^- (command|machine)|^### Run" "$OUT/durable-false/report.md"
+  grep -E "^\| (metric|---|durable)" "$OUT/durable-false/report.md"
+  echo
+  echo "## Graceful restart storm (100k devices, SIGTERM)"
+  echo
+  grep -E "^- (command|machine)|^### Run" "$OUT/100k-term/report.md"
+  grep -E "^\| (metric|---|storm|reconnect)" "$OUT/100k-term/report.md"
+  echo
   echo "## Adaptive keepalive (simulated standby)"
   echo
   echo "Command: \`target/release/wakewire-loadtest standby\` (deterministic; the tuner is the SDK's own code)."

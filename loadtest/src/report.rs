@@ -303,8 +303,8 @@ impl Report {
                 fp.map(|p| p.publish.per_s),
                 rp.map(|p| p.publish.per_s),
                 0,
-                "",
-                None,
+                "offered (sustained)",
+                rp.map(|p| p.publish.per_s >= 0.98 * p.offered_rate as f64 && p.publish.skipped == 0),
             );
             row(
                 &mut md,
@@ -312,6 +312,19 @@ impl Report {
                 f.map(|t| t.cpu.per_wake_push_us),
                 r.map(|t| t.cpu.per_wake_push_us),
                 1,
+                "<= 2x floor",
+                match (r, f) {
+                    (Some(r), Some(f)) => Some(r.cpu.per_wake_push_us <= 2.0 * f.cpu.per_wake_push_us),
+                    _ => None,
+                },
+            );
+            let per_core_s = |us: f64| (us > 0.0).then(|| 1e6 / us);
+            row(
+                &mut md,
+                "wakes per server core-second at that rate",
+                f.and_then(|t| per_core_s(t.cpu.per_wake_push_us)),
+                r.and_then(|t| per_core_s(t.cpu.per_wake_push_us)),
+                0,
                 "",
                 None,
             );
@@ -401,8 +414,10 @@ impl Report {
                 None,
                 s.recovery_s,
                 1,
-                "<= 120 s",
-                Some(s.recovery_s.is_some_and(|t| t <= 120.0)),
+                if s.mode == "term" { "<= 60 s" } else { "<= 120 s" },
+                Some(s.recovery_s.is_some_and(|t| {
+                    t <= if s.mode == "term" { 60.0 } else { 120.0 }
+                })),
             );
             md.push_str(&format!(
                 "| storm: devices back / before | - | {} / {} | - | all | {} |\n| storm: max relay RSS, MiB | - | {:.0} | - | no runaway | |\n",

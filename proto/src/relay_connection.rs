@@ -40,7 +40,17 @@ use crate::ErrorCode;
 
 /// Acked event ids remembered per connection, so a stale copy of an
 /// acked event (from a queue read that raced the ack) is not sent again.
+/// Kept as 64-bit digests: 16 bytes per id instead of ~110 (a busy
+/// connection holds the full window for as long as it lives).
 const RECENT_ACKS: usize = 1024;
+
+/// The digest of an event id kept in the recent-ack window. Event ids are
+/// random and chosen by the relay, so a collision (a fresh event taken
+/// for an acked one) has a chance of about 2^-54 per connection.
+fn ack_digest(event_id: &str) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault};
+    BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(event_id)
+}
 
 /// Limits and timers of a relay connection.
 #[derive(Debug, Clone)]
@@ -211,8 +221,8 @@ pub struct RelayConnection {
     /// Held wakes in arrival order.
     held: Vec<String>,
     held_until: Option<Instant>,
-    recent_acks: VecDeque<String>,
-    recent_ack_set: HashSet<String>,
+    recent_acks: VecDeque<u64>,
+    recent_ack_set: HashSet<u64>,
     unknown_budget: u32,
     /// Channels with events refused for lack of room.
     starved: HashSet<String>,
@@ -436,7 +446,7 @@ impl RelayConnection {
         if self.session.is_closed() {
             return Err(WakeRefused::NotEstablished);
         }
-        if self.tracked.contains_key(&wake.event_id) || self.recent_ack_set.contains(&wake.event_id)
+        if self.tracked.contains_key(&wake.event_id) || self.recent_ack_set.contains(&ack_digest(&wake.event_id))
         {
             return Err(WakeRefused::Duplicate);
         }
@@ -617,9 +627,14 @@ impl RelayConnection {
         let Some(t) = self.tracked.remove(&event_id) else {
             return;
         };
+        // A burst is over: an idle connection keeps no room for the next.
+        if self.tracked.is_empty() && self.tracked.capacity() > 16 {
+            self.tracked.shrink_to_fit();
+        }
         self.unknown_budget = (self.unknown_budget + 1).min(self.config.max_unknown_acks);
-        if self.recent_ack_set.insert(event_id.clone()) {
-            self.recent_acks.push_back(event_id.clone());
+        let digest = ack_digest(&event_id);
+        if self.recent_ack_set.insert(digest) {
+            self.recent_acks.push_back(digest);
             if self.recent_acks.len() > RECENT_ACKS {
                 if let Some(old) = self.recent_acks.pop_front() {
                     self.recent_ack_set.remove(&old);

@@ -35,6 +35,10 @@ pub enum Resumption {
 
 impl Resumption {
     fn apply(&self, tls: &mut rustls::ServerConfig) {
+        // A device holds one connection at a time: one ticket per handshake
+        // is enough (rustls sends two by default), half the sealing work and
+        // the bytes on the radio.
+        tls.send_tls13_tickets = 1;
         match self {
             Resumption::Tickets(t) => {
                 tls.ticketer = t.clone();

@@ -592,7 +592,7 @@ impl Writer {
             // The oldest few nearly always hold the victims; the whole
             // queue is read only when they do not.
             let mut collapsible = vec![];
-            let mut most = excess + 16;
+            let mut most = excess + 1;
             loop {
                 let ids = t.queued_ids(&ch, most)?;
                 let whole = ids.len() < most;
