@@ -2,9 +2,10 @@
 //! transaction and one commit per batch, and decides every event's fate.
 //!
 //! A batch is committed durably (fsync) when it holds an operation whose
-//! answer promises durability (an enqueue, a key reservation, a channel
-//! change, a sweep) or a [`Op::Sync`]. A batch of only acks, idempotency
-//! answers and channel pruning is committed without fsync: visible at once
+//! answer promises durability (an enqueue, a key reservation, a channel's
+//! end, a sweep) or a [`Op::Sync`]. A batch of only acks, channel
+//! registrations, idempotency answers and channel pruning is committed
+//! without fsync: visible at once
 //! to every read, on disk with the next durable commit, which the store's
 //! sync thread forces within [`LAZY_SYNC`]. A crash in that window only
 //! undoes "delivered" marks: those events are queued again and re-sent,
@@ -98,17 +99,17 @@ impl Op {
     }
 
     /// Whether its answer promises the change is on disk: an accepted
-    /// event, a reserved idempotency key, a channel's record, a sweep's
-    /// final states. Acks (a crash re-sends the event, which the device
-    /// drops as a repeat), idempotency answers and pruning need not be.
+    /// event, a reserved idempotency key, a channel's end, a sweep's final
+    /// states. Acks (a crash re-sends the event, which the device drops as
+    /// a repeat), channel registrations (the device registers again on its
+    /// next connection), idempotency answers and pruning need not be.
     fn needs_fsync(&self) -> bool {
         match self {
-            Op::Enqueue(..)
-            | Op::Reserve { .. }
-            | Op::PutChannel { .. }
-            | Op::ChannelGone { .. }
-            | Op::Sweep { .. } => true,
+            Op::Enqueue(..) | Op::Reserve { .. } | Op::ChannelGone { .. } | Op::Sweep { .. } => {
+                true
+            }
             Op::Ack { .. }
+            | Op::PutChannel { .. }
             | Op::Settle { .. }
             | Op::ForgetChannels { .. }
             | Op::ClaimQueued { .. }
