@@ -304,7 +304,9 @@ impl Report {
                 rp.map(|p| p.publish.per_s),
                 0,
                 "offered (sustained)",
-                rp.map(|p| p.publish.per_s >= 0.98 * p.offered_rate as f64 && p.publish.skipped == 0),
+                rp.map(|p| {
+                    p.publish.per_s >= 0.98 * p.offered_rate as f64 && p.publish.skipped == 0
+                }),
             );
             row(
                 &mut md,
@@ -314,7 +316,9 @@ impl Report {
                 1,
                 "<= 2x floor",
                 match (r, f) {
-                    (Some(r), Some(f)) => Some(r.cpu.per_wake_push_us <= 2.0 * f.cpu.per_wake_push_us),
+                    (Some(r), Some(f)) => {
+                        Some(r.cpu.per_wake_push_us <= 2.0 * f.cpu.per_wake_push_us)
+                    }
                     _ => None,
                 },
             );
@@ -414,10 +418,15 @@ impl Report {
                 None,
                 s.recovery_s,
                 1,
-                if s.mode == "term" { "<= 60 s" } else { "<= 120 s" },
-                Some(s.recovery_s.is_some_and(|t| {
-                    t <= if s.mode == "term" { 60.0 } else { 120.0 }
-                })),
+                if s.mode == "term" {
+                    "<= 60 s"
+                } else {
+                    "<= 120 s"
+                },
+                Some(
+                    s.recovery_s
+                        .is_some_and(|t| t <= if s.mode == "term" { 60.0 } else { 120.0 }),
+                ),
             );
             md.push_str(&format!(
                 "| storm: devices back / before | - | {} / {} | - | all | {} |\n| storm: max relay RSS, MiB | - | {:.0} | - | no runaway | |\n",

@@ -446,7 +446,8 @@ impl RelayConnection {
         if self.session.is_closed() {
             return Err(WakeRefused::NotEstablished);
         }
-        if self.tracked.contains_key(&wake.event_id) || self.recent_ack_set.contains(&ack_digest(&wake.event_id))
+        if self.tracked.contains_key(&wake.event_id)
+            || self.recent_ack_set.contains(&ack_digest(&wake.event_id))
         {
             return Err(WakeRefused::Duplicate);
         }

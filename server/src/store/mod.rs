@@ -782,7 +782,11 @@ mod tests {
         // The count kept in memory follows acks, drops and new events.
         s3.ack(ack_of("k0"), 201).await.unwrap();
         s3.enqueue(event("n2", "ch", 202), None).await.unwrap();
-        assert_eq!(state(&s3, "p1").await.0, EventState::Queued as i32, "room after the ack");
+        assert_eq!(
+            state(&s3, "p1").await.0,
+            EventState::Queued as i32,
+            "room after the ack"
+        );
         s3.enqueue(event("n3", "ch", 203), None).await.unwrap();
         assert_eq!(state(&s3, "p1").await.1, "queue_full");
     }
