@@ -377,7 +377,7 @@ fn create_private_dir(path: &Path) -> Result<(), DataDirError> {
 /// Creates `path` with `bytes` (mode 0600) unless it exists; returns what
 /// the file holds afterwards. Written to a file of its own, then linked
 /// into place (a link never replaces a file).
-fn create_private_once(path: &Path, bytes: &[u8]) -> Result<Vec<u8>, DataDirError> {
+pub(crate) fn create_private_once(path: &Path, bytes: &[u8]) -> Result<Vec<u8>, DataDirError> {
     let io = |source| DataDirError::Io {
         path: path.to_owned(),
         source,

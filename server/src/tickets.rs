@@ -184,12 +184,18 @@ impl Ticketer {
             message,
         };
         let no_random = || corrupt("no system randomness".into());
-        let ring = match std::fs::read_to_string(&path) {
-            Ok(text) => KeyRing::decode(&text, rotation).map_err(corrupt)?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => KeyRing::new(
-                TicketKey::random(&rng, now_s).ok_or_else(no_random)?,
-                rotation,
-            ),
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // Created once: relays starting together on one directory
+                // end with the same key.
+                let first = KeyRing::new(
+                    TicketKey::random(&rng, now_s).ok_or_else(no_random)?,
+                    rotation,
+                );
+                let bytes = crate::data_dir::create_private_once(&path, first.encode().as_bytes())?;
+                String::from_utf8_lossy(&bytes).into_owned()
+            }
             Err(source) => {
                 return Err(DataDirError::Io {
                     path: path.clone(),
@@ -197,18 +203,16 @@ impl Ticketer {
                 })
             }
         };
-        let this = Self {
+        let mut ring = KeyRing::decode(&text, rotation).map_err(corrupt)?;
+        if ring.due(now_s) {
+            ring.rotate(TicketKey::random(&rng, now_s).ok_or_else(no_random)?);
+            crate::data_dir::write_private(&path, ring.encode().as_bytes())?;
+        }
+        Ok(Self {
             ring: Mutex::new(ring),
             path: path.clone(),
             rng,
-        };
-        let mut ring = this.lock();
-        if ring.due(now_s) {
-            ring.rotate(TicketKey::random(&this.rng, now_s).ok_or_else(no_random)?);
-        }
-        crate::data_dir::write_private(&this.path, ring.encode().as_bytes())?;
-        drop(ring);
-        Ok(this)
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, KeyRing> {

@@ -560,6 +560,10 @@ mod tests {
     use wakewire_api::pb::EventState;
 
     fn store(queue_limit: usize) -> (tempfile::TempDir, Store) {
+        store_with_delay(queue_limit, Duration::from_millis(1))
+    }
+
+    fn store_with_delay(queue_limit: usize, commit_delay: Duration) -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(
             dir.path(),
@@ -568,7 +572,7 @@ mod tests {
                 status_retention: Duration::from_secs(3600),
                 idempotency_retention: Duration::from_secs(86_400),
                 group_commit: true,
-                commit_delay: Duration::from_millis(1),
+                commit_delay,
                 max_bytes_per_publisher: 10_000,
             },
             Arc::default(),
@@ -726,6 +730,51 @@ mod tests {
         ack.unwrap();
         enq.unwrap();
         assert_eq!(state(&s, "c").await.0, EventState::Delivered as i32);
+    }
+
+    #[tokio::test]
+    async fn an_event_acked_within_its_commit_is_written_once_as_delivered() {
+        // A long commit delay keeps the enqueue's batch open until the ack
+        // (from the device, which got the wake beside the commit) joins it.
+        let (_dir, s) = store_with_delay(100, Duration::from_secs(3));
+        let mut receipts = s.receipts();
+        let pending = s.begin_enqueue(event("a", "ch", 1), None).await.unwrap();
+        // An ack from another channel does not count, the right one does.
+        let stranger = s.ack(
+            vec![AckItem {
+                event_id: "a".into(),
+                channel_id: "other".into(),
+            }],
+            2,
+        );
+        let owner = s.ack(ack_of("a"), 3);
+        let (enqueued, stranger, owner) = tokio::join!(pending.enqueued(), stranger, owner);
+        assert!(matches!(enqueued.unwrap(), Enqueued::Stored { .. }));
+        assert_eq!(
+            stranger.unwrap(),
+            AckOutcome {
+                delivered: 0,
+                ignored: 1
+            }
+        );
+        assert_eq!(
+            owner.unwrap(),
+            AckOutcome {
+                delivered: 1,
+                ignored: 0
+            }
+        );
+        let ev = s.event("a").await.unwrap().unwrap();
+        assert_eq!(ev.state, EventState::Delivered as i32);
+        assert_eq!(ev.updated_at_ms, 3);
+        assert!(ev.payload.is_empty(), "a delivered event keeps no payload");
+        assert!(s.claim_queued(vec!["ch".into()]).await.unwrap().is_empty());
+        let (receipt, why) = receipts.recv().await.unwrap();
+        assert_eq!(
+            (receipt.event_id.as_str(), why),
+            ("a", FinishReason::Delivered)
+        );
+        assert!(receipts.try_recv().is_err(), "one receipt");
     }
 
     #[tokio::test]

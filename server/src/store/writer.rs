@@ -5,11 +5,15 @@
 //! answer promises durability (an enqueue, a key reservation, a channel's
 //! end, a sweep) or a [`Op::Sync`]. A batch of only acks, channel
 //! registrations, idempotency answers and channel pruning is committed
-//! without fsync: visible at once
-//! to every read, on disk with the next durable commit, which the store's
-//! sync thread forces within [`LAZY_SYNC`]. A crash in that window only
-//! undoes "delivered" marks: those events are queued again and re-sent,
-//! and the device drops the repeat by its event id.
+//! without fsync: visible at once to every read, on disk with the next
+//! durable commit, which the store's sync thread forces within
+//! [`LAZY_SYNC`]. A crash in that window only undoes "delivered" marks
+//! (those events are queued again and re-sent, and the device drops the
+//! repeat by its event id) and fresh channel records (the device registers
+//! its channels again when it reconnects).
+//!
+//! A small batch that needs an fsync waits up to the commit delay for more
+//! operations to share it ([`Writer::gather`]).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -119,6 +123,9 @@ impl Op {
 }
 
 type Finished = Vec<(StoredEvent, FinishReason)>;
+/// What [`Writer::enqueue`] stored: the event, what it displaced, and its
+/// own final state if it was delivered in the same batch.
+type Stored = (StoredEvent, Finished, Option<(StoredEvent, FinishReason)>);
 /// Each operation's result, or the batch's failure.
 type BatchResult = Result<Vec<Result<(Reply, Finished), StoreError>>, StoreError>;
 
@@ -195,22 +202,24 @@ impl Writer {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build();
-        let rt = match rt {
-            Ok(rt) => rt,
+        match rt {
+            Ok(rt) => rt.block_on(async {
+                while let Some(first) = rx.recv().await {
+                    let batch = self.gather(first, &mut rx).await;
+                    self.dispatch(batch);
+                }
+            }),
             Err(e) => {
                 tracing::warn!(error = %e, "store: no timer for the commit delay; committing at once");
-                self.config.commit_delay = std::time::Duration::ZERO;
-                tokio::runtime::Builder::new_current_thread()
-                    .build()
-                    .expect("a runtime without drivers")
+                while let Some(first) = rx.blocking_recv() {
+                    let mut batch = vec![first];
+                    if self.config.group_commit {
+                        take_waiting(&mut batch, &mut rx);
+                    }
+                    self.dispatch(batch);
+                }
             }
-        };
-        rt.block_on(async {
-            while let Some(first) = rx.recv().await {
-                let batch = self.gather(first, &mut rx).await;
-                self.dispatch(batch);
-            }
-        });
+        }
     }
 
     /// The batch to apply with `first`: everything already waiting and,
@@ -222,15 +231,7 @@ impl Writer {
         if !self.config.group_commit {
             return batch;
         }
-        let drain = |batch: &mut Vec<Job>, rx: &mut mpsc::Receiver<Job>| {
-            while batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(job) => batch.push(job),
-                    Err(_) => break,
-                }
-            }
-        };
-        drain(&mut batch, rx);
+        take_waiting(&mut batch, rx);
         let worth_waiting = |batch: &Vec<Job>| {
             let durable = batch.iter().filter(|j| j.op.needs_fsync()).count();
             durable > 0 && durable < DELAY_UNTIL_OPS && batch.len() < MAX_BATCH
@@ -246,7 +247,7 @@ impl Writer {
                 job = rx.recv() => match job {
                     Some(job) => {
                         batch.push(job);
-                        drain(&mut batch, rx);
+                        take_waiting(&mut batch, rx);
                     }
                     None => break,
                 },
@@ -327,6 +328,7 @@ impl Writer {
             let results = {
                 let mut t = Tables::open(&txn)?;
                 t.lens = std::mem::take(&mut self.queue_lens);
+                t.acked_in_batch = acked_in(&batch);
                 let results = batch
                     .iter()
                     .map(|job| self.apply_on(&mut t, &job.op))
@@ -424,12 +426,14 @@ impl Writer {
                         self.idem_retention(),
                     )?;
                 }
-                let (event, displaced) = self.enqueue(t, (**ev).clone(), retention)?;
+                let (event, displaced, delivered) = self.enqueue(t, (**ev).clone(), retention)?;
                 let reply = Reply::Enqueued(Enqueued::Stored {
                     event,
                     displaced: displaced.clone(),
                 });
-                Ok((reply, displaced))
+                let mut finished = displaced;
+                finished.extend(delivered);
+                Ok((reply, finished))
             }
             Op::Reserve {
                 key,
@@ -461,6 +465,11 @@ impl Writer {
                 let mut outcome = AckOutcome::default();
                 let mut finished = vec![];
                 for a in acks {
+                    // Stored as delivered by its enqueue, in this batch.
+                    if t.delivered_at_enqueue.remove(&a.event_id) {
+                        outcome.delivered += 1;
+                        continue;
+                    }
                     match t.event(&a.event_id)? {
                         Some(ev)
                             if ev.state == EventState::Queued as i32
@@ -543,12 +552,17 @@ impl Writer {
         millis(self.config.idempotency_retention)
     }
 
+    /// Stores an accepted event: queued, or, when its device's ack is in
+    /// the same batch, straight as delivered (one record and its retention
+    /// entry, instead of queue and TTL entries written and removed again
+    /// within one commit). Returns the event, what it displaced, and its
+    /// own final state if it was delivered.
     fn enqueue(
         &mut self,
         t: &mut Tables<'_>,
         mut ev: StoredEvent,
         retention: u64,
-    ) -> Result<(StoredEvent, Finished), StoreError> {
+    ) -> Result<Stored, StoreError> {
         let mut finished = vec![];
         let ch = ev.channel_id.clone();
         if !ev.collapse_key.is_empty() {
@@ -583,6 +597,22 @@ impl Writer {
                     ev.event_id.as_str(),
                 )
                 .map_err(db)?;
+        }
+        if let Some(at_ms) = t.early_ack(&ev.event_id, &ch) {
+            ev.seq = self.next_seq;
+            self.next_seq += 1;
+            let (state, reason) = FinishReason::Delivered.state_and_reason();
+            ev.state = state as i32;
+            ev.reason = reason.to_owned();
+            ev.updated_at_ms = at_ms;
+            ev.payload.clear();
+            t.put(&ev)?;
+            t.sweep
+                .insert((at_ms.saturating_add(retention), ev.event_id.as_str()), ())
+                .map_err(db)?;
+            t.delivered_at_enqueue.insert(ev.event_id.clone());
+            let done = (ev.clone(), FinishReason::Delivered);
+            return Ok((ev, finished, Some(done)));
         }
         let queued = t.queued_len(&ch)?;
         let mut excess = (queued + 1).saturating_sub(self.config.queue_limit.max(1));
@@ -653,7 +683,7 @@ impl Writer {
         t.sweep
             .insert((expiry(&ev), ev.event_id.as_str()), ())
             .map_err(db)?;
-        Ok((ev, finished))
+        Ok((ev, finished, None))
     }
 
     fn sweep(
@@ -708,6 +738,30 @@ impl Writer {
     }
 }
 
+/// The acks of a batch, by event id (the first ack of an id counts).
+fn acked_in(batch: &[Job]) -> HashMap<String, (String, u64)> {
+    let mut out = HashMap::new();
+    for job in batch {
+        if let Op::Ack { acks, at_ms } = &job.op {
+            for a in acks {
+                out.entry(a.event_id.clone())
+                    .or_insert_with(|| (a.channel_id.clone(), *at_ms));
+            }
+        }
+    }
+    out
+}
+
+/// Adds what is already waiting to `batch`, up to [`MAX_BATCH`].
+fn take_waiting(batch: &mut Vec<Job>, rx: &mut mpsc::Receiver<Job>) {
+    while batch.len() < MAX_BATCH {
+        match rx.try_recv() {
+            Ok(job) => batch.push(job),
+            Err(_) => break,
+        }
+    }
+}
+
 fn count(why: &FinishReason) {
     match why {
         FinishReason::Delivered => counter!(m::DELIVERED).increment(1),
@@ -745,6 +799,11 @@ struct Tables<'t> {
     queued_delta: i64,
     /// [`Writer::queue_lens`], while the batch is applied.
     lens: HashMap<String, usize>,
+    /// Acks in the batch being applied: event id -> (channel, when).
+    acked_in_batch: HashMap<String, (String, u64)>,
+    /// Events the batch stored as delivered at their enqueue; their acks,
+    /// later in the batch, count as delivered once.
+    delivered_at_enqueue: std::collections::HashSet<String>,
 }
 
 impl<'t> Tables<'t> {
@@ -761,6 +820,8 @@ impl<'t> Tables<'t> {
             touched: HashMap::new(),
             queued_delta: 0,
             lens: HashMap::new(),
+            acked_in_batch: HashMap::new(),
+            delivered_at_enqueue: std::collections::HashSet::new(),
         })
     }
 
@@ -823,6 +884,19 @@ impl<'t> Tables<'t> {
             .insert(ev.event_id.as_str(), ev.encode_to_vec().as_slice())
             .map_err(db)?;
         Ok(())
+    }
+
+    /// When the device acked this event on `channel`, if its ack is in the
+    /// batch being applied (taken: it counts once).
+    fn early_ack(&mut self, event_id: &str, channel: &str) -> Option<u64> {
+        match self.acked_in_batch.get(event_id) {
+            Some((ch, at)) if ch == channel => {
+                let at = *at;
+                self.acked_in_batch.remove(event_id);
+                Some(at)
+            }
+            _ => None,
+        }
     }
 
     /// How many events `channel` has queued: counted once, then kept
