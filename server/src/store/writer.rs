@@ -601,15 +601,7 @@ impl Writer {
         if let Some(at_ms) = t.early_ack(&ev.event_id, &ch) {
             ev.seq = self.next_seq;
             self.next_seq += 1;
-            let (state, reason) = FinishReason::Delivered.state_and_reason();
-            ev.state = state as i32;
-            ev.reason = reason.to_owned();
-            ev.updated_at_ms = at_ms;
-            ev.payload.clear();
-            t.put(&ev)?;
-            t.sweep
-                .insert((at_ms.saturating_add(retention), ev.event_id.as_str()), ())
-                .map_err(db)?;
+            t.write_final(&mut ev, &FinishReason::Delivered, at_ms, retention)?;
             t.delivered_at_enqueue.insert(ev.event_id.clone());
             let done = (ev.clone(), FinishReason::Delivered);
             return Ok((ev, finished, Some(done)));
@@ -1029,19 +1021,32 @@ impl<'t> Tables<'t> {
             .remove((expiry(&ev), ev.event_id.as_str()))
             .map_err(db)?;
         self.add_publisher_bytes(&ev.publisher, stored_size(&ev), false)?;
+        self.write_final(&mut ev, &why, at_ms, retention)?;
+        Ok((ev, why))
+    }
+
+    /// Writes an event's final state (without its payload) and when its
+    /// record is forgotten.
+    fn write_final(
+        &mut self,
+        ev: &mut StoredEvent,
+        why: &FinishReason,
+        at_ms: u64,
+        retention: u64,
+    ) -> Result<(), StoreError> {
         let (state, reason) = why.state_and_reason();
         ev.state = state as i32;
         ev.reason = reason.to_owned();
-        ev.replaced_by = match &why {
+        ev.replaced_by = match why {
             FinishReason::Collapsed { by } => by.clone(),
             _ => String::new(),
         };
         ev.updated_at_ms = at_ms;
         ev.payload.clear();
-        self.put(&ev)?;
+        self.put(ev)?;
         self.sweep
             .insert((at_ms.saturating_add(retention), ev.event_id.as_str()), ())
             .map_err(db)?;
-        Ok((ev, why))
+        Ok(())
     }
 }
