@@ -104,6 +104,9 @@ done
   echo "here (\`--pin false\`): pinned to one core, 100k simulated devices reconnecting time out in"
   echo "the generator itself."
   echo
+  echo "(A stall of these storms at 100k devices, seen this session for the relay before and"
+  echo "after, is described in docs/perf.md; check the \"devices back\" row.)"
+  echo
   report "$OUT/storm-kill" | grep -E "^- (command|machine|before)|^### Run|^\| (metric|---|storm|reconnect)"
   echo
   grep -E "^- (command|machine)|^### Run" "$OUT/storm-term/report.md"
