@@ -277,7 +277,13 @@ impl Store {
     /// Opens (or creates) the database in `dir` and starts the writer
     /// thread. Events claimed in `claims` are never dropped or expired.
     pub fn open(dir: &Path, config: StoreConfig, claims: Arc<Claims>) -> Result<Self, StoreError> {
-        let database = Database::create(dir.join(DB_FILE)).map_err(db)?;
+        let path = dir.join(DB_FILE);
+        let database = Database::create(&path).map_err(db)?;
+        // redb creates the file with the process umask (often 0644): like
+        // every file of the data directory, it is the owner's only.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| db(redb::StorageError::Io(e)))?;
         Self::start(database, config, claims)
     }
 
@@ -838,6 +844,17 @@ mod tests {
         );
         s3.enqueue(event("n3", "ch", 203), None).await.unwrap();
         assert_eq!(state(&s3, "p1").await.1, "queue_full");
+    }
+
+    #[test]
+    fn the_store_file_is_the_owner_s_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let (dir, _s) = store(1);
+        let mode = std::fs::metadata(dir.path().join(DB_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
     }
 
     #[tokio::test]
