@@ -75,7 +75,11 @@ impl RelayProcess {
             .spawn()
             .with_context(|| format!("cannot start {}", bin.display()))?;
         let mut lines = BufReader::new(child.stderr.take().context("stderr")?).lines();
-        let started = tokio::time::timeout(Duration::from_secs(30), async {
+        // Longer than a cluster relay's own wait for a JetStream quorum
+        // (60 s: a fresh 3-node NATS cluster can answer API requests before
+        // it can place R3 streams); a relay on its embedded store starts
+        // in well under a second.
+        let started = tokio::time::timeout(Duration::from_secs(75), async {
             while let Some(line) = lines.next_line().await? {
                 if line.contains("relay started") {
                     return Ok(line);
@@ -85,7 +89,7 @@ impl RelayProcess {
             bail!("relay exited before it started")
         })
         .await
-        .context("relay did not start within 30 s")??;
+        .context("relay did not start within 75 s")??;
         // Keep draining stderr so the relay never blocks on a full pipe.
         // RELAY_TEST_LOGS=1 shows every line (for debugging).
         let all = std::env::var_os("RELAY_TEST_LOGS").is_some();
