@@ -976,6 +976,27 @@ mod tests {
         let cases: Vec<(Settings, &str)> = vec![
             (
                 Settings {
+                    tls_resumption: "sometimes".into(),
+                    ..Settings::default()
+                },
+                "tls_resumption",
+            ),
+            (
+                Settings {
+                    tls_ticket_rotation_hours: 0,
+                    ..Settings::default()
+                },
+                "tls_ticket_rotation_hours",
+            ),
+            (
+                Settings {
+                    store_commit_delay_us: 1_000_000,
+                    ..Settings::default()
+                },
+                "store_commit_delay_us",
+            ),
+            (
+                Settings {
                     tls_cert: Some("/nope.pem".into()),
                     ..Settings::default()
                 },
