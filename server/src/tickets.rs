@@ -210,7 +210,7 @@ impl Ticketer {
         }
         Ok(Self {
             ring: Mutex::new(ring),
-            path: path.clone(),
+            path,
             rng,
         })
     }
@@ -219,11 +219,6 @@ impl Ticketer {
         // A panic elsewhere while holding it cannot leave the ring torn:
         // every change is one assignment.
         self.ring.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The ring as it is now (for tests and the key file).
-    pub fn snapshot(&self) -> KeyRing {
-        self.lock().clone()
     }
 
     /// Rotates if due; a key file that cannot be written is logged and the

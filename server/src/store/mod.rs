@@ -315,9 +315,30 @@ impl Store {
         )?;
         let (jobs, rx) = mpsc::channel(65_536);
         let thread = |e| StoreError::Thread(Arc::new(e));
+        // The writer runs on a runtime of its own (for the commit delay's
+        // timer), built in its thread; a failure to build it is reported
+        // here.
+        let (ready, started) = std::sync::mpsc::sync_channel(1);
         std::thread::Builder::new()
             .name("wakewire-store".into())
-            .spawn(move || writer.run(rx))
+            .spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_time()
+                    .build()
+                {
+                    Ok(rt) => {
+                        let _ = ready.send(Ok(()));
+                        writer.run(rt, rx);
+                    }
+                    Err(e) => {
+                        let _ = ready.send(Err(e));
+                    }
+                }
+            })
+            .map_err(thread)?;
+        started
+            .recv()
+            .map_err(|_| StoreError::WriterStopped)?
             .map_err(thread)?;
         let sync_jobs = jobs.downgrade();
         std::thread::Builder::new()

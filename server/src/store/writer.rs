@@ -196,30 +196,16 @@ impl Writer {
         })
     }
 
-    pub(crate) fn run(mut self, mut rx: mpsc::Receiver<Job>) {
-        // The thread's own timer for the commit delay; redb's calls block
-        // this thread only.
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build();
-        match rt {
-            Ok(rt) => rt.block_on(async {
-                while let Some(first) = rx.recv().await {
-                    let batch = self.gather(first, &mut rx).await;
-                    self.dispatch(batch);
-                }
-            }),
-            Err(e) => {
-                tracing::warn!(error = %e, "store: no timer for the commit delay; committing at once");
-                while let Some(first) = rx.blocking_recv() {
-                    let mut batch = vec![first];
-                    if self.config.group_commit {
-                        take_waiting(&mut batch, &mut rx);
-                    }
-                    self.dispatch(batch);
-                }
+    /// Applies batches until every sender is gone, on `rt`: the thread's
+    /// own runtime, for the commit delay's timer (redb's calls block this
+    /// thread only).
+    pub(crate) fn run(mut self, rt: tokio::runtime::Runtime, mut rx: mpsc::Receiver<Job>) {
+        rt.block_on(async {
+            while let Some(first) = rx.recv().await {
+                let batch = self.gather(first, &mut rx).await;
+                self.dispatch(batch);
             }
-        }
+        });
     }
 
     /// The batch to apply with `first`: everything already waiting and,
@@ -232,16 +218,12 @@ impl Writer {
             return batch;
         }
         take_waiting(&mut batch, rx);
-        let worth_waiting = |batch: &Vec<Job>| {
-            let durable = batch.iter().filter(|j| j.op.needs_fsync()).count();
-            durable > 0 && durable < DELAY_UNTIL_OPS && batch.len() < MAX_BATCH
-        };
-        if self.config.commit_delay.is_zero() || !worth_waiting(&batch) {
+        if self.config.commit_delay.is_zero() || !wants_company(&batch) {
             return batch;
         }
         let window = tokio::time::sleep(self.config.commit_delay);
         tokio::pin!(window);
-        while worth_waiting(&batch) {
+        while wants_company(&batch) {
             tokio::select! {
                 () = &mut window => break,
                 job = rx.recv() => match job {
@@ -256,17 +238,12 @@ impl Writer {
         batch
     }
 
-    /// Commits a batch (durably if any operation needs it) or, if it only
-    /// reads, answers it from a snapshot.
+    /// Commits a batch or answers it from a snapshot, as [`plan`] says.
     fn dispatch(&mut self, batch: Vec<Job>) {
         let unsynced = self.unsynced.load(Ordering::Acquire);
-        let sync = batch.iter().any(|j| matches!(j.op, Op::Sync));
-        if (sync && unsynced) || batch.iter().any(|j| j.op.writes()) {
-            let durable =
-                sync || !self.config.group_commit || batch.iter().any(|j| j.op.needs_fsync());
-            self.commit(batch, durable);
-        } else {
-            self.read_only(batch);
+        match plan(&batch, self.config.group_commit, unsynced) {
+            Plan::Commit { durable } => self.commit(batch, durable),
+            Plan::Read => self.read_only(batch),
         }
     }
 
@@ -744,6 +721,38 @@ fn acked_in(batch: &[Job]) -> HashMap<String, (String, u64)> {
     out
 }
 
+/// What the writer does with a batch.
+#[derive(Debug, PartialEq, Eq)]
+enum Plan {
+    /// Only reads (and syncs with nothing to sync): one read snapshot.
+    Read,
+    /// One write transaction, committed with fsync when `durable`.
+    Commit { durable: bool },
+}
+
+/// Decides a batch's [`Plan`]: a commit if it writes, or if it asks for a
+/// sync while a commit without fsync is `unsynced`; durable if it asks for
+/// a sync, if any operation needs an fsync, or without group commit.
+fn plan(batch: &[Job], group_commit: bool, unsynced: bool) -> Plan {
+    let sync = batch.iter().any(|j| matches!(j.op, Op::Sync));
+    let writes = batch.iter().any(|j| j.op.writes());
+    if !(writes || (sync && unsynced)) {
+        return Plan::Read;
+    }
+    Plan::Commit {
+        durable: sync || !group_commit || batch.iter().any(|j| j.op.needs_fsync()),
+    }
+}
+
+/// Whether a batch should wait (up to the commit delay) for more
+/// operations: it needs an fsync, and fewer than [`DELAY_UNTIL_OPS`] of its
+/// operations do. Batches that need none commit at once: waiting makes
+/// their callers (acks, queue reads) slower and saves no fsync.
+fn wants_company(batch: &[Job]) -> bool {
+    let durable = batch.iter().filter(|j| j.op.needs_fsync()).count();
+    durable > 0 && durable < DELAY_UNTIL_OPS && batch.len() < MAX_BATCH
+}
+
 /// Adds what is already waiting to `batch`, up to [`MAX_BATCH`].
 fn take_waiting(batch: &mut Vec<Job>, rx: &mut mpsc::Receiver<Job>) {
     while batch.len() < MAX_BATCH {
@@ -1048,5 +1057,58 @@ impl<'t> Tables<'t> {
             .insert((at_ms.saturating_add(retention), ev.event_id.as_str()), ())
             .map_err(db)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(op: Op) -> Job {
+        Job {
+            op,
+            reply: tokio::sync::oneshot::channel().0,
+        }
+    }
+
+    fn enqueue() -> Job {
+        job(Op::Enqueue(Box::default(), None))
+    }
+
+    fn ack() -> Job {
+        job(Op::Ack {
+            acks: vec![],
+            at_ms: 0,
+        })
+    }
+
+    fn read() -> Job {
+        job(Op::ClaimQueued {
+            channel_ids: vec![],
+        })
+    }
+
+    #[test]
+    fn a_batch_is_read_committed_lazily_or_durably_by_what_it_holds() {
+        let durable = Plan::Commit { durable: true };
+        let lazy = Plan::Commit { durable: false };
+        assert_eq!(plan(&[read()], true, false), Plan::Read);
+        assert_eq!(plan(&[read(), ack()], true, false), lazy);
+        assert_eq!(plan(&[ack(), enqueue()], true, false), durable);
+        // Without group commit every write is durable.
+        assert_eq!(plan(&[ack()], false, false), durable);
+        // A sync commits only when something is waiting for the disk.
+        assert_eq!(plan(&[job(Op::Sync)], true, false), Plan::Read);
+        assert_eq!(plan(&[job(Op::Sync)], true, true), durable);
+        assert_eq!(plan(&[ack(), job(Op::Sync)], true, false), durable);
+    }
+
+    #[test]
+    fn only_a_small_batch_that_needs_an_fsync_waits_for_company() {
+        assert!(wants_company(&[enqueue()]));
+        assert!(wants_company(&[enqueue(), ack(), read()]));
+        assert!(!wants_company(&[ack(), read()]), "nothing to fsync");
+        let full: Vec<Job> = (0..DELAY_UNTIL_OPS).map(|_| enqueue()).collect();
+        assert!(!wants_company(&full), "enough to share one fsync");
     }
 }
