@@ -16,12 +16,6 @@ use wakewire_test_support::{authed, unix_secs};
 
 const BIN: &str = env!("CARGO_BIN_EXE_wakewire-relay");
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 fn repo_file(path: &str) -> anyhow::Result<String> {
     let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("..")
@@ -36,7 +30,7 @@ async fn the_dashboard_and_alerts_use_only_exported_metrics_and_logs_are_json() 
 {
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("data");
-    let metrics_port = free_port()?;
+    let metrics_port = wakewire_test_support::free_port()?;
     let mut child = Command::new(BIN)
         .args(["serve", "--data-dir"])
         .arg(&data)

@@ -16,12 +16,6 @@ use wakewire_test_support::{authed, recv, status_sink, unix_secs, wait_status, w
 
 const BIN: &str = env!("CARGO_BIN_EXE_wakewire-relay");
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 fn device(data: &Path, keys: &Keys, relay: &RelayProcess) -> ClientBuilder {
     ClientBuilder::new(relay.quic.to_string())
         .server_name("localhost")
@@ -45,7 +39,7 @@ async fn a_device_resumes_its_tls_session_after_the_relay_is_killed() -> anyhow:
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("data");
     let any = "127.0.0.1:0".parse()?;
-    let port = free_port()?;
+    let port = wakewire_test_support::free_port()?;
     let metrics = format!("127.0.0.1:{port}");
     let mut relay = RelayProcess::start(
         Path::new(BIN),

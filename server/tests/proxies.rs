@@ -13,12 +13,6 @@ use wakewire_api::pb::DeliveryStatus;
 use wakewire_sdk::{ConnectError, Proxy, Transport};
 use wakewire_test_support::{recv, wake_sink, TestRelay};
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 fn binary(name: &str) -> anyhow::Result<std::path::PathBuf> {
     for dir in ["/usr/bin", "/usr/sbin", "/usr/local/bin"] {
         let p = std::path::Path::new(dir).join(name);
@@ -57,7 +51,7 @@ struct Running {
 
 async fn tinyproxy(user: &str, pass: &str) -> anyhow::Result<Running> {
     let dir = tempfile::tempdir()?;
-    let port = free_port()?;
+    let port = wakewire_test_support::free_port()?;
     let conf = dir.path().join("tinyproxy.conf");
     // No ConnectPort line: CONNECT to any port (the relay's is ephemeral).
     std::fs::write(
@@ -83,7 +77,7 @@ async fn tinyproxy(user: &str, pass: &str) -> anyhow::Result<Running> {
 }
 
 async fn microsocks(user: &str, pass: &str) -> anyhow::Result<Running> {
-    let port = free_port()?;
+    let port = wakewire_test_support::free_port()?;
     let child = Command::new(binary("microsocks")?)
         .args([
             "-i",

@@ -47,6 +47,50 @@ pub fn unix_secs() -> u64 {
         .unwrap_or(0)
 }
 
+/// A loopback port (127.0.0.1) that is free for both TCP and UDP, for a
+/// child process that must be told its port before it binds it (a
+/// `nats-server` route, a proxy, a relay restarted on known ports).
+///
+/// The port is taken below (or above) the kernel's ephemeral range, so no
+/// outgoing connection of a test running in parallel can take it between
+/// this check and the child's bind, as a `bind(:0)` port could; each call in
+/// a process returns a different port.
+pub fn free_port() -> anyhow::Result<u16> {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let (lo, hi) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(|p| p.parse::<u32>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32_768, 60_999));
+    let base = if lo >= 1024 + SPAN {
+        lo - SPAN
+    } else if hi + SPAN <= 65_535 {
+        hi + 1
+    } else {
+        anyhow::bail!("the ephemeral port range {lo}-{hi} leaves no room for fixed test ports");
+    };
+    // A per-process random start, so test binaries run one after another
+    // do not all probe the same ports first.
+    let seed = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish() as u32;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = u16::try_from(base + seed.wrapping_add(n) % SPAN)?;
+        let tcp = std::net::TcpListener::bind(("127.0.0.1", port));
+        let udp = std::net::UdpSocket::bind(("127.0.0.1", port));
+        if tcp.is_ok() && udp.is_ok() {
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no free loopback port in {base}..{}", base + SPAN)
+}
+
 /// A relay running in this process, with its data directory.
 pub struct TestRelay {
     /// The running relay (None between `stop` and `restart`).

@@ -43,6 +43,7 @@ pub fn nats_server_bin() -> anyhow::Result<PathBuf> {
 struct Node {
     client_port: u16,
     conf: PathBuf,
+    log: PathBuf,
     child: Option<Child>,
 }
 
@@ -54,19 +55,29 @@ pub struct NatsCluster {
     bin: PathBuf,
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 impl NatsCluster {
-    /// Starts `n` servers and waits until JetStream answers.
+    /// Starts `n` servers and waits until JetStream can place a stream on
+    /// all of them. A node that exits at start (its port taken meanwhile)
+    /// makes a new attempt with fresh ports.
     pub async fn start(n: usize) -> anyhow::Result<Self> {
+        let mut last = None;
+        for _ in 0..3 {
+            match Self::start_once(n).await {
+                Ok(c) => return Ok(c),
+                Err(e) => {
+                    eprintln!("nats cluster did not start, trying fresh ports: {e:#}");
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("nats cluster did not start")))
+    }
+
+    async fn start_once(n: usize) -> anyhow::Result<Self> {
         let bin = nats_server_bin()?;
         let dir = tempfile::tempdir()?;
         let ports: Vec<(u16, u16)> = (0..n)
-            .map(|_| Ok((free_port()?, free_port()?)))
+            .map(|_| Ok((crate::free_port()?, crate::free_port()?)))
             .collect::<anyhow::Result<_>>()?;
         let routes: Vec<String> = ports
             .iter()
@@ -89,14 +100,17 @@ impl NatsCluster {
                 &conf,
                 format!(
                     "server_name: n{i}\nlisten: 127.0.0.1:{client}\n\
+                     log_file: \"{}\"\n\
                      jetstream {{ store_dir: \"{}\", max_memory_store: 268435456, max_file_store: 4294967296 }}\n\
                      {cluster_block}\n",
+                    dir.path().join(format!("n{i}.log")).display(),
                     store.display()
                 ),
             )?;
             nodes.push(Node {
                 client_port: *client,
                 conf,
+                log: dir.path().join(format!("n{i}.log")),
                 child: None,
             });
         }
@@ -167,36 +181,81 @@ impl NatsCluster {
             .join(",")
     }
 
-    /// Waits until some running node answers JetStream API requests (a
-    /// meta leader is elected).
-    pub async fn wait_ready(&self, within: Duration) -> anyhow::Result<()> {
-        tokio::time::timeout(within, async {
-            loop {
-                for (i, n) in self.nodes.iter().enumerate() {
-                    if n.child.is_some() && self.answers(i).await {
-                        return;
-                    }
+    /// Waits until JetStream answers and, with more than one node, can
+    /// place a stream on every node (the relays' replicated streams need
+    /// all of them: a cluster missing a node elects a meta leader and
+    /// answers API requests, yet refuses placement). Fails at once, with
+    /// its log, if a node has exited.
+    pub async fn wait_ready(&mut self, within: Duration) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            self.check_running()?;
+            for i in 0..self.nodes.len() {
+                if self.nodes[i].child.is_some() && self.ready(i).await {
+                    return Ok(());
                 }
-                tokio::time::sleep(Duration::from_millis(200)).await;
             }
-        })
-        .await
-        .map_err(|_| anyhow::anyhow!("JetStream not ready within {within:?}"))
+            if tokio::time::Instant::now() >= deadline {
+                let logs: Vec<String> = (0..self.nodes.len()).map(|i| self.log_tail(i)).collect();
+                bail!(
+                    "JetStream not ready within {within:?}:\n{}",
+                    logs.join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
-    /// Whether node `i` answers a JetStream API request without an error.
-    async fn answers(&self, i: usize) -> bool {
+    /// An error naming the first started node that has exited.
+    fn check_running(&mut self) -> anyhow::Result<()> {
+        for i in 0..self.nodes.len() {
+            if let Some(child) = self.nodes[i].child.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    self.nodes[i].child = None;
+                    bail!("nats node n{i} exited ({status}):\n{}", self.log_tail(i));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The last lines of node `i`'s log.
+    fn log_tail(&self, i: usize) -> String {
+        let log = std::fs::read_to_string(&self.nodes[i].log).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        let tail = lines[lines.len().saturating_sub(15)..].join("\n");
+        format!("--- n{i} log ---\n{tail}")
+    }
+
+    /// Whether node `i` answers JetStream requests and, with more than one
+    /// node, places (then deletes) a probe stream replicated on all nodes.
+    async fn ready(&self, i: usize) -> bool {
         let Ok(Ok(client)) =
             tokio::time::timeout(Duration::from_secs(2), async_nats::connect(self.url(i))).await
         else {
             return false;
         };
-        let info = tokio::time::timeout(
-            Duration::from_secs(2),
-            client.request("$JS.API.INFO", "".into()),
-        )
-        .await;
-        matches!(info, Ok(Ok(m)) if !String::from_utf8_lossy(&m.payload).contains("\"error\""))
+        if self.nodes.len() == 1 {
+            let info = tokio::time::timeout(
+                Duration::from_secs(2),
+                client.request("$JS.API.INFO", "".into()),
+            )
+            .await;
+            return matches!(info, Ok(Ok(m)) if !String::from_utf8_lossy(&m.payload).contains("\"error\""));
+        }
+        let js = async_nats::jetstream::new(client);
+        let probe = async_nats::jetstream::stream::Config {
+            name: "WAKEWIRE_TEST_PROBE".into(),
+            subjects: vec!["wakewire-test-probe".into()],
+            num_replicas: self.nodes.len(),
+            ..Default::default()
+        };
+        tokio::time::timeout(Duration::from_secs(5), async {
+            js.create_stream(probe).await.is_ok()
+                && js.delete_stream("WAKEWIRE_TEST_PROBE").await.is_ok()
+        })
+        .await
+        .unwrap_or(false)
     }
 }
 
