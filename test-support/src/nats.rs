@@ -187,22 +187,27 @@ impl NatsCluster {
     /// answers API requests, yet refuses placement). Fails at once, with
     /// its log, if a node has exited.
     pub async fn wait_ready(&mut self, within: Duration) -> anyhow::Result<()> {
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
-            self.check_running()?;
-            for i in 0..self.nodes.len() {
-                if self.nodes[i].child.is_some() && self.ready(i).await {
-                    return Ok(());
+        let waited = tokio::time::timeout(within, async {
+            loop {
+                self.check_running()?;
+                for i in 0..self.nodes.len() {
+                    if self.nodes[i].child.is_some() && self.ready(i).await {
+                        return Ok(());
+                    }
                 }
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            if tokio::time::Instant::now() >= deadline {
+        })
+        .await;
+        match waited {
+            Ok(result) => result,
+            Err(_) => {
                 let logs: Vec<String> = (0..self.nodes.len()).map(|i| self.log_tail(i)).collect();
                 bail!(
                     "JetStream not ready within {within:?}:\n{}",
                     logs.join("\n")
-                );
+                )
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
