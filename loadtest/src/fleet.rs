@@ -137,6 +137,12 @@ pub struct FleetConfig {
     pub keepalive: Duration,
     /// Connect with TLS over TCP to this port instead of QUIC.
     pub tcp_port: Option<u16>,
+    /// Handshakes in flight across the fleet, reconnects included: the
+    /// generator shares two cores with the relay, and unbounded, a 100k
+    /// reconnect storm overloads the generator itself (its sockets overflow
+    /// and its established devices time out), which is not the relay's
+    /// doing. The connect phase has the same bound.
+    pub handshake_limit: wakewire_sdk::HandshakeLimit,
 }
 
 /// What every device's callbacks update.
@@ -174,6 +180,7 @@ pub async fn connect_device(
         .device_token(token)
         .endpoint(endpoint)
         .keepalive(KeepalivePolicy::Fixed(config.keepalive))
+        .handshake_limit(config.handshake_limit.clone())
         .on_status(move |s| match s {
             Status::Connected(_) if !up.swap(true, Ordering::Relaxed) => {
                 status_state.connected.fetch_add(1, Ordering::Relaxed);

@@ -290,6 +290,7 @@ pub async fn run_relay(opts: &Opts, live: Arc<Live>) -> anyhow::Result<TargetRep
         channels: opts.channels,
         keepalive: opts.keepalive,
         tcp_port,
+        handshake_limit: wakewire_sdk::HandshakeLimit::new(opts.concurrency),
     });
     let state = Arc::new(FleetState::default());
     let now = unix_secs();

@@ -32,6 +32,7 @@ pub struct ClientBuilder {
     backoff: (Duration, Duration),
     on_status: Option<StatusCallback>,
     endpoint: Option<quinn::Endpoint>,
+    handshake_limit: Option<crate::limit::HandshakeLimit>,
     dedup_file: Option<PathBuf>,
     dedup_window: usize,
     network_id: String,
@@ -75,6 +76,7 @@ impl ClientBuilder {
             backoff: (Duration::from_secs(1), Duration::from_secs(60)),
             on_status: None,
             endpoint: None,
+            handshake_limit: None,
             dedup_file: None,
             dedup_window: wakewire_proto::device_connection::DEFAULT_DEDUP_WINDOW,
             network_id: "default".into(),
@@ -128,6 +130,14 @@ impl ClientBuilder {
     /// socket (the load tester simulates fleets this way).
     pub fn endpoint(mut self, endpoint: quinn::Endpoint) -> Self {
         self.endpoint = Some(endpoint);
+        self
+    }
+
+    /// Shares a bound on handshakes in flight with the other clients given
+    /// a clone of `limit` (see [`crate::HandshakeLimit`]: for processes
+    /// hosting many clients, so a reconnect storm does not overload them).
+    pub fn handshake_limit(mut self, limit: crate::HandshakeLimit) -> Self {
+        self.handshake_limit = Some(limit);
         self
     }
 
@@ -305,6 +315,7 @@ impl ClientBuilder {
             backoff: self.backoff,
             on_status: self.on_status,
             endpoint: self.endpoint,
+            handshake_limit: self.handshake_limit,
             dedup_file: self.dedup_file,
             dedup_window: self.dedup_window,
             network_id: self.network_id,

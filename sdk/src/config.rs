@@ -45,6 +45,8 @@ pub(crate) struct Config {
     pub(crate) backoff: (Duration, Duration),
     pub(crate) on_status: Option<StatusCallback>,
     pub(crate) endpoint: Option<quinn::Endpoint>,
+    /// Attempts in flight shared with other clients of this process.
+    pub(crate) handshake_limit: Option<crate::limit::HandshakeLimit>,
     pub(crate) dedup_file: Option<PathBuf>,
     pub(crate) dedup_window: usize,
     pub(crate) network_id: String,

@@ -92,6 +92,7 @@ pub(crate) async fn start(
         let mut tries = 0;
         loop {
             tries += 1;
+            let _turn = crate::limit::turn(config.handshake_limit.as_ref()).await;
             match connect_once(
                 &config,
                 &mut endpoints,
@@ -286,6 +287,13 @@ impl Driver {
                     });
                     return self.fail_all("the client was closed");
                 }
+                let Some(_turn) = self.wait_turn().await else {
+                    self.emit(&Status::Disconnected {
+                        error: ConnectError::Closed,
+                        retry_in: None,
+                    });
+                    return self.fail_all("the client was closed");
+                };
                 self.emit(&Status::Connecting { attempt });
                 let interval = self.keepalive.interval();
                 match connect_once(
@@ -391,6 +399,28 @@ impl Driver {
                     Some(Command::Close { reply }) => {
                         let _ = reply.send(());
                         return false;
+                    }
+                    Some(cmd) => self.on_command(cmd, None),
+                },
+            }
+        }
+    }
+
+    /// Waits for a turn under the app's [`crate::HandshakeLimit`] (at once
+    /// without one), serving commands meanwhile; `None`: the client was
+    /// closed.
+    async fn wait_turn(&mut self) -> Option<Option<crate::limit::Turn>> {
+        let limit = self.config.handshake_limit.clone();
+        let turn = crate::limit::turn(limit.as_ref());
+        tokio::pin!(turn);
+        loop {
+            tokio::select! {
+                t = &mut turn => return Some(t),
+                cmd = self.cmd_rx.recv() => match cmd {
+                    None => return None,
+                    Some(Command::Close { reply }) => {
+                        let _ = reply.send(());
+                        return None;
                     }
                     Some(cmd) => self.on_command(cmd, None),
                 },

@@ -49,6 +49,7 @@ mod driver;
 pub mod energy;
 mod error;
 mod keepalive;
+mod limit;
 mod link;
 mod memory;
 mod relays;
@@ -62,6 +63,7 @@ mod types;
 
 pub use backoff::Backoff;
 pub use client::{ChannelBuilder, Client, ClientBuilder};
+pub use limit::HandshakeLimit;
 pub use error::{ClientClosed, ConnectError, RegisterError, RegisterRefusal};
 pub use stream::{Wake, WakeStream};
 #[cfg(feature = "testing")]
