@@ -63,8 +63,8 @@ mod types;
 
 pub use backoff::Backoff;
 pub use client::{ChannelBuilder, Client, ClientBuilder};
-pub use limit::HandshakeLimit;
 pub use error::{ClientClosed, ConnectError, RegisterError, RegisterRefusal};
+pub use limit::HandshakeLimit;
 pub use stream::{Wake, WakeStream};
 #[cfg(feature = "testing")]
 pub use tls::quic_client_config;

@@ -246,7 +246,7 @@ impl Default for Settings {
             default_ttl_secs: 28 * 24 * 3600,
             max_connections: 1_000_000,
             max_pending_handshakes: 1024,
-            shutdown_reconnect_rate: 1000,
+            shutdown_reconnect_rate: 2000,
             udp_buffer_bytes: 8 * 1024 * 1024,
             queue_limit: 100,
             normal_max_delay_ms: 60_000,

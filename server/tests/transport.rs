@@ -1,14 +1,15 @@
 //! The fallback transport (TLS 1.3 over TCP) end to end with the real relay
 //! and SDK: everything QUIC gives works over TCP; with UDP blocked a device
 //! in `Auto` connects over TCP after the head start and moves back to QUIC
-//! when UDP returns, without losing or repeating a wake; IPv6 loopback.
+//! when UDP returns, without losing or repeating a wake; IPv6 loopback;
+//! clients sharing a handshake limit take turns.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use wakewire_api::pb::DeliveryStatus;
-use wakewire_sdk::{ConnectError, Status, Transport};
+use wakewire_sdk::{ConnectError, HandshakeLimit, Status, Transport};
 use wakewire_test_support::proxy::UdpProxy;
 use wakewire_test_support::{recv, status_sink, wait_status, wake_sink, TestRelay};
 
@@ -203,5 +204,83 @@ async fn a_device_connects_over_ipv6_loopback_with_quic_and_tcp() -> anyhow::Res
         recv(&mut wakes).await?;
         client.close().await;
     }
+    Ok(())
+}
+
+/// Clients sharing a `HandshakeLimit` take turns. With a limit of one, a
+/// handshake that hangs (an address that never answers) holds the turn, and
+/// a second client starts only once the first gives up. After a relay
+/// restart, clients sharing a limit all come back through it.
+#[tokio::test]
+async fn clients_sharing_a_handshake_limit_take_turns() -> anyhow::Result<()> {
+    let mut relay = TestRelay::start().await?;
+    relay.pin_ports();
+    let limit = HandshakeLimit::new(1);
+    // A UDP socket that never answers: a handshake with it hangs until the
+    // connect timeout.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let stuck = tokio::spawn(
+        relay
+            .client_at("stuck", silent.local_addr()?)
+            .transport(Transport::Quic)
+            .connect_timeout(Duration::from_secs(2))
+            .handshake_limit(limit.clone())
+            .connect(),
+    );
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while limit.available() > 0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("the stuck client never took the turn"))?;
+    let waiting = relay
+        .client("waiting")
+        .transport(Transport::Quic)
+        .handshake_limit(limit.clone())
+        .connect();
+    tokio::pin!(waiting);
+    let stuck = tokio::select! {
+        r = stuck => r?,
+        c = &mut waiting => panic!("connected while the only turn was held: {:?}", c.map(|_| ())),
+    };
+    assert!(
+        matches!(stuck, Err(ConnectError::TimedOut(_))),
+        "{:?}",
+        stuck.map(|_| ())
+    );
+    let first = waiting.await?;
+    assert_eq!(
+        limit.available(),
+        1,
+        "the turn is given back once connected"
+    );
+
+    // Five more clients on a limit of two, then a restart: every one of
+    // them reconnects, a turn at a time.
+    let limit = HandshakeLimit::new(2);
+    let mut fleet = Vec::new();
+    for i in 0..5 {
+        let (on_status, mut statuses) = status_sink();
+        let client = relay
+            .client(&format!("fleet-{i}"))
+            .transport(Transport::Quic)
+            .handshake_limit(limit.clone())
+            .on_status(on_status)
+            .connect()
+            .await?;
+        wait_status(&mut statuses, |s| matches!(s, Status::Connected(_))).await?;
+        fleet.push((client, statuses));
+    }
+    relay.restart().await?;
+    for (_, statuses) in &mut fleet {
+        wait_status(statuses, |s| matches!(s, Status::Disconnected { .. })).await?;
+        wait_status(statuses, |s| matches!(s, Status::Connected(_))).await?;
+    }
+    assert_eq!(limit.available(), 2);
+    for (client, _) in fleet {
+        client.close().await;
+    }
+    first.close().await;
     Ok(())
 }
