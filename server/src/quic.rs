@@ -3,8 +3,8 @@
 //! resets its predecessor's connections and accepts its Retry tokens) and
 //! its accept loop with admission control:
 //!
-//! - beyond `max_pending_handshakes` (or `max_connections`) new handshakes
-//!   are refused (devices back off and retry);
+//! - beyond `max_pending_handshakes` (or `max_connections`), or while the
+//!   relay drains, new handshakes are refused (devices back off and retry);
 //! - beyond `retry_threshold` pending handshakes, a new one must first
 //!   prove it owns its source address with a QUIC Retry (one round trip,
 //!   no state kept), so spoofed ClientHellos cannot hold handshake slots;
@@ -108,6 +108,14 @@ pub(crate) async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) 
     let prefixes = Arc::new(PrefixCounts::default());
     let admission = shared.config.admission.clone();
     while let Some(incoming) = endpoint.accept().await {
+        if shared.draining.load(Ordering::Relaxed) {
+            // Refused, not ignored: the device learns at once to go
+            // elsewhere or come back later, instead of waiting out its
+            // connect timeout.
+            metrics::counter!(m::REFUSED, "why" => "draining").increment(1);
+            incoming.refuse();
+            continue;
+        }
         if !shared.admit() {
             // Cheap refusal: the device backs off (with jitter) and retries.
             metrics::counter!(m::REFUSED, "why" => "busy").increment(1);

@@ -629,7 +629,7 @@ impl RelayHandle {
             None => Vec::new(),
         };
         tokio::time::sleep(config.drain_delay).await;
-        self.endpoint.set_server_config(None);
+        // From here the accept loops refuse new devices.
         self.shared
             .draining
             .store(true, std::sync::atomic::Ordering::Relaxed);

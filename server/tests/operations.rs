@@ -197,7 +197,11 @@ async fn a_plaintext_publisher_api_beyond_loopback_is_refused() -> anyhow::Resul
 
 #[tokio::test]
 async fn draining_reports_not_serving_first_then_sends_devices_away() -> anyhow::Result<()> {
-    let mut relay = TestRelay::start_with(|c| c.drain_delay = Duration::from_millis(500)).await?;
+    let mut relay = TestRelay::start_with(|c| {
+        c.drain_delay = Duration::from_millis(500);
+        c.connection.session.hello_timeout = Duration::from_secs(6);
+    })
+    .await?;
     let health_addr = relay.relay().health_addr().expect("health endpoint");
     let (cb, mut statuses) = wakewire_test_support::status_sink();
     let client = relay
@@ -221,6 +225,16 @@ async fn draining_reports_not_serving_first_then_sends_devices_away() -> anyhow:
         health(health_addr).await?,
         tonic_health::pb::health_check_response::ServingStatus::Serving
     );
+    // A connection that has sent only a frame's length prefix holds the
+    // drain open (until its Hello timeout), so a device arriving during the
+    // drain can be seen being refused.
+    let (_raw_ep, raw) = wakewire_test_support::raw_connection(&relay).await?;
+    let (mut raw_send, _raw_recv) = raw.open_bi().await?;
+    raw_send.write_all(&[0x10]).await?;
+    let quic_addr = relay.quic_addr();
+    let late = relay
+        .client("late")
+        .transport(wakewire_sdk::Transport::Quic);
     let handle = relay.handle.take().expect("running");
     let drain = tokio::spawn(handle.shutdown(Duration::from_millis(10)));
     // NOT_SERVING while the device is still connected (the drain delay).
@@ -251,6 +265,19 @@ async fn draining_reports_not_serving_first_then_sends_devices_away() -> anyhow:
     })
     .await?;
     assert!(matches!(gone, wakewire_sdk::Status::Disconnected { .. }));
+    // A device arriving while the relay drains is refused at once, not left
+    // to wait out its connect timeout.
+    assert!(
+        !drain.is_finished(),
+        "the half-open connection holds the drain"
+    );
+    match late.connect().await {
+        Err(wakewire_sdk::ConnectError::Refused(_)) => {}
+        other => panic!(
+            "a device connecting to {quic_addr} during a drain: {:?}",
+            other.map(|_| ())
+        ),
+    }
     drain.await?;
     client.close().await;
     Ok(())
