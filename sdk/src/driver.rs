@@ -391,19 +391,9 @@ impl Driver {
     /// Waits `delay` while taking commands; false if the app closed.
     async fn wait_offline(&mut self, delay: Duration) -> bool {
         let until = tokio::time::Instant::from_std(clock::now() + delay);
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep_until(until) => return true,
-                cmd = self.cmd_rx.recv() => match cmd {
-                    None => return false,
-                    Some(Command::Close { reply }) => {
-                        let _ = reply.send(());
-                        return false;
-                    }
-                    Some(cmd) => self.on_command(cmd, None),
-                },
-            }
-        }
+        self.serve_offline_until(tokio::time::sleep_until(until))
+            .await
+            .is_some()
     }
 
     /// Waits for a turn under the app's [`crate::HandshakeLimit`] (at once
@@ -411,11 +401,20 @@ impl Driver {
     /// closed.
     async fn wait_turn(&mut self) -> Option<Option<crate::limit::Turn>> {
         let limit = self.config.handshake_limit.clone();
-        let turn = crate::limit::turn(limit.as_ref());
-        tokio::pin!(turn);
+        self.serve_offline_until(crate::limit::turn(limit.as_ref()))
+            .await
+    }
+
+    /// Serves the app's commands while no connection is up, until `done`
+    /// completes (its output) or the app closes the client (`None`).
+    async fn serve_offline_until<T>(
+        &mut self,
+        done: impl std::future::Future<Output = T>,
+    ) -> Option<T> {
+        tokio::pin!(done);
         loop {
             tokio::select! {
-                t = &mut turn => return Some(t),
+                t = &mut done => return Some(t),
                 cmd = self.cmd_rx.recv() => match cmd {
                     None => return None,
                     Some(Command::Close { reply }) => {
