@@ -92,25 +92,29 @@ done
   echo "Devices registered, then offline: every Publish is a committed store write (fsync) before it"
   echo "is answered. Group commit (the default) vs one fsync per event, same machine, same disk:"
   echo
-  report "$OUT/durable-true" | grep -E "^- (command|machine|before)|^### Run|^\| (metric|---|durable)"
+  report "$OUT/durable-true" | grep -E "^- (command|machine|before)|^### Run"
+  echo
+  report "$OUT/durable-true" | grep -E "^\|( metric|---| durable)"
   echo
   grep -E "^- (command|machine)|^### Run" "$OUT/durable-false/report.md"
-  grep -E "^\| (metric|---|durable)" "$OUT/durable-false/report.md"
+  echo
+  grep -E "^\|( metric|---| durable)" "$OUT/durable-false/report.md"
   echo
   echo "## Reconnect storms (100k devices)"
   echo
   echo "Crash (SIGKILL, devices notice at their next keepalive) and graceful restart (SIGTERM:"
   echo "GoAway with reconnect hints spread over the drain). Generator and relay share both cores"
-  echo "here (\`--pin false\`): pinned to one core, 100k simulated devices reconnecting time out in"
-  echo "the generator itself."
+  echo "here (\`--pin false\`), and the generator's devices share one \`HandshakeLimit\` of"
+  echo "\`--concurrency\` (256) handshakes in flight: without it the generator's own sockets"
+  echo "overflow and its devices time out (the 100k stall of 2026-11-29, docs/perf.md)."
   echo
-  echo "(A stall of these storms at 100k devices, seen this session for the relay before and"
-  echo "after, is described in docs/perf.md; check the \"devices back\" row.)"
+  report "$OUT/storm-kill" | grep -E "^- (command|machine|before)|^### Run"
   echo
-  report "$OUT/storm-kill" | grep -E "^- (command|machine|before)|^### Run|^\| (metric|---|storm|reconnect)"
+  report "$OUT/storm-kill" | grep -E "^\|( metric|---| storm| reconnect)"
   echo
   grep -E "^- (command|machine)|^### Run" "$OUT/storm-term/report.md"
-  grep -E "^\| (metric|---|storm|reconnect)" "$OUT/storm-term/report.md"
+  echo
+  grep -E "^\|( metric|---| storm| reconnect)" "$OUT/storm-term/report.md"
   echo
   echo "![storm after SIGKILL](bench/storm-kill.svg)"
   echo
