@@ -119,6 +119,7 @@ async fn a_python_grpcio_publisher_sees_idempotent_retries_and_clear_errors() ->
         "ok reused key refused",
         "ok collapse key bounded",
         "ok unauthenticated",
+        "ok publish stream",
         "ok receipts and GetEvent",
     ] {
         assert!(stdout.contains(check), "missing {check:?}");

@@ -123,7 +123,15 @@ pub async fn run(opts: AckFloodOpts) -> anyhow::Result<AckFloodReport> {
         clients.push(client);
     }
     let token = keys.publisher_token(&[], &["*".into()], Duration::from_secs(3600), unix_secs());
-    let publisher = Publisher::connect(relay.grpc, 2, &token, ids, epoch).await?;
+    let publisher = Publisher::connect(
+        relay.grpc,
+        2,
+        &token,
+        ids,
+        epoch,
+        crate::publisher::PublishApi::Unary,
+    )
+    .await?;
 
     let mut phases = vec![];
     for (name, flood) in [("baseline", false), ("ack flood", true), ("after", false)] {

@@ -144,6 +144,10 @@ enum Cmd {
         /// gRPC connections of the publisher.
         #[arg(long, default_value_t = 4)]
         publishers: usize,
+        /// The call single publishes use in the push and durable phases:
+        /// unary Publish, or one PublishStream per connection.
+        #[arg(long, value_enum, default_value_t = publisher::PublishApi::Unary)]
+        publish_api: publisher::PublishApi,
         /// Events per PublishBatch in the saturation phase (1 = Publish).
         #[arg(long, default_value_t = 50)]
         batch: usize,
@@ -437,6 +441,7 @@ async fn main() -> anyhow::Result<()> {
             storm,
             storm_limit_secs,
             publishers,
+            publish_api,
             batch,
             relay_quic,
             relay_grpc,
@@ -480,6 +485,7 @@ async fn main() -> anyhow::Result<()> {
                 storm,
                 storm_limit: Duration::from_secs_f64(storm_limit_secs),
                 publishers,
+                publish_api,
                 batch,
                 relay_bin,
                 work_dir: work.clone(),

@@ -3,17 +3,18 @@
 //! a slow relay cannot hide behind fewer requests), or as fast as a fixed
 //! number of concurrent publishers allow (optionally with `PublishBatch`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use wakewire_api::pb::{
-    publisher_client::PublisherClient, DeliveryStatus, PublishBatchRequest, PublishRequest,
-    PublishResponse,
+    publisher_client::PublisherClient, DeliveryStatus, PublishBatchRequest, PublishBatchResult,
+    PublishRequest, PublishResponse, PublishStreamRequest,
 };
 
 /// Results of a publish phase.
@@ -31,9 +32,28 @@ pub struct PublishStats {
     pub per_s: f64,
 }
 
+/// Which publisher call single publishes use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+pub enum PublishApi {
+    /// One unary `Publish` per event (one HTTP/2 stream each).
+    Unary,
+    /// One long-lived `PublishStream` per connection, answers matched by
+    /// sequence number.
+    Stream,
+}
+
+/// One `PublishStream` per gRPC connection; answers find their caller by
+/// sequence number.
+struct Lanes {
+    senders: Vec<mpsc::Sender<PublishStreamRequest>>,
+    waiting: Arc<Mutex<HashMap<u64, oneshot::Sender<PublishBatchResult>>>>,
+    seq: AtomicU64,
+}
+
 /// Publishes to a set of channels over a few gRPC connections.
 #[derive(Clone)]
 pub struct Publisher {
+    lanes: Option<Arc<Lanes>>,
     clients: Vec<PublisherClient<Channel>>,
     token: Arc<str>,
     ids: Arc<[String]>,
@@ -49,6 +69,7 @@ impl Publisher {
         token: &str,
         ids: Vec<String>,
         epoch: Instant,
+        api: PublishApi,
     ) -> anyhow::Result<Self> {
         let mut clients = Vec::new();
         for _ in 0..connections.max(1) {
@@ -57,13 +78,80 @@ impl Publisher {
                 .await?;
             clients.push(PublisherClient::new(ch));
         }
+        let lanes = match api {
+            PublishApi::Unary => None,
+            PublishApi::Stream => Some(Arc::new(Self::open_lanes(&clients, token).await?)),
+        };
         Ok(Self {
+            lanes,
             clients,
             token: token.into(),
             ids: ids.into(),
             epoch,
             statuses: Arc::default(),
         })
+    }
+
+    async fn open_lanes(
+        clients: &[PublisherClient<Channel>],
+        token: &str,
+    ) -> anyhow::Result<Lanes> {
+        let waiting: Arc<Mutex<HashMap<u64, oneshot::Sender<PublishBatchResult>>>> = Arc::default();
+        let mut senders = Vec::new();
+        for client in clients {
+            let (tx, rx) = mpsc::channel(1024);
+            let mut req = tonic::Request::new(ReceiverStream::new(rx));
+            if let Ok(v) = format!("Bearer {token}").parse() {
+                req.metadata_mut().insert("authorization", v);
+            }
+            let mut answers = client.clone().publish_stream(req).await?.into_inner();
+            let waiting = waiting.clone();
+            tokio::spawn(async move {
+                while let Ok(Some(a)) = answers.message().await {
+                    let w = waiting.lock().ok().and_then(|mut m| m.remove(&a.seq));
+                    if let Some(w) = w {
+                        let _ = w.send(a.result.unwrap_or_default());
+                    }
+                }
+                // The stream ended: callers still waiting see it.
+                if let Ok(mut m) = waiting.lock() {
+                    m.clear();
+                }
+            });
+            senders.push(tx);
+        }
+        Ok(Lanes {
+            senders,
+            waiting,
+            seq: AtomicU64::new(0),
+        })
+    }
+
+    /// Publishes on stream lane `i` and waits for its answer.
+    async fn publish_streamed(&self, lanes: &Lanes, i: usize, req: PublishRequest) {
+        let seq = lanes.seq.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        if let Ok(mut m) = lanes.waiting.lock() {
+            m.insert(seq, tx);
+        }
+        let lane = &lanes.senders[i % lanes.senders.len()];
+        let sent = lane
+            .send(PublishStreamRequest {
+                seq,
+                event: Some(req),
+            })
+            .await;
+        if sent.is_err() {
+            self.count("error stream closed".into(), 1);
+            return;
+        }
+        match rx.await {
+            Ok(r) => match &r.response {
+                Some(resp) => self.count_response(resp),
+                None => self.count(format!("error {}", r.error_code), 1),
+            },
+            Err(_) => self.count("error stream ended".into(), 1),
+        }
     }
 
     fn request(&self, i: usize, intended: Instant) -> PublishRequest {
@@ -103,6 +191,11 @@ impl Publisher {
     }
 
     async fn publish_one(&self, i: usize, intended: Instant) {
+        if let Some(lanes) = &self.lanes {
+            return self
+                .publish_streamed(lanes, i, self.request(i, intended))
+                .await;
+        }
         let mut client = self.clients[i % self.clients.len()].clone();
         match client.publish(self.authed(self.request(i, intended))).await {
             Ok(r) => self.count_response(&r.into_inner()),

@@ -47,6 +47,8 @@ pub struct Opts {
     pub storm: StormMode,
     pub storm_limit: Duration,
     pub publishers: usize,
+    /// The call single publishes use (push and durable phases).
+    pub publish_api: crate::publisher::PublishApi,
     pub batch: usize,
     pub relay_bin: PathBuf,
     pub work_dir: PathBuf,
@@ -338,8 +340,15 @@ pub async fn run_relay(opts: &Opts, live: Arc<Live>) -> anyhow::Result<TargetRep
     let mut push = None;
     let mut saturate = None;
     if !ids.is_empty() {
-        let publisher =
-            Publisher::connect(grpc, opts.publishers, &token, ids.clone(), epoch).await?;
+        let publisher = Publisher::connect(
+            grpc,
+            opts.publishers,
+            &token,
+            ids.clone(),
+            epoch,
+            opts.publish_api,
+        )
+        .await?;
         if opts.push_rate > 0 && !opts.push.is_zero() {
             live.phase(
                 &format!("relay: push {}/s", opts.push_rate),
@@ -454,8 +463,15 @@ pub async fn run_relay(opts: &Opts, live: Arc<Live>) -> anyhow::Result<TargetRep
             state.connected.load(Ordering::Relaxed) == 0
         })
         .await;
-        let publisher =
-            Publisher::connect(grpc, opts.publishers, &token, ids.clone(), epoch).await?;
+        let publisher = Publisher::connect(
+            grpc,
+            opts.publishers,
+            &token,
+            ids.clone(),
+            epoch,
+            opts.publish_api,
+        )
+        .await?;
         let latency = Arc::new(crate::stats::Recorder::default());
         let p = publisher
             .closed_loop(

@@ -143,8 +143,17 @@ impl PublishError {
         }
     }
 
+    /// When a retry may succeed, for the errors that say so.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            PublishError::RateLimited(d) => Some((*d).max(std::time::Duration::from_millis(1))),
+            PublishError::Overloaded => Some(std::time::Duration::from_millis(100)),
+            _ => None,
+        }
+    }
+
     /// Metric label of the code.
-    fn label(&self) -> &'static str {
+    pub(crate) fn label(&self) -> &'static str {
         match self.code() {
             Code::Unauthenticated => "unauthenticated",
             Code::InvalidArgument => "invalid_argument",
@@ -160,11 +169,7 @@ impl PublishError {
 impl From<PublishError> for Status {
     fn from(e: PublishError) -> Self {
         let mut status = Status::new(e.code(), e.to_string());
-        let retry_ms = match &e {
-            PublishError::RateLimited(d) => Some(d.as_millis().max(1)),
-            PublishError::Overloaded => Some(100),
-            _ => None,
-        };
+        let retry_ms = e.retry_after().map(|d| d.as_millis());
         if let Some(ms) = retry_ms {
             if let Ok(v) = ms.to_string().parse() {
                 status
@@ -207,17 +212,36 @@ impl PublisherService {
             .get::<Authed>()
             .cloned()
             .ok_or(PublishError::MissingCredential)?;
+        self.charge(&a.claims, cost)?;
+        Ok(a)
+    }
+
+    /// Takes `cost` publishes from the publisher's rate quota.
+    pub(crate) fn charge(&self, claims: &Claims, cost: u32) -> Result<(), PublishError> {
         if cost > 0 {
             if let Err(RetryAfter(wait)) =
                 self.shared
                     .quotas
-                    .take(&quota_key(&a.claims), cost, clock::now())
+                    .take(&quota_key(claims), cost, clock::now())
             {
                 counter!(m::THROTTLED, "limit" => "rate").increment(1);
                 return Err(PublishError::RateLimited(wait));
             }
         }
-        Ok(a)
+        Ok(())
+    }
+
+    /// Whether a credential checked when a stream opened is still good:
+    /// not expired, not revoked since.
+    pub(crate) fn still_valid(&self, claims: &Claims) -> Result<(), PublishError> {
+        let now = clock::unix_secs();
+        if claims.exp <= now {
+            return Err(PublishError::BadCredential(TokenError::Expired {
+                exp: claims.exp,
+                now,
+            }));
+        }
+        self.shared.check_revoked(claims)
     }
 
     /// Publishes in a task of its own, so that a cancelled request cannot
@@ -228,27 +252,30 @@ impl PublisherService {
         req: PublishRequest,
         span: tracing::Span,
     ) -> Result<PublishResponse, PublishError> {
-        let this = self.clone();
-        let task = tokio::spawn(
-            async move {
-                let started = clock::now();
-                let result = this.publish_checked(&claims, req).await;
-                let status = match &result {
-                    Ok(r) => delivery_label(r.status()),
-                    Err(e) => e.label(),
-                };
-                counter!(m::PUBLISHES, "status" => status).increment(1);
-                histogram!(m::PUBLISH_SECONDS).record(
-                    clock::now()
-                        .saturating_duration_since(started)
-                        .as_secs_f64(),
-                );
-                result
-            }
-            .instrument(span),
-        );
+        let task = tokio::spawn(self.clone().publish_counted(claims, req).instrument(span));
         task.await
             .map_err(|e| PublishError::Internal(format!("publish task failed: {e}")))?
+    }
+
+    /// One publish with its metrics (run in a task of its own).
+    pub(crate) async fn publish_counted(
+        self,
+        claims: Arc<Claims>,
+        req: PublishRequest,
+    ) -> Result<PublishResponse, PublishError> {
+        let started = clock::now();
+        let result = self.publish_checked(&claims, req).await;
+        let status = match &result {
+            Ok(r) => delivery_label(r.status()),
+            Err(e) => e.label(),
+        };
+        counter!(m::PUBLISHES, "status" => status).increment(1);
+        histogram!(m::PUBLISH_SECONDS).record(
+            clock::now()
+                .saturating_duration_since(started)
+                .as_secs_f64(),
+        );
+        result
     }
 
     async fn publish_checked(
@@ -654,6 +681,21 @@ pub type ReceiptStream = Pin<Box<dyn Stream<Item = Result<EventStatus, Status>> 
 #[tonic::async_trait]
 impl Publisher for PublisherService {
     type WatchDeliveriesStream = ReceiptStream;
+    type PublishStreamStream = crate::publish_stream::AnswerStream;
+
+    async fn publish_stream(
+        &self,
+        request: Request<tonic::Streaming<wakewire_api::pb::PublishStreamRequest>>,
+    ) -> Result<Response<Self::PublishStreamStream>, Status> {
+        // Authenticated once, on the stream's headers; each event is then
+        // charged to the rate quota and the credential checked again.
+        let a = self.admit(&request, 0)?;
+        Ok(Response::new(crate::publish_stream::serve(
+            self.clone(),
+            a,
+            request.into_inner(),
+        )))
+    }
 
     async fn get_event(
         &self,
@@ -750,21 +792,30 @@ impl Publisher for PublisherService {
             let r = task.await.unwrap_or_else(|e| {
                 Err(PublishError::Internal(format!("publish task failed: {e}")))
             });
-            results.push(match r {
-                Ok(resp) => PublishBatchResult {
-                    response: Some(resp),
-                    error_code: 0,
-                    error_message: String::new(),
-                },
-                Err(e) => PublishBatchResult {
-                    response: None,
-                    error_code: e.code() as i32,
-                    error_message: e.to_string(),
-                },
-            });
+            results.push(result_of(r));
         }
         drop(a);
         Ok(Response::new(PublishBatchResponse { results }))
+    }
+}
+
+/// One event's outcome as an in-band result (PublishBatch, PublishStream):
+/// the error mapping of [`PublishError::code`], its message, and when to
+/// retry.
+pub(crate) fn result_of(r: Result<PublishResponse, PublishError>) -> PublishBatchResult {
+    match r {
+        Ok(resp) => PublishBatchResult {
+            response: Some(resp),
+            ..Default::default()
+        },
+        Err(e) => PublishBatchResult {
+            response: None,
+            error_code: e.code() as i32,
+            error_message: e.to_string(),
+            retry_after_ms: e
+                .retry_after()
+                .map_or(0, |d| u32::try_from(d.as_millis()).unwrap_or(u32::MAX)),
+        },
     }
 }
 

@@ -74,6 +74,20 @@ def checks(a, stub, md):
         assert e.code() == grpc.StatusCode.UNAUTHENTICATED, e
     print("ok unauthenticated")
 
+    # PublishStream: a bidirectional stream from gRPC C-core; answers by
+    # sequence number, a bad event answered in band, the stream goes on.
+    def requests():
+        yield pb.PublishStreamRequest(seq=7, event=pb.PublishRequest(channel_id=a.channel, payload=b"s7"))
+        yield pb.PublishStreamRequest(seq=8, event=pb.PublishRequest(channel_id="not a channel id"))
+        yield pb.PublishStreamRequest(seq=9, event=pb.PublishRequest(channel_id=a.channel, payload=b"s9"))
+
+    answers = {r.seq: r.result for r in stub.PublishStream(requests(), metadata=md, timeout=20)}
+    assert sorted(answers) == [7, 8, 9], answers
+    for seq in (7, 9):
+        assert answers[seq].error_code == 0 and answers[seq].response.event_id, answers[seq]
+    assert answers[8].error_code == grpc.StatusCode.INVALID_ARGUMENT.value[0], answers[8]
+    print("ok publish stream")
+
 
 def receipts(a, stub, md):
 
