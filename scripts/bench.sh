@@ -3,7 +3,7 @@
 # the raw-quinn floor on this machine and rewrites docs/benchmarks.md (the
 # tables, commands, machine and date) and docs/bench/*.svg (the plots);
 # docs/benchmarks.head.md and docs/benchmarks.tail.md frame the tables.
-# Takes about 15 minutes on 2 cores and needs ~14 GiB of memory.
+# Takes about 17 minutes on 2 cores and needs ~14 GiB of memory.
 #
 # BEFORE_RELAY=<path to an older wakewire-relay> adds a "relay before" column
 # to scenarios A, B and C: the same commands run against that binary in the
@@ -56,6 +56,12 @@ compare "$OUT/durable-true" relay --devices 1000 --idle-secs 1 --push-rate 0 \
 $LT compare --target relay --devices 1000 --idle-secs 1 --push-rate 0 \
   --saturate-outstanding 0 --durable-secs 15 --durable-workers 256 \
   --relay-arg=--store-group-commit --relay-arg=false --out "$OUT/durable-false"
+# E: the publish API at 10k devices and 10k/s offered: unary Publish vs
+# PublishStream, the same relay one after the other.
+for api in unary stream; do
+  $LT compare --target relay --devices 10000 --idle-secs 5 --push-rate 10000 --push-secs 20 \
+    --saturate-outstanding 0 --publish-api "$api" --out "$OUT/api-$api"
+done
 # D: the adaptive keepalive in simulated standby (deterministic, no network).
 $LT standby --out "$OUT/standby"
 # F: legitimate devices during a ClientHello flood, with and without Retry.
@@ -119,6 +125,18 @@ done
   echo "![storm after SIGKILL](bench/storm-kill.svg)"
   echo
   echo "![storm after SIGTERM](bench/storm-term.svg)"
+  echo
+  echo "## Publish API: unary Publish vs PublishStream (10k devices, 10k/s offered)"
+  echo
+  echo "The same relay, one run after the other: each event its own unary Publish (an HTTP/2"
+  echo "stream each, as in the tables above), or one long-lived PublishStream per publisher"
+  echo "connection (4)."
+  for api in unary stream; do
+    echo
+    grep -E "^- (command|machine)|^### Run" "$OUT/api-$api/report.md"
+    echo
+    grep -E "^\|( metric|---| wakes/s achieved| server CPU per wake at that| wakes per server| latency p(50|99) )" "$OUT/api-$api/report.md"
+  done
   echo
   echo "## Adaptive keepalive (simulated standby)"
   echo
