@@ -337,10 +337,8 @@ pub async fn run_relay(opts: &Opts, live: Arc<Live>) -> anyhow::Result<TargetRep
         .lock()
         .map(|v| v.clone())
         .unwrap_or_default();
-    let mut push = None;
-    let mut saturate = None;
-    if !ids.is_empty() {
-        let publisher = Publisher::connect(
+    let new_publisher = || {
+        Publisher::connect(
             grpc,
             opts.publishers,
             &token,
@@ -348,7 +346,11 @@ pub async fn run_relay(opts: &Opts, live: Arc<Live>) -> anyhow::Result<TargetRep
             epoch,
             opts.publish_api,
         )
-        .await?;
+    };
+    let mut push = None;
+    let mut saturate = None;
+    if !ids.is_empty() {
+        let publisher = new_publisher().await?;
         if opts.push_rate > 0 && !opts.push.is_zero() {
             live.phase(
                 &format!("relay: push {}/s", opts.push_rate),
@@ -463,15 +465,7 @@ pub async fn run_relay(opts: &Opts, live: Arc<Live>) -> anyhow::Result<TargetRep
             state.connected.load(Ordering::Relaxed) == 0
         })
         .await;
-        let publisher = Publisher::connect(
-            grpc,
-            opts.publishers,
-            &token,
-            ids.clone(),
-            epoch,
-            opts.publish_api,
-        )
-        .await?;
+        let publisher = new_publisher().await?;
         let latency = Arc::new(crate::stats::Recorder::default());
         let p = publisher
             .closed_loop(
