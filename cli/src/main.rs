@@ -168,6 +168,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn channel_ids_starting_with_a_hyphen_are_values_not_flags() {
+        // Channel ids are base64url: 1 in 64 starts with '-'.
+        for args in [
+            &[
+                "wakewire-relay",
+                "publish",
+                "--channel",
+                "-Mx0aBcDeFgHiJkLmNoPqR",
+                "-hi",
+            ][..],
+            &[
+                "wakewire-relay",
+                "token",
+                "publisher",
+                "--channel",
+                "-Mx0aBcDeFgHiJkLmNoPqR",
+            ][..],
+        ] {
+            if let Err(e) = Cli::try_parse_from(args) {
+                panic!("{args:?}: {e}");
+            }
+        }
+    }
+
+    #[test]
     fn durations_parse_with_units() {
         assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
         assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));

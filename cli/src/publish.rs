@@ -20,9 +20,11 @@ enum PriorityArg {
 #[derive(Args)]
 pub(crate) struct PublishArgs {
     /// Channel id (printed by `listen` or returned by the SDK's register()).
-    #[arg(long)]
+    /// Base64url: it may start with '-'.
+    #[arg(long, allow_hyphen_values = true)]
     channel: String,
     /// Payload (UTF-8 text, at most 4096 bytes).
+    #[arg(allow_hyphen_values = true)]
     payload: String,
     /// Publisher gRPC endpoint: http://... (plaintext, loopback) or
     /// https://... (TLS).

@@ -33,8 +33,9 @@ pub(crate) enum TokenCmd {
         /// Device whose channels may be published to (repeatable).
         #[arg(long)]
         device_id: Vec<String>,
-        /// Channel id that may be published to (repeatable).
-        #[arg(long)]
+        /// Channel id that may be published to (repeatable; base64url, so it
+        /// may start with '-').
+        #[arg(long, allow_hyphen_values = true)]
         channel: Vec<String>,
         /// Allow every device (an admin token; the only way to get one).
         #[arg(long)]
