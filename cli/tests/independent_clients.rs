@@ -106,8 +106,10 @@ async fn a_python_grpcio_publisher_sees_idempotent_retries_and_clear_errors() ->
         .arg(&stubs)
         .args(["--grpc", &relay.grpc.to_string()])
         .args(["--token", &token])
-        .args(["--channel", channel.as_str()])
-        .args(["--offline-channel", offline_channel.as_str()])
+        // `--name=value`: a base64url channel id may start with '-', which
+        // argparse would take for an option.
+        .arg(format!("--channel={channel}"))
+        .arg(format!("--offline-channel={offline_channel}"))
         .kill_on_drop(true)
         .output();
     let out = tokio::time::timeout(Duration::from_secs(120), out).await??;
