@@ -41,6 +41,7 @@ pub mod metrics;
 pub mod pb;
 pub mod probe;
 pub mod publish;
+mod publish_error;
 mod publish_stream;
 mod quic;
 pub mod quota;
