@@ -9,7 +9,7 @@
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use std::time::Duration;
@@ -132,7 +132,12 @@ impl DataDir {
             path: path.to_owned(),
             source,
         };
-        fs::create_dir_all(path).map_err(io)?;
+        // Created private (0700), so a first start has nothing to tighten.
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(path)
+            .map_err(io)?;
         let dir = Self {
             path: path.to_owned(),
         };
@@ -434,6 +439,20 @@ pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<(), DataDirErro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_new_data_directory_is_created_private() {
+        let root = tempfile::tempdir().unwrap();
+        let dd = DataDir::open(&root.path().join("new")).unwrap();
+        dd.keys().unwrap();
+        let mode = fs::metadata(root.path().join("new"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o700);
+        assert_eq!(dd.tighten_permissions().unwrap(), Vec::<PathBuf>::new());
+    }
 
     #[test]
     fn processes_starting_together_on_one_directory_end_with_the_same_keys() {
