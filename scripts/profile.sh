@@ -5,13 +5,15 @@
 # for PROFILE_SECS seconds, and writes a flame graph and a table of where the
 # samples fall. Needs linux-perf and inferno (`cargo install inferno`).
 #   scripts/profile.sh OUT_DIR [RELAY_BIN]
+# Load: DEVICES (2000), PUSH_RATE (5000), PUBLISH_API (unary | stream).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: scripts/profile.sh OUT_DIR [RELAY_BIN]}
 RELAY_BIN=${2:-target/release/wakewire-relay}
 PROFILE_SECS=${PROFILE_SECS:-15}
 mkdir -p "$OUT"
-target/release/wakewire-loadtest compare --target relay --devices 2000 --push-rate 5000 \
+target/release/wakewire-loadtest compare --target relay --devices "${DEVICES:-2000}" \
+  --push-rate "${PUSH_RATE:-5000}" --publish-api "${PUBLISH_API:-unary}" \
   --push-secs 25 --saturate-outstanding 0 --idle-secs 3 --relay-bin "$RELAY_BIN" \
   --out "$OUT/lt" >"$OUT/loadtest.log" 2>&1 &
 LT=$!

@@ -763,7 +763,9 @@ mod tests {
     async fn an_event_acked_within_its_commit_is_written_once_as_delivered() {
         // A long commit delay keeps the enqueue's batch open until the ack
         // (from the device, which got the wake beside the commit) joins it.
-        let (_dir, s) = store_with_delay(100, Duration::from_secs(3));
+        // Then the batch needs no fsync and commits at once: the test ends
+        // long before the delay would.
+        let (_dir, s) = store_with_delay(100, Duration::from_secs(3600));
         let mut receipts = s.receipts();
         let pending = s.begin_enqueue(event("a", "ch", 1), None).await.unwrap();
         // An ack from another channel does not count, the right one does.
@@ -791,6 +793,12 @@ mod tests {
                 ignored: 0
             }
         );
+        assert!(
+            s.pending_sync(),
+            "committed without fsync, like an ack: the sync thread makes it durable"
+        );
+        s.flush().await.unwrap();
+        assert!(!s.pending_sync());
         let ev = s.event("a").await.unwrap().unwrap();
         assert_eq!(ev.state, EventState::Delivered as i32);
         assert_eq!(ev.updated_at_ms, 3);

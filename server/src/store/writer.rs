@@ -443,7 +443,8 @@ impl Writer {
                 let mut finished = vec![];
                 for a in acks {
                     // Stored as delivered by its enqueue, in this batch.
-                    if t.delivered_at_enqueue.remove(&a.event_id) {
+                    if t.delivered_at_enqueue.get(&a.event_id) == Some(&a.channel_id) {
+                        t.delivered_at_enqueue.remove(&a.event_id);
                         outcome.delivered += 1;
                         continue;
                     }
@@ -579,7 +580,8 @@ impl Writer {
             ev.seq = self.next_seq;
             self.next_seq += 1;
             t.write_final(&mut ev, &FinishReason::Delivered, at_ms, retention)?;
-            t.delivered_at_enqueue.insert(ev.event_id.clone());
+            t.delivered_at_enqueue
+                .insert(ev.event_id.clone(), ch.clone());
             let done = (ev.clone(), FinishReason::Delivered);
             return Ok((ev, finished, Some(done)));
         }
@@ -707,14 +709,18 @@ impl Writer {
     }
 }
 
-/// The acks of a batch, by event id (the first ack of an id counts).
-fn acked_in(batch: &[Job]) -> HashMap<String, (String, u64)> {
-    let mut out = HashMap::new();
+/// The acks of a batch: by event id, each channel it was acked on with the
+/// time of its first ack there (an ack from a connection that was never
+/// sent the event must not hide the real one).
+fn acked_in(batch: &[Job]) -> HashMap<String, Vec<(String, u64)>> {
+    let mut out: HashMap<String, Vec<(String, u64)>> = HashMap::new();
     for job in batch {
         if let Op::Ack { acks, at_ms } = &job.op {
             for a in acks {
-                out.entry(a.event_id.clone())
-                    .or_insert_with(|| (a.channel_id.clone(), *at_ms));
+                let on = out.entry(a.event_id.clone()).or_default();
+                if !on.iter().any(|(ch, _)| *ch == a.channel_id) {
+                    on.push((a.channel_id.clone(), *at_ms));
+                }
             }
         }
     }
@@ -740,16 +746,53 @@ fn plan(batch: &[Job], group_commit: bool, unsynced: bool) -> Plan {
         return Plan::Read;
     }
     Plan::Commit {
-        durable: sync || !group_commit || batch.iter().any(|j| j.op.needs_fsync()),
+        durable: sync || !group_commit || durable_ops(batch) > 0,
     }
+}
+
+/// How many operations of `batch` need an fsync. A new event whose ack is
+/// in the same batch needs none: the device has it, so the publisher may be
+/// told so at once, and its record (written once, as delivered) reaches the
+/// disk with the next sync like an ack does. Unless it carries an
+/// idempotency key or a collapse key: losing the key in a crash could turn
+/// a publisher's retry into a second wake, and losing a collapse could
+/// bring back the event it replaced.
+fn durable_ops(batch: &[Job]) -> usize {
+    let mut acked: Option<std::collections::HashSet<(&str, &str)>> = None;
+    let mut n = 0;
+    for job in batch {
+        let needs = match &job.op {
+            Op::Enqueue(ev, None) if ev.collapse_key.is_empty() => {
+                let acked = acked.get_or_insert_with(|| acks_in(batch));
+                !acked.contains(&(ev.event_id.as_str(), ev.channel_id.as_str()))
+            }
+            op => op.needs_fsync(),
+        };
+        n += usize::from(needs);
+    }
+    n
+}
+
+/// Each (event id, channel) acked in `batch`, as [`acked_in`] sees them.
+fn acks_in(batch: &[Job]) -> std::collections::HashSet<(&str, &str)> {
+    let mut out = std::collections::HashSet::new();
+    for job in batch {
+        if let Op::Ack { acks, .. } = &job.op {
+            for a in acks {
+                out.insert((a.event_id.as_str(), a.channel_id.as_str()));
+            }
+        }
+    }
+    out
 }
 
 /// Whether a batch should wait (up to the commit delay) for more
 /// operations: it needs an fsync, and fewer than [`DELAY_UNTIL_OPS`] of its
 /// operations do. Batches that need none commit at once: waiting makes
-/// their callers (acks, queue reads) slower and saves no fsync.
+/// their callers (acks, queue reads) slower and saves no fsync. A batch
+/// whose new events have all been acked meanwhile needs none either.
 fn wants_company(batch: &[Job]) -> bool {
-    let durable = batch.iter().filter(|j| j.op.needs_fsync()).count();
+    let durable = durable_ops(batch);
     durable > 0 && durable < DELAY_UNTIL_OPS && batch.len() < MAX_BATCH
 }
 
@@ -800,11 +843,11 @@ struct Tables<'t> {
     queued_delta: i64,
     /// [`Writer::queue_lens`], while the batch is applied.
     lens: HashMap<String, usize>,
-    /// Acks in the batch being applied: event id -> (channel, when).
-    acked_in_batch: HashMap<String, (String, u64)>,
-    /// Events the batch stored as delivered at their enqueue; their acks,
-    /// later in the batch, count as delivered once.
-    delivered_at_enqueue: std::collections::HashSet<String>,
+    /// Acks in the batch being applied: event id -> [(channel, when)].
+    acked_in_batch: HashMap<String, Vec<(String, u64)>>,
+    /// Events the batch stored as delivered at their enqueue, with their
+    /// channel; their acks on that channel count as delivered once.
+    delivered_at_enqueue: HashMap<String, String>,
 }
 
 impl<'t> Tables<'t> {
@@ -822,7 +865,7 @@ impl<'t> Tables<'t> {
             queued_delta: 0,
             lens: HashMap::new(),
             acked_in_batch: HashMap::new(),
-            delivered_at_enqueue: std::collections::HashSet::new(),
+            delivered_at_enqueue: HashMap::new(),
         })
     }
 
@@ -890,14 +933,14 @@ impl<'t> Tables<'t> {
     /// When the device acked this event on `channel`, if its ack is in the
     /// batch being applied (taken: it counts once).
     fn early_ack(&mut self, event_id: &str, channel: &str) -> Option<u64> {
-        match self.acked_in_batch.get(event_id) {
-            Some((ch, at)) if ch == channel => {
-                let at = *at;
-                self.acked_in_batch.remove(event_id);
-                Some(at)
-            }
-            _ => None,
-        }
+        let at = self
+            .acked_in_batch
+            .get(event_id)?
+            .iter()
+            .find(|(ch, _)| ch == channel)
+            .map(|(_, at)| *at)?;
+        self.acked_in_batch.remove(event_id);
+        Some(at)
     }
 
     /// How many events `channel` has queued: counted once, then kept
@@ -1101,6 +1144,57 @@ mod tests {
         assert_eq!(plan(&[job(Op::Sync)], true, false), Plan::Read);
         assert_eq!(plan(&[job(Op::Sync)], true, true), durable);
         assert_eq!(plan(&[ack(), job(Op::Sync)], true, false), durable);
+    }
+
+    fn enqueue_of(id: &str, channel: &str, key: Option<&str>, collapse: &str) -> Job {
+        let ev = StoredEvent {
+            event_id: id.into(),
+            channel_id: channel.into(),
+            collapse_key: collapse.into(),
+            ..Default::default()
+        };
+        let key = key.map(|k| IdempotencyKey {
+            scoped_key: k.into(),
+            request_hash: vec![],
+        });
+        job(Op::Enqueue(Box::new(ev), key))
+    }
+
+    fn ack_of(id: &str, channel: &str) -> Job {
+        job(Op::Ack {
+            acks: vec![AckItem {
+                event_id: id.into(),
+                channel_id: channel.into(),
+            }],
+            at_ms: 1,
+        })
+    }
+
+    #[test]
+    fn an_event_acked_in_its_own_batch_needs_no_fsync_unless_a_key_rides_on_it() {
+        let lazy = Plan::Commit { durable: false };
+        let durable = Plan::Commit { durable: true };
+        let plain = || enqueue_of("e", "ch", None, "");
+        assert_eq!(plan(&[plain(), ack_of("e", "ch")], true, false), lazy);
+        // The ack may come first in the batch.
+        assert_eq!(plan(&[ack_of("e", "ch"), plain()], true, false), lazy);
+        assert!(!wants_company(&[plain(), ack_of("e", "ch")]));
+        // Acked on another channel, or another event acked: still durable.
+        assert_eq!(plan(&[plain(), ack_of("e", "other")], true, false), durable);
+        assert_eq!(plan(&[plain(), ack_of("f", "ch")], true, false), durable);
+        assert!(wants_company(&[plain(), ack_of("f", "ch")]));
+        // A stranger's ack first does not hide the owner's.
+        let both = [plain(), ack_of("e", "other"), ack_of("e", "ch")];
+        assert_eq!(plan(&both, true, false), lazy);
+        // An idempotency key or a collapse must survive a crash.
+        let keyed = enqueue_of("e", "ch", Some("k"), "");
+        assert_eq!(plan(&[keyed, ack_of("e", "ch")], true, false), durable);
+        let collapsing = enqueue_of("e", "ch", None, "score");
+        assert_eq!(plan(&[collapsing, ack_of("e", "ch")], true, false), durable);
+        // One unacked event makes the whole batch durable.
+        let two = [plain(), enqueue_of("g", "ch", None, ""), ack_of("e", "ch")];
+        assert_eq!(plan(&two, true, false), durable);
+        assert_eq!(durable_ops(&two), 1);
     }
 
     #[test]
