@@ -761,11 +761,11 @@ mod tests {
 
     #[tokio::test]
     async fn an_event_acked_within_its_commit_is_written_once_as_delivered() {
-        // A long commit delay keeps the enqueue's batch open until the ack
-        // (from the device, which got the wake beside the commit) joins it.
-        // Then the batch needs no fsync and commits at once: the test ends
-        // long before the delay would.
-        let (_dir, s) = store_with_delay(100, Duration::from_secs(3600));
+        // The commit delay keeps the enqueue's batch open until the ack
+        // (from the device, which got the wake beside the commit) joins it;
+        // were the ack late, the unacked event would wait for it in the
+        // next batch. Either way the batch needs no fsync.
+        let (_dir, s) = store_with_delay(100, Duration::from_millis(300));
         let mut receipts = s.receipts();
         let pending = s.begin_enqueue(event("a", "ch", 1), None).await.unwrap();
         // An ack from another channel does not count, the right one does.

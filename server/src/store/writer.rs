@@ -201,9 +201,25 @@ impl Writer {
     /// thread only).
     pub(crate) fn run(mut self, rt: tokio::runtime::Runtime, mut rx: mpsc::Receiver<Job>) {
         rt.block_on(async {
-            while let Some(first) = rx.recv().await {
-                let batch = self.gather(first, &mut rx).await;
-                self.dispatch(batch);
+            // New events held back from the last batch for their acks.
+            let mut held: Vec<Job> = vec![];
+            loop {
+                let (start, aged) = if held.is_empty() {
+                    match rx.recv().await {
+                        Some(job) => (vec![job], 0),
+                        None => break,
+                    }
+                } else {
+                    let n = held.len();
+                    (std::mem::take(&mut held), n)
+                };
+                let mut batch = self.gather(start, &mut rx).await;
+                if self.config.group_commit && !self.config.commit_delay.is_zero() {
+                    held = hold_back(&mut batch, aged);
+                }
+                if !batch.is_empty() {
+                    self.dispatch(batch);
+                }
             }
         });
     }
@@ -212,8 +228,8 @@ impl Writer {
     /// when it must be made durable and is still small, whatever arrives
     /// within the commit delay (one fsync for more publishes: fewer
     /// commits, less CPU per event; the device does not wait for it).
-    async fn gather(&self, first: Job, rx: &mut mpsc::Receiver<Job>) -> Vec<Job> {
-        let mut batch = vec![first];
+    async fn gather(&self, start: Vec<Job>, rx: &mut mpsc::Receiver<Job>) -> Vec<Job> {
+        let mut batch = start;
         if !self.config.group_commit {
             return batch;
         }
@@ -773,6 +789,57 @@ fn durable_ops(batch: &[Job]) -> usize {
     n
 }
 
+/// Takes out of `batch` the new events to hold back for the next one.
+///
+/// The device gets its wake beside the commit, and its ack often arrives a
+/// moment after the commit window closed. When the only writes of `batch`
+/// that need an fsync are such events, and none of them was held before
+/// (the first `aged` jobs were), they wait for the next batch, where their
+/// acks likely are: each is then written once, as delivered, with no fsync,
+/// and the rest of this batch commits without one. An event held once is
+/// committed with the next batch, acked or not, so a Publish answer waits at
+/// most two commit windows. Anything else that needs the disk, and queue
+/// reads (which must see every enqueue submitted before them), keep the
+/// batch whole.
+fn hold_back(batch: &mut Vec<Job>, aged: usize) -> Vec<Job> {
+    let hold: Vec<usize> = {
+        let acked = acks_in(batch);
+        let mut hold = vec![];
+        for (i, job) in batch.iter().enumerate() {
+            match &job.op {
+                Op::Enqueue(ev, None) if ev.collapse_key.is_empty() => {
+                    if acked.contains(&(ev.event_id.as_str(), ev.channel_id.as_str())) {
+                        continue;
+                    }
+                    if i < aged {
+                        return vec![];
+                    }
+                    hold.push(i);
+                }
+                Op::Ack { .. } | Op::PutChannel { .. } | Op::Settle { .. } => {}
+                _ => return vec![],
+            }
+        }
+        hold
+    };
+    if hold.is_empty() {
+        return vec![];
+    }
+    let mut held = Vec::with_capacity(hold.len());
+    let mut kept = Vec::with_capacity(batch.len() - hold.len());
+    let mut next = hold.iter().peekable();
+    for (i, job) in std::mem::take(batch).into_iter().enumerate() {
+        if next.peek() == Some(&&i) {
+            next.next();
+            held.push(job);
+        } else {
+            kept.push(job);
+        }
+    }
+    *batch = kept;
+    held
+}
+
 /// Each (event id, channel) acked in `batch`, as [`acked_in`] sees them.
 fn acks_in(batch: &[Job]) -> std::collections::HashSet<(&str, &str)> {
     let mut out = std::collections::HashSet::new();
@@ -787,12 +854,13 @@ fn acks_in(batch: &[Job]) -> std::collections::HashSet<(&str, &str)> {
 }
 
 /// Whether a batch should wait (up to the commit delay) for more
-/// operations: it needs an fsync, and fewer than [`DELAY_UNTIL_OPS`] of its
-/// operations do. Batches that need none commit at once: waiting makes
-/// their callers (acks, queue reads) slower and saves no fsync. A batch
-/// whose new events have all been acked meanwhile needs none either.
+/// operations: it holds writes that may need an fsync (new events, even
+/// those acked already: closing early would double the commits), and fewer
+/// than [`DELAY_UNTIL_OPS`] of them. Batches of only acks, reads and the
+/// like commit at once: waiting makes their callers slower and saves no
+/// fsync.
 fn wants_company(batch: &[Job]) -> bool {
-    let durable = durable_ops(batch);
+    let durable = batch.iter().filter(|j| j.op.needs_fsync()).count();
     durable > 0 && durable < DELAY_UNTIL_OPS && batch.len() < MAX_BATCH
 }
 
@@ -1178,11 +1246,9 @@ mod tests {
         assert_eq!(plan(&[plain(), ack_of("e", "ch")], true, false), lazy);
         // The ack may come first in the batch.
         assert_eq!(plan(&[ack_of("e", "ch"), plain()], true, false), lazy);
-        assert!(!wants_company(&[plain(), ack_of("e", "ch")]));
         // Acked on another channel, or another event acked: still durable.
         assert_eq!(plan(&[plain(), ack_of("e", "other")], true, false), durable);
         assert_eq!(plan(&[plain(), ack_of("f", "ch")], true, false), durable);
-        assert!(wants_company(&[plain(), ack_of("f", "ch")]));
         // A stranger's ack first does not hide the owner's.
         let both = [plain(), ack_of("e", "other"), ack_of("e", "ch")];
         assert_eq!(plan(&both, true, false), lazy);
@@ -1195,6 +1261,63 @@ mod tests {
         let two = [plain(), enqueue_of("g", "ch", None, ""), ack_of("e", "ch")];
         assert_eq!(plan(&two, true, false), durable);
         assert_eq!(durable_ops(&two), 1);
+    }
+
+    fn ids(batch: &[Job]) -> Vec<String> {
+        batch
+            .iter()
+            .map(|j| match &j.op {
+                Op::Enqueue(ev, _) => ev.event_id.clone(),
+                Op::Ack { acks, .. } => format!("ack:{}", acks[0].event_id),
+                _ => "other".into(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn unacked_new_events_wait_one_batch_for_their_acks_and_no_longer() {
+        let plain = |id: &str| enqueue_of(id, "ch", None, "");
+        // e is acked: it stays; f and g wait, in order.
+        let mut batch = vec![plain("e"), plain("f"), ack_of("e", "ch"), plain("g")];
+        let held = hold_back(&mut batch, 0);
+        assert_eq!(ids(&held), ["f", "g"]);
+        assert_eq!(ids(&batch), ["e", "ack:e"]);
+        assert_eq!(plan(&batch, true, false), Plan::Commit { durable: false });
+        // Next batch: f was acked meanwhile, g was not: g was held once
+        // already, so the batch is committed whole, with fsync.
+        let mut next = held;
+        next.extend([ack_of("f", "ch"), plain("h")]);
+        assert!(hold_back(&mut next, 2).is_empty());
+        assert_eq!(next.len(), 4);
+        assert_eq!(plan(&next, true, false), Plan::Commit { durable: true });
+        // Both held ones acked: only the new one waits.
+        let mut next = vec![plain("f"), plain("g"), ack_of("f", "ch"), ack_of("g", "ch")];
+        next.push(plain("h"));
+        assert_eq!(ids(&hold_back(&mut next, 2)), ["h"]);
+        assert_eq!(plan(&next, true, false), Plan::Commit { durable: false });
+    }
+
+    #[test]
+    fn a_batch_that_needs_the_disk_or_reads_a_queue_holds_nothing_back() {
+        let plain = || enqueue_of("f", "ch", None, "");
+        for other in [
+            enqueue_of("k", "ch", Some("key"), ""),
+            enqueue_of("c", "ch", None, "score"),
+            read(),
+            job(Op::Sync),
+            job(Op::Sweep { now_ms: 1 }),
+        ] {
+            let mut batch = vec![plain(), other];
+            assert!(hold_back(&mut batch, 0).is_empty());
+            assert_eq!(batch.len(), 2);
+        }
+        // Nothing unacked: nothing to hold.
+        let mut batch = vec![plain(), ack_of("f", "ch")];
+        assert!(hold_back(&mut batch, 0).is_empty());
+        // Only unacked new events: all wait, the batch is empty.
+        let mut batch = vec![plain()];
+        assert_eq!(hold_back(&mut batch, 0).len(), 1);
+        assert!(batch.is_empty());
     }
 
     #[test]
