@@ -800,8 +800,13 @@ fn durable_ops(batch: &[Job]) -> usize {
 /// committed with the next batch, acked or not, so a Publish answer waits at
 /// most two commit windows. Anything else that needs the disk, and queue
 /// reads (which must see every enqueue submitted before them), keep the
-/// batch whole.
+/// batch whole. So does a batch without acks: its events are for devices
+/// that are not acking (offline ones, mostly), and holding them would only
+/// delay their answer.
 fn hold_back(batch: &mut Vec<Job>, aged: usize) -> Vec<Job> {
+    if !batch.iter().any(|j| matches!(j.op, Op::Ack { .. })) {
+        return vec![];
+    }
     let hold: Vec<usize> = {
         let acked = acks_in(batch);
         let mut hold = vec![];
@@ -1314,10 +1319,13 @@ mod tests {
         // Nothing unacked: nothing to hold.
         let mut batch = vec![plain(), ack_of("f", "ch")];
         assert!(hold_back(&mut batch, 0).is_empty());
-        // Only unacked new events: all wait, the batch is empty.
-        let mut batch = vec![plain()];
+        // Only unacked new events, and acks of others: all wait.
+        let mut batch = vec![plain(), ack_of("old", "ch")];
         assert_eq!(hold_back(&mut batch, 0).len(), 1);
-        assert!(batch.is_empty());
+        assert_eq!(ids(&batch), ["ack:old"]);
+        // No acks at all (offline devices): nothing waits.
+        let mut batch = vec![plain(), enqueue_of("g", "ch", None, "")];
+        assert!(hold_back(&mut batch, 0).is_empty());
     }
 
     #[test]
