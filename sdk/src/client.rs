@@ -231,7 +231,10 @@ impl ClientBuilder {
         self
     }
 
-    /// Refuse connections that negotiate less than `min`.
+    /// Refuse connections that negotiate less than `min`. By default the
+    /// SDK offers TLS13_AES_128_GCM_SHA256 first (the cheaper handshake on
+    /// CPUs with SHA extensions); with [`Protection::Tls13Aes256`] it offers
+    /// TLS13_AES_256_GCM_SHA384 first, and the relay follows that order.
     pub fn min_protection(mut self, min: Protection) -> Self {
         self.min_protection = min;
         self
@@ -295,7 +298,7 @@ impl ClientBuilder {
                 "no trusted certificates: call trust_pem_file() or trust_certificate()".into(),
             ));
         }
-        let tls = crate::tls::client_config(&roots, &self.client_auth)?;
+        let tls = crate::tls::client_config(&roots, &self.client_auth, self.min_protection)?;
         let config = Arc::new(Config {
             relay: self.relay,
             server_name: self.server_name,

@@ -6,7 +6,7 @@ use std::time::Duration;
 use tonic::Code;
 use wakewire_api::pb::{DeliveryStatus, PublishBatchRequest, PublishRequest};
 use wakewire_proto::ErrorCode;
-use wakewire_sdk::{CipherSuite, ConnectError, Status};
+use wakewire_sdk::{CipherSuite, ConnectError, Protection, Status};
 use wakewire_test_support::{
     authed, raw_connection, recv, status_sink, wait_status, wake_sink, TestRelay,
 };
@@ -20,13 +20,28 @@ fn publish(channel_id: &str, payload: &[u8]) -> PublishRequest {
 }
 
 #[tokio::test]
+async fn a_device_that_asks_for_aes_256_gets_it() -> anyhow::Result<()> {
+    let relay = TestRelay::start().await?;
+    let client = relay
+        .client("phone-1")
+        .min_protection(Protection::Tls13Aes256)
+        .connect()
+        .await?;
+    let info = client.info().expect("connected");
+    assert_eq!(info.cipher_suite, CipherSuite::Aes256GcmSha384);
+    client.close().await;
+    Ok(())
+}
+
+#[tokio::test]
 async fn publish_reaches_the_right_callback_of_two_channels() -> anyhow::Result<()> {
     let relay = TestRelay::start().await?;
     let client = relay.client("phone-1").connect().await?;
     let info = client.info().expect("connected");
     assert_eq!(info.tls_version, "TLSv1.3");
     assert_eq!(info.alpn, "wakewire/1");
-    assert_eq!(info.cipher_suite, CipherSuite::Aes256GcmSha384);
+    // AES-128-GCM-SHA256 by default (SHA-256 is accelerated, SHA-384 is not).
+    assert_eq!(info.cipher_suite, CipherSuite::Aes128GcmSha256);
     assert_eq!(info.device_id, "phone-1");
     assert_eq!(info.relay_addr, relay.quic_addr());
 
