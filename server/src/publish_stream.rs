@@ -67,20 +67,18 @@ pub(crate) fn serve(
                 break;
             }
             let seq = req.seq;
-            let event = match (req.event, service.charge(&authed.claims, 1)) {
-                (Some(event), Ok(())) => event,
-                (None, _) => {
-                    let e = PublishError::InvalidArgument(
-                        "a PublishStreamRequest needs an event".into(),
-                    );
-                    let _ = tx.send(Ok(answer(seq, Err(e)))).await;
-                    continue;
-                }
-                (Some(_), Err(e)) => {
-                    let _ = tx.send(Ok(answer(seq, Err(e)))).await;
-                    continue;
-                }
+            // A request without an event is refused before the quota is
+            // charged: it publishes nothing.
+            let Some(event) = req.event else {
+                let e =
+                    PublishError::InvalidArgument("a PublishStreamRequest needs an event".into());
+                let _ = tx.send(Ok(answer(seq, Err(e)))).await;
+                continue;
             };
+            if let Err(e) = service.charge(&authed.claims, 1) {
+                let _ = tx.send(Ok(answer(seq, Err(e)))).await;
+                continue;
+            }
             let span = info_span!("publish", seq, event = tracing::field::Empty);
             let (this, claims, tx) = (service.clone(), authed.claims.clone(), tx.clone());
             tokio::spawn(

@@ -168,6 +168,37 @@ async fn each_streamed_event_is_charged_to_the_rate_quota() -> anyhow::Result<()
 }
 
 #[tokio::test]
+async fn a_request_without_an_event_is_not_charged_to_the_quota() -> anyhow::Result<()> {
+    let relay = TestRelay::start_with(|c| {
+        c.quotas.rate_per_sec = 1;
+        c.quotas.burst = 2;
+    })
+    .await?;
+    let client = relay.client("limited").connect().await?;
+    let ch = client.channel("c").register().await?;
+    let token = relay.publisher_token(&[ch.as_str()], &[]);
+    let (tx, mut answers) = open(&relay, &token).await?;
+    // Two empty requests, then two events: the burst of 2 is still whole.
+    for seq in 0..4u64 {
+        let event = (seq >= 2).then(|| event(ch.as_str(), b"x"));
+        tx.send(PublishStreamRequest { seq, event }).await?;
+    }
+    let mut codes = std::collections::BTreeMap::new();
+    for _ in 0..4 {
+        let a = next(&mut answers).await?;
+        codes.insert(a.seq, a.result.expect("a result").error_code);
+    }
+    let invalid = Code::InvalidArgument as i32;
+    assert_eq!(
+        codes.values().copied().collect::<Vec<_>>(),
+        [invalid, invalid, 0, 0],
+        "{codes:?}"
+    );
+    client.close().await;
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_revoked_credential_ends_the_stream_and_none_opens_none() -> anyhow::Result<()> {
     let relay = TestRelay::start().await?;
     let client = relay.client("revoked").connect().await?;
