@@ -245,7 +245,7 @@ impl Driver {
             }
             self.core.disconnected();
             self.set_info(None);
-            if !error.is_retryable() {
+            if !error.keeps_reconnecting() {
                 let why = error.to_string();
                 self.emit(&Status::Disconnected {
                     error,
@@ -307,7 +307,7 @@ impl Driver {
                 .await
                 {
                     Ok(l) => break l,
-                    Err((e, _)) if e.is_retryable() => error = e,
+                    Err((e, _)) if e.keeps_reconnecting() => error = e,
                     Err((e, _)) => {
                         warn!(error = %e, "giving up reconnecting");
                         self.emit(&Status::Disconnected {
