@@ -40,6 +40,35 @@ async fn open(
     Ok((tx, answers))
 }
 
+/// A relay whose publishers get a burst of 2 events, then 1 per second; a
+/// connected device with one channel `ch`; a stream open to publish to it.
+struct Limited {
+    _relay: TestRelay,
+    client: wakewire_sdk::Client,
+    ch: String,
+    tx: mpsc::Sender<PublishStreamRequest>,
+    answers: tonic::Streaming<PublishStreamResponse>,
+}
+
+async fn limited() -> anyhow::Result<Limited> {
+    let relay = TestRelay::start_with(|c| {
+        c.quotas.rate_per_sec = 1;
+        c.quotas.burst = 2;
+    })
+    .await?;
+    let client = relay.client("limited").connect().await?;
+    let ch = client.channel("c").register().await?.into_string();
+    let token = relay.publisher_token(&[ch.as_str()], &[]);
+    let (tx, answers) = open(&relay, &token).await?;
+    Ok(Limited {
+        _relay: relay,
+        client,
+        ch,
+        tx,
+        answers,
+    })
+}
+
 async fn next(
     answers: &mut tonic::Streaming<PublishStreamResponse>,
 ) -> anyhow::Result<PublishStreamResponse> {
@@ -134,15 +163,13 @@ async fn a_stream_answers_each_event_by_its_sequence_number_and_bad_ones_in_band
 
 #[tokio::test]
 async fn each_streamed_event_is_charged_to_the_rate_quota() -> anyhow::Result<()> {
-    let relay = TestRelay::start_with(|c| {
-        c.quotas.rate_per_sec = 1;
-        c.quotas.burst = 2;
-    })
-    .await?;
-    let client = relay.client("limited").connect().await?;
-    let ch = client.channel("c").register().await?;
-    let token = relay.publisher_token(&[ch.as_str()], &[]);
-    let (tx, mut answers) = open(&relay, &token).await?;
+    let Limited {
+        _relay,
+        client,
+        ch,
+        tx,
+        mut answers,
+    } = limited().await?;
     for seq in 0..5u64 {
         tx.send(PublishStreamRequest {
             seq,
@@ -169,15 +196,13 @@ async fn each_streamed_event_is_charged_to_the_rate_quota() -> anyhow::Result<()
 
 #[tokio::test]
 async fn a_request_without_an_event_is_not_charged_to_the_quota() -> anyhow::Result<()> {
-    let relay = TestRelay::start_with(|c| {
-        c.quotas.rate_per_sec = 1;
-        c.quotas.burst = 2;
-    })
-    .await?;
-    let client = relay.client("limited").connect().await?;
-    let ch = client.channel("c").register().await?;
-    let token = relay.publisher_token(&[ch.as_str()], &[]);
-    let (tx, mut answers) = open(&relay, &token).await?;
+    let Limited {
+        _relay,
+        client,
+        ch,
+        tx,
+        mut answers,
+    } = limited().await?;
     // Two empty requests, then two events: the burst of 2 is still whole.
     for seq in 0..4u64 {
         let event = (seq >= 2).then(|| event(ch.as_str(), b"x"));
