@@ -50,6 +50,15 @@ struct Lanes {
     seq: AtomicU64,
 }
 
+/// `msg` with the publisher credential as its bearer token.
+fn bearer<T>(msg: T, token: &str) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    if let Ok(v) = format!("Bearer {token}").parse() {
+        req.metadata_mut().insert("authorization", v);
+    }
+    req
+}
+
 /// Publishes to a set of channels over a few gRPC connections.
 #[derive(Clone)]
 pub struct Publisher {
@@ -100,10 +109,7 @@ impl Publisher {
         let mut senders = Vec::new();
         for client in clients {
             let (tx, rx) = mpsc::channel(1024);
-            let mut req = tonic::Request::new(ReceiverStream::new(rx));
-            if let Ok(v) = format!("Bearer {token}").parse() {
-                req.metadata_mut().insert("authorization", v);
-            }
+            let req = bearer(ReceiverStream::new(rx), token);
             let mut answers = client.clone().publish_stream(req).await?.into_inner();
             let waiting = waiting.clone();
             tokio::spawn(async move {
@@ -167,11 +173,7 @@ impl Publisher {
     }
 
     fn authed<T>(&self, msg: T) -> tonic::Request<T> {
-        let mut req = tonic::Request::new(msg);
-        if let Ok(v) = format!("Bearer {}", self.token).parse() {
-            req.metadata_mut().insert("authorization", v);
-        }
-        req
+        bearer(msg, &self.token)
     }
 
     fn count(&self, key: String, n: u64) {
