@@ -192,6 +192,121 @@ async fn reconnect_after_relay_restart_keeps_channel_ids() -> anyhow::Result<()>
     Ok(())
 }
 
+/// A QUIC server on `addr` that is not a wakewire relay: it speaks only
+/// ALPN `h3`, so every handshake fails with TLS alert 120
+/// (no_application_protocol) before any certificate is sent. What a
+/// device meets when something else answers on the relay's port for a
+/// while (a restart half-done, a misrouted load balancer).
+async fn impostor(addr: std::net::SocketAddr) -> anyhow::Result<quinn::Endpoint> {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])?;
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ck.key_pair.serialize_der().into());
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(vec![ck.cert.der().clone()], key)?;
+    tls.alpn_protocols = vec![b"h3".to_vec()];
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
+    let config = quinn::ServerConfig::with_crypto(std::sync::Arc::new(quic));
+    // The relay's socket closes just after it stops: retry the bind.
+    let mut tries = 0;
+    let ep = loop {
+        match quinn::Endpoint::server(config.clone(), addr) {
+            Ok(ep) => break ep,
+            Err(_) if tries < 500 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let accepting = ep.clone();
+    tokio::spawn(async move {
+        while let Some(incoming) = accepting.accept().await {
+            tokio::spawn(async move {
+                if let Ok(connecting) = incoming.accept() {
+                    let _ = connecting.await;
+                }
+            });
+        }
+    });
+    Ok(ep)
+}
+
+#[tokio::test]
+async fn a_connected_device_rides_out_failed_tls_handshakes_and_comes_back() -> anyhow::Result<()> {
+    // A device that has been connected keeps reconnecting, with its
+    // backoff, after a TLS handshake that fails for a reason other than
+    // the certificate; a first connect with the same failure is final.
+    let mut relay = TestRelay::start().await?;
+    let (status_cb, mut statuses) = status_sink();
+    let client = relay
+        .client("tablet")
+        .on_status(status_cb)
+        .connect()
+        .await?;
+    client.channel("news").register().await?;
+    let addr = relay.quic_addr();
+    relay.pin_ports();
+    relay.shutdown(Duration::from_millis(50)).await;
+    let fake = impostor(addr).await?;
+    let failed = wait_status(&mut statuses, |s| {
+        matches!(
+            s,
+            Status::Disconnected {
+                error: ConnectError::TlsHandshake(_),
+                ..
+            }
+        )
+    })
+    .await?;
+    assert!(
+        matches!(&failed, Status::Disconnected { error: ConnectError::TlsHandshake(why), retry_in: Some(_) } if why.contains("alert 120")),
+        "{failed:?}"
+    );
+    // A second failed handshake: still trying.
+    let again = wait_status(&mut statuses, |s| {
+        matches!(
+            s,
+            Status::Disconnected {
+                error: ConnectError::TlsHandshake(_),
+                ..
+            }
+        )
+    })
+    .await?;
+    assert!(
+        matches!(
+            again,
+            Status::Disconnected {
+                retry_in: Some(_),
+                ..
+            }
+        ),
+        "{again:?}"
+    );
+    fake.close(0u32.into(), b"bye");
+    fake.wait_idle().await;
+    drop(fake);
+    relay.restart().await?;
+    wait_status(&mut statuses, |s| matches!(s, Status::Reset { .. })).await?;
+    assert!(client.info().is_some(), "connected again");
+    client.close().await;
+
+    // The same failure on a first connect is reported at once.
+    let addr = relay.quic_addr();
+    let newcomer = relay.client("tablet-2");
+    relay.shutdown(Duration::ZERO).await;
+    let fake = impostor(addr).await?;
+    let first = newcomer.connect().await;
+    assert!(
+        matches!(&first, Err(ConnectError::TlsHandshake(_))),
+        "{first:?}"
+    );
+    fake.close(0u32.into(), b"bye");
+    Ok(())
+}
+
 #[tokio::test]
 async fn bad_device_credentials_are_refused_clearly() -> anyhow::Result<()> {
     let relay = TestRelay::start().await?;
