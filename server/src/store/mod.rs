@@ -21,7 +21,10 @@
 //! - `channels`: channel id -> `StoredChannel`
 //! - `events`: event id -> `StoredEvent` (kept after delivery for
 //!   `status_retention`, so GetEvent can answer)
-//! - `queue`: (channel id, seq) -> event id, arrival order per channel
+//! - `queue_log`: seq -> (channel id, event id), every queued event in
+//!   arrival order; each channel's queue is indexed in memory
+//!   ([`queues`]). Stores of earlier versions kept `queue`: (channel id,
+//!   seq) -> event id, moved into `queue_log` on open
 //! - `collapse`: (channel id, collapse key) -> event id
 //! - `sweep`: (due ms, event id) -> (): TTL expiry of queued events and the
 //!   end of retention of finished ones
@@ -29,6 +32,7 @@
 //!   `idempotency_sweep`: (due ms, scoped key) -> ()
 //! - `meta`: counters
 
+mod queues;
 mod writer;
 
 use std::path::Path;

@@ -23,10 +23,11 @@ use prost::Message;
 use std::collections::HashMap;
 
 use dashmap::DashMap;
-use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
+use redb::{Database, ReadableTable, TableDefinition, WriteTransaction};
 use tokio::sync::{broadcast, mpsc};
 use wakewire_api::pb::EventState;
 
+use super::queues::{Queues, QUEUE_LOG};
 use super::{
     db, decode, AckItem, AckOutcome, Duplicate, Enqueued, FinishReason, IdempotencyKey, Job, Reply,
     StoreConfig, StoreError,
@@ -37,7 +38,6 @@ use crate::pb::{StoredChannel, StoredEvent, StoredIdempotency};
 
 pub(crate) const CHANNELS: TableDefinition<&str, &[u8]> = TableDefinition::new("channels");
 pub(crate) const EVENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("events");
-const QUEUE: TableDefinition<(&str, u64), &str> = TableDefinition::new("queue");
 const COLLAPSE: TableDefinition<(&str, &str), &str> = TableDefinition::new("collapse");
 const SWEEP: TableDefinition<(u64, &str), ()> = TableDefinition::new("sweep");
 const IDEMPOTENCY: TableDefinition<&str, &[u8]> = TableDefinition::new("idempotency");
@@ -141,13 +141,9 @@ pub(crate) struct Writer {
     /// Byte counts changed by the batch being applied (into the mirror
     /// once committed).
     touched: HashMap<String, u64>,
-    /// Events queued (as committed), for the gauge.
-    queued: u64,
-    /// Change of `queued` by the batch being applied.
-    queued_delta: i64,
-    /// Queue length of channels with queued events, as committed (counted
-    /// from the table on first use; dropped when a commit fails).
-    queue_lens: HashMap<String, usize>,
+    /// Every channel's queue, as committed; `None` after a failed commit
+    /// until it is read again from the log.
+    queues: Option<Queues>,
     /// Set while a commit without fsync is not yet on disk; the store's
     /// sync thread then sends [`Op::Sync`].
     unsynced: Arc<std::sync::atomic::AtomicBool>,
@@ -164,14 +160,14 @@ impl Writer {
         unsynced: Arc<std::sync::atomic::AtomicBool>,
     ) -> Result<Self, StoreError> {
         let txn = db.begin_write().map_err(super::db)?;
-        let queued;
+        let queues = Queues::load(&txn)?;
+        metrics::gauge!(m::QUEUED_EVENTS).set(queues.total() as f64);
         let next_seq = {
             let t = Tables::open(&txn)?;
             for row in t.publisher_bytes.iter().map_err(super::db)? {
                 let (k, v) = row.map_err(super::db)?;
                 mirror.insert(k.value().to_owned(), v.value());
             }
-            queued = ReadableTableMetadata::len(&t.queue).map_err(super::db)?;
             let meta = txn.open_table(META).map_err(super::db)?;
             drop(t);
             let seq = meta
@@ -189,9 +185,7 @@ impl Writer {
             claims,
             mirror,
             touched: HashMap::new(),
-            queued,
-            queued_delta: 0,
-            queue_lens: HashMap::new(),
+            queues: Some(queues),
             unsynced,
         })
     }
@@ -264,40 +258,48 @@ impl Writer {
     }
 
     /// Queue reads only: one read snapshot, no commit.
-    fn read_only(&self, batch: Vec<Job>) {
+    fn read_only(&mut self, batch: Vec<Job>) {
         let snapshot = (|| {
+            self.reload_queues()?;
             let txn = self.db.begin_read().map_err(db)?;
-            let queue = txn.open_table(QUEUE).map_err(db)?;
             let events = txn.open_table(EVENTS).map_err(db)?;
-            Ok::<_, StoreError>((queue, events))
+            Ok::<_, StoreError>(events)
         })();
+        let queues = self.queues.as_ref();
         for job in batch {
-            let result = match (&snapshot, &job.op) {
-                (Ok((queue, events)), Op::ClaimQueued { channel_ids }) => {
-                    self.claim_queued(queue, events, channel_ids)
+            let result = match (&snapshot, queues, &job.op) {
+                (Ok(events), Some(queues), Op::ClaimQueued { channel_ids }) => {
+                    self.claim_queued(queues, events, channel_ids)
                 }
-                (_, Op::Sync) => Ok(Reply::Done),
-                (Err(e), _) => Err(e.clone()),
+                (_, _, Op::Sync) => Ok(Reply::Done),
+                (Err(e), _, _) => Err(e.clone()),
                 _ => Err(StoreError::Read("not a read".into())),
             };
             let _ = job.reply.send(result);
         }
     }
 
+    /// Reads the queues from the log again after a failed commit left
+    /// them unknown.
+    fn reload_queues(&mut self) -> Result<(), StoreError> {
+        if self.queues.is_none() {
+            let txn = self.db.begin_read().map_err(db)?;
+            let log = txn.open_table(QUEUE_LOG).map_err(db)?;
+            self.queues = Some(Queues::read(&log)?);
+        }
+        Ok(())
+    }
+
     fn claim_queued(
         &self,
-        queue: &impl ReadableTable<(&'static str, u64), &'static str>,
+        queues: &Queues,
         events: &impl ReadableTable<&'static str, &'static [u8]>,
         channel_ids: &[String],
     ) -> Result<Reply, StoreError> {
         let mut out = vec![];
         for ch in channel_ids {
-            for row in queue
-                .range((ch.as_str(), 0)..=(ch.as_str(), u64::MAX))
-                .map_err(db)?
-            {
-                let (_, id) = row.map_err(db)?;
-                if let Some(v) = events.get(id.value()).map_err(db)? {
+            for id in queues.oldest(ch, usize::MAX) {
+                if let Some(v) = events.get(id.as_str()).map_err(db)? {
                     let ev: StoredEvent = decode("events", v.value())?;
                     let claim = self.claims.claim(&ev.event_id);
                     out.push((ev, claim));
@@ -314,13 +316,14 @@ impl Writer {
         let started = crate::state::clock::now();
         let ops = batch.len();
         let attempt = (|| -> BatchResult {
+            self.reload_queues()?;
             let mut txn = self.db.begin_write().map_err(db)?;
             if !durable {
                 txn.set_durability(redb::Durability::None);
             }
             let results = {
                 let mut t = Tables::open(&txn)?;
-                t.lens = std::mem::take(&mut self.queue_lens);
+                t.queues = self.queues.take().unwrap_or_default();
                 t.acked_in_batch = acked_in(&batch);
                 let results = batch
                     .iter()
@@ -328,8 +331,7 @@ impl Writer {
                     .collect();
                 t.write_publisher_bytes()?;
                 self.touched = std::mem::take(&mut t.touched);
-                self.queued_delta = t.queued_delta;
-                self.queue_lens = std::mem::take(&mut t.lens);
+                self.queues = Some(std::mem::take(&mut t.queues));
                 results
             };
             txn.open_table(META)
@@ -352,9 +354,9 @@ impl Writer {
                         .as_secs_f64(),
                 );
                 metrics::histogram!(m::STORE_BATCH_OPS).record(ops as f64);
-                self.queued = self.queued.saturating_add_signed(self.queued_delta);
-                self.queued_delta = 0;
-                metrics::gauge!(m::QUEUED_EVENTS).set(self.queued as f64);
+                if let Some(q) = &self.queues {
+                    metrics::gauge!(m::QUEUED_EVENTS).set(q.total() as f64);
+                }
                 for (p, v) in std::mem::take(&mut self.touched) {
                     if v == 0 {
                         self.mirror.remove(&p);
@@ -380,9 +382,9 @@ impl Writer {
             Err(e) => {
                 self.next_seq = seq_before;
                 self.touched.clear();
-                self.queued_delta = 0;
-                // Some lengths may count what was not committed.
-                self.queue_lens.clear();
+                // The queues may hold what was not committed: read them
+                // again from the log before the next batch.
+                self.queues = None;
                 tracing::error!(error = %e, "store commit failed");
                 for job in batch {
                     let _ = job.reply.send(Err(e.clone()));
@@ -515,7 +517,7 @@ impl Writer {
                 Ok((Reply::Finished(finished.clone()), finished))
             }
             Op::ClaimQueued { channel_ids } => {
-                let reply = self.claim_queued(&t.queue, &t.events, channel_ids)?;
+                let reply = self.claim_queued(&t.queues, &t.events, channel_ids)?;
                 Ok((reply, vec![]))
             }
             Op::Sync => Ok((Reply::Done, vec![])),
@@ -601,7 +603,7 @@ impl Writer {
             let done = (ev.clone(), FinishReason::Delivered);
             return Ok((ev, finished, Some(done)));
         }
-        let queued = t.queued_len(&ch)?;
+        let queued = t.queues.len(&ch);
         let mut excess = (queued + 1).saturating_sub(self.config.queue_limit.max(1));
         if excess > 0 {
             // Oldest non-collapsible first; collapsible ones only if nothing
@@ -612,7 +614,7 @@ impl Writer {
             let mut collapsible = vec![];
             let mut most = excess + 1;
             loop {
-                let ids = t.queued_ids(&ch, most)?;
+                let ids = t.queues.oldest(&ch, most);
                 let whole = ids.len() < most;
                 collapsible.clear();
                 for id in ids {
@@ -659,14 +661,10 @@ impl Writer {
         ev.state = EventState::Queued as i32;
         ev.updated_at_ms = ev.created_at_ms;
         t.put(&ev)?;
-        t.queue
-            .insert((ch.as_str(), ev.seq), ev.event_id.as_str())
+        t.queue_log
+            .insert(ev.seq, (ch.as_str(), ev.event_id.as_str()))
             .map_err(db)?;
-        // queued_len above made sure the channel is counted.
-        if let Some(n) = t.lens.get_mut(&ch) {
-            *n += 1;
-        }
-        t.queued_delta += 1;
+        t.queues.push(&ch, ev.seq, &ev.event_id);
         t.sweep
             .insert((expiry(&ev), ev.event_id.as_str()), ())
             .map_err(db)?;
@@ -904,7 +902,7 @@ fn expiry(ev: &StoredEvent) -> u64 {
 struct Tables<'t> {
     channels: redb::Table<'t, &'static str, &'static [u8]>,
     events: redb::Table<'t, &'static str, &'static [u8]>,
-    queue: redb::Table<'t, (&'static str, u64), &'static str>,
+    queue_log: redb::Table<'t, u64, (&'static str, &'static str)>,
     collapse: redb::Table<'t, (&'static str, &'static str), &'static str>,
     sweep: redb::Table<'t, (u64, &'static str), ()>,
     idempotency: redb::Table<'t, &'static str, &'static [u8]>,
@@ -912,10 +910,8 @@ struct Tables<'t> {
     publisher_bytes: redb::Table<'t, &'static str, u64>,
     /// Publishers whose byte count changed, with the new count.
     touched: HashMap<String, u64>,
-    /// Change in the number of queued events.
-    queued_delta: i64,
-    /// [`Writer::queue_lens`], while the batch is applied.
-    lens: HashMap<String, usize>,
+    /// [`Writer::queues`], while the batch is applied.
+    queues: Queues,
     /// Acks in the batch being applied: event id -> [(channel, when)].
     acked_in_batch: HashMap<String, Vec<(String, u64)>>,
     /// Events the batch stored as delivered at their enqueue, with their
@@ -928,15 +924,14 @@ impl<'t> Tables<'t> {
         Ok(Self {
             channels: txn.open_table(CHANNELS).map_err(db)?,
             events: txn.open_table(EVENTS).map_err(db)?,
-            queue: txn.open_table(QUEUE).map_err(db)?,
+            queue_log: txn.open_table(QUEUE_LOG).map_err(db)?,
             collapse: txn.open_table(COLLAPSE).map_err(db)?,
             sweep: txn.open_table(SWEEP).map_err(db)?,
             idempotency: txn.open_table(IDEMPOTENCY).map_err(db)?,
             idempotency_sweep: txn.open_table(IDEMPOTENCY_SWEEP).map_err(db)?,
             publisher_bytes: txn.open_table(PUBLISHER_BYTES).map_err(db)?,
             touched: HashMap::new(),
-            queued_delta: 0,
-            lens: HashMap::new(),
+            queues: Queues::default(),
             acked_in_batch: HashMap::new(),
             delivered_at_enqueue: HashMap::new(),
         })
@@ -1016,39 +1011,9 @@ impl<'t> Tables<'t> {
         Some(at)
     }
 
-    /// How many events `channel` has queued: counted once, then kept
-    /// up to date as events enter and leave its queue.
-    fn queued_len(&mut self, channel: &str) -> Result<usize, StoreError> {
-        if let Some(n) = self.lens.get(channel) {
-            return Ok(*n);
-        }
-        let mut n = 0;
-        for row in self
-            .queue
-            .range((channel, 0)..=(channel, u64::MAX))
-            .map_err(db)?
-        {
-            row.map_err(db)?;
-            n += 1;
-        }
-        self.lens.insert(channel.to_owned(), n);
-        Ok(n)
-    }
-
-    /// The ids of the (at most `most`) oldest events queued on `channel`.
-    fn queued_ids(&self, channel: &str, most: usize) -> Result<Vec<String>, StoreError> {
-        self.queue
-            .range((channel, 0)..=(channel, u64::MAX))
-            .map_err(db)?
-            .take(most)
-            .map(|r| r.map(|(_, id)| id.value().to_owned()))
-            .collect::<Result<_, _>>()
-            .map_err(db)
-    }
-
     fn queued(&self, channel: &str) -> Result<Vec<StoredEvent>, StoreError> {
         let mut out = vec![];
-        for id in self.queued_ids(channel, usize::MAX)? {
+        for id in self.queues.oldest(channel, usize::MAX) {
             if let Some(ev) = self.event(&id)? {
                 out.push(ev);
             }
@@ -1128,19 +1093,8 @@ impl<'t> Tables<'t> {
         at_ms: u64,
         retention: u64,
     ) -> Result<(StoredEvent, FinishReason), StoreError> {
-        if self
-            .queue
-            .remove((ev.channel_id.as_str(), ev.seq))
-            .map_err(db)?
-            .is_some()
-        {
-            self.queued_delta -= 1;
-            if let Some(n) = self.lens.get_mut(ev.channel_id.as_str()) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    self.lens.remove(ev.channel_id.as_str());
-                }
-            }
+        if self.queues.remove(&ev.channel_id, ev.seq) {
+            self.queue_log.remove(ev.seq).map_err(db)?;
         }
         self.sweep
             .remove((expiry(&ev), ev.event_id.as_str()))
