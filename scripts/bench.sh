@@ -19,13 +19,25 @@ rm -rf "$OUT" && mkdir -p "$OUT" docs/bench
 
 BEFORE_RELAY=${BEFORE_RELAY:-}
 # Runs `compare --target TARGET ARGS --out DIR` and, with BEFORE_RELAY, the
-# relay part again on that binary into DIR-before.
+# relay part again on that binary into DIR-before. Which of the two runs
+# first alternates from one scenario to the next: on a shared machine a run
+# that follows a heavy one can be slower, and the order should not favour
+# either relay.
+RUNS=0
 compare() {
   local out=$1 target=$2
   shift 2
-  $LT compare --target "$target" "$@" --out "$out"
-  if [ -n "$BEFORE_RELAY" ]; then
+  RUNS=$((RUNS + 1))
+  if [ -n "$BEFORE_RELAY" ] && [ $((RUNS % 2)) -eq 0 ]; then
     $LT compare "$@" --target relay --relay-bin "$BEFORE_RELAY" --out "$out-before"
+    $LT compare --target "$target" "$@" --out "$out"
+    echo "- order: the relay before ran first" >>"$out-before/report.md"
+  else
+    $LT compare --target "$target" "$@" --out "$out"
+    if [ -n "$BEFORE_RELAY" ]; then
+      $LT compare "$@" --target relay --relay-bin "$BEFORE_RELAY" --out "$out-before"
+      echo "- order: the relay before ran second" >>"$out-before/report.md"
+    fi
   fi
 }
 # The report of a run, with the before column when there is one.
@@ -56,6 +68,10 @@ compare "$OUT/durable-true" relay --devices 1000 --idle-secs 1 --push-rate 0 \
 $LT compare --target relay --devices 1000 --idle-secs 1 --push-rate 0 \
   --saturate-outstanding 0 --durable-secs 15 --durable-workers 256 \
   --relay-arg=--store-group-commit --relay-arg=false --out "$OUT/durable-false"
+# The same with PublishStream (a relay before it existed cannot run this).
+$LT compare --target relay --devices 1000 --idle-secs 1 --push-rate 0 \
+  --saturate-outstanding 0 --durable-secs 15 --durable-workers 256 \
+  --publish-api stream --out "$OUT/durable-stream"
 # E: the publish API at 10k devices and 10k/s offered: unary Publish vs
 # PublishStream, the same relay one after the other.
 for api in unary stream; do
@@ -105,6 +121,12 @@ done
   grep -E "^- (command|machine)|^### Run" "$OUT/durable-false/report.md"
   echo
   grep -E "^\|( metric|---| durable)" "$OUT/durable-false/report.md"
+  echo
+  echo "With PublishStream (one long-lived stream per publisher connection), group commit:"
+  echo
+  grep -E "^- (command|machine)|^### Run" "$OUT/durable-stream/report.md"
+  echo
+  grep -E "^\|( metric|---| durable)" "$OUT/durable-stream/report.md"
   echo
   echo "## Reconnect storms (100k devices)"
   echo

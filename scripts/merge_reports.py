@@ -31,6 +31,10 @@ after_head, after, order = table(sys.argv[1])
 _, before, border = table(sys.argv[2])
 print("\n".join(after_head).rstrip())
 print(f"- before: the same command with `--target relay --relay-bin <the relay before the change>` ({sys.argv[2]})")
+# scripts/bench.sh notes which of the two ran first.
+for line in open(sys.argv[2]):
+    if line.startswith("- order:"):
+        print(line.rstrip("\n"))
 print()
 print("| metric | floor (raw quinn) | relay before | relay after | after/floor | target | verdict |")
 print("|---|---|---|---|---|---|---|")
