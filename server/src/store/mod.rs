@@ -588,6 +588,7 @@ async fn blocking<T: Send + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use prost::Message;
     use wakewire_api::pb::EventState;
 
     fn store(queue_limit: usize) -> (tempfile::TempDir, Store) {
@@ -888,9 +889,9 @@ mod tests {
     }
 
     /// Opens a crash image as a relay restarting would.
-    fn reopen(image: &tempfile::TempDir) -> Store {
+    fn reopen(image: &tempfile::TempDir, queue_limit: usize) -> Store {
         let config = StoreConfig {
-            queue_limit: 100,
+            queue_limit,
             status_retention: Duration::from_secs(3600),
             idempotency_retention: Duration::from_secs(86_400),
             group_commit: true,
@@ -923,7 +924,7 @@ mod tests {
             assert!(s.pending_sync(), "the acks' commit waits for no fsync");
             let image = crash_image(dir.path());
             let before_the_sync = s.pending_sync();
-            let crashed = reopen(&image);
+            let crashed = reopen(&image, 100);
             // Whatever the sync thread managed: `a` is there, and `b` is
             // either gone or delivered.
             let a_after = crashed
@@ -950,7 +951,7 @@ mod tests {
             drop(crashed);
             s.flush().await.unwrap();
             let image = crash_image(dir.path());
-            let synced = reopen(&image);
+            let synced = reopen(&image, 100);
             for id in [&a, &b] {
                 let ev = synced
                     .event(id)
@@ -968,6 +969,58 @@ mod tests {
             inside_the_window >= 3,
             "only {inside_the_window} images inside the window"
         );
+    }
+
+    #[tokio::test]
+    async fn queue_entries_left_stale_by_an_older_relay_are_dropped_on_open() {
+        // A relay older than `queue_log`, run on this store in between,
+        // keeps its queue in the legacy table and finishes events without
+        // touching the log. On the next open: its queue is moved into the
+        // log, and the log's entries of events it finished are dropped,
+        // not delivered again nor counted against the queue limit.
+        let (dir, s) = store(2);
+        s.enqueue(event("a", "ch", 1), None).await.unwrap();
+        s.enqueue(event("b", "ch", 2), None).await.unwrap();
+        s.flush().await.unwrap();
+        {
+            // What the older relay did: delivered "b", queued "d".
+            let txn = s.db.begin_write().unwrap();
+            {
+                let mut events = txn.open_table(EVENTS).unwrap();
+                let mut b = s.event("b").await.unwrap().unwrap();
+                b.state = EventState::Delivered as i32;
+                events.insert("b", b.encode_to_vec().as_slice()).unwrap();
+                let mut d = event("d", "ch", 3);
+                d.seq = 500;
+                d.state = EventState::Queued as i32;
+                events.insert("d", d.encode_to_vec().as_slice()).unwrap();
+                let mut legacy = txn.open_table(queues::LEGACY_QUEUE).unwrap();
+                legacy.insert(("ch", 500), "d").unwrap();
+                // And an entry whose event is gone altogether.
+                let mut log = txn.open_table(queues::QUEUE_LOG).unwrap();
+                log.insert(900, ("ch", "ghost")).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let image = crash_image(dir.path());
+        let s = reopen(&image, 2);
+        let queued: Vec<String> = s
+            .claim_queued(vec!["ch".into()])
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(ev, _)| ev.event_id)
+            .collect();
+        assert_eq!(queued, ["a", "d"]);
+        // The limit (2) counts live entries only: "e" drops "a", the oldest.
+        let stored = s.enqueue(event("e", "ch", 4), None).await.unwrap();
+        let Enqueued::Stored { displaced, .. } = stored else {
+            panic!("{stored:?}")
+        };
+        let dropped: Vec<&str> = displaced.iter().map(|(e, _)| e.event_id.as_str()).collect();
+        assert_eq!(dropped, ["a"]);
+        assert_eq!(state(&s, "b").await.0, EventState::Delivered as i32);
+        assert_eq!(state(&s, "d").await.0, EventState::Queued as i32);
     }
 
     #[test]

@@ -30,7 +30,7 @@ use super::{db, StoreError};
 pub(crate) const QUEUE_LOG: TableDefinition<u64, (&str, &str)> = TableDefinition::new("queue_log");
 /// The layout before `queue_log` (relays up to 2026-11-30): (channel id,
 /// seq) -> event id. Moved into `queue_log` when a store opens.
-const LEGACY_QUEUE: TableDefinition<(&str, u64), &str> = TableDefinition::new("queue");
+pub(crate) const LEGACY_QUEUE: TableDefinition<(&str, u64), &str> = TableDefinition::new("queue");
 
 /// Each channel's queued events, oldest first.
 #[derive(Debug, Default)]
@@ -41,11 +41,26 @@ pub(crate) struct Queues {
 
 impl Queues {
     /// Reads the queues from `queue_log`, first moving any queue kept in
-    /// the legacy layout into it (in `txn`, committed by the caller).
-    pub(crate) fn load(txn: &WriteTransaction) -> Result<Self, StoreError> {
-        migrate_legacy(txn)?;
+    /// the legacy layout into it (in `txn`, committed by the caller); and
+    /// whether there was one. Only a relay older than `queue_log` writes
+    /// the legacy table: when it ran on this store in between, it finished
+    /// events without removing their `queue_log` entries, and the caller
+    /// checks every entry ([`Queues::remove`] what is stale).
+    pub(crate) fn load(txn: &WriteTransaction) -> Result<(Self, bool), StoreError> {
+        let migrated = migrate_legacy(txn)?;
         let log = txn.open_table(QUEUE_LOG).map_err(db)?;
-        Self::read(&log)
+        Ok((Self::read(&log)?, migrated))
+    }
+
+    /// Every entry: (channel, seq, event id).
+    pub(crate) fn entries(&self) -> Vec<(String, u64, String)> {
+        self.by_channel
+            .iter()
+            .flat_map(|(ch, q)| {
+                q.iter()
+                    .map(move |(seq, id)| (ch.to_string(), *seq, id.to_string()))
+            })
+            .collect()
     }
 
     /// Builds the index from the log table.
@@ -106,23 +121,27 @@ impl Queues {
         self.total
     }
 
-    /// The ids of the (at most `most`) oldest events queued on `channel`.
-    pub(crate) fn oldest(&self, channel: &str, most: usize) -> Vec<String> {
+    /// The (seq, id) of the (at most `most`) oldest events queued on
+    /// `channel`.
+    pub(crate) fn oldest(&self, channel: &str, most: usize) -> Vec<(u64, String)> {
         self.by_channel.get(channel).map_or_else(Vec::new, |q| {
-            q.iter().take(most).map(|(_, id)| id.to_string()).collect()
+            q.iter()
+                .take(most)
+                .map(|(seq, id)| (*seq, id.to_string()))
+                .collect()
         })
     }
 }
 
 /// Moves a queue kept in the legacy `queue` table into `queue_log` and
-/// deletes the legacy table.
-fn migrate_legacy(txn: &WriteTransaction) -> Result<(), StoreError> {
+/// deletes the legacy table; whether there was one.
+fn migrate_legacy(txn: &WriteTransaction) -> Result<bool, StoreError> {
     let exists = txn
         .list_tables()
         .map_err(db)?
         .any(|t| t.name() == LEGACY_QUEUE.name());
     if !exists {
-        return Ok(());
+        return Ok(false);
     }
     {
         let legacy = txn.open_table(LEGACY_QUEUE).map_err(db)?;
@@ -134,12 +153,19 @@ fn migrate_legacy(txn: &WriteTransaction) -> Result<(), StoreError> {
         }
     }
     txn.delete_table(LEGACY_QUEUE).map_err(db)?;
-    Ok(())
+    Ok(true)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn ids(q: &Queues, channel: &str, most: usize) -> Vec<String> {
+        q.oldest(channel, most)
+            .into_iter()
+            .map(|(_, id)| id)
+            .collect()
+    }
 
     #[test]
     fn queues_keep_arrival_order_and_forget_empty_channels() {
@@ -149,19 +175,19 @@ mod tests {
         q.push("a", 3, "e3");
         q.push("a", 5, "e5");
         assert_eq!((q.len("a"), q.len("b"), q.total()), (3, 1, 4));
-        assert_eq!(q.oldest("a", 2), ["e1", "e3"]);
+        assert_eq!(ids(&q, "a", 2), ["e1", "e3"]);
         assert!(q.remove("a", 3));
         assert!(!q.remove("a", 3), "already gone");
         assert!(!q.remove("a", 4), "never there");
         assert!(!q.remove("c", 1), "no such channel");
-        assert_eq!(q.oldest("a", 10), ["e1", "e5"]);
+        assert_eq!(q.oldest("a", 10), [(1, "e1".into()), (5, "e5".into())]);
         assert!(q.remove("b", 2));
         assert_eq!(q.len("b"), 0);
         assert!(!q.by_channel.contains_key("b"), "an empty queue is dropped");
         assert_eq!(q.total(), 2);
         // An entry out of order lands in its place.
         q.push("a", 4, "e4");
-        assert_eq!(q.oldest("a", 10), ["e1", "e4", "e5"]);
+        assert_eq!(ids(&q, "a", 10), ["e1", "e4", "e5"]);
     }
 
     #[test]
@@ -178,17 +204,19 @@ mod tests {
         txn.commit().unwrap();
 
         let txn = database.begin_write().unwrap();
-        let q = Queues::load(&txn).unwrap();
+        let (q, migrated) = Queues::load(&txn).unwrap();
         txn.commit().unwrap();
-        assert_eq!(q.oldest("a", 10), ["e1", "e3"]);
-        assert_eq!(q.oldest("b", 10), ["e2"]);
+        assert!(migrated);
+        assert_eq!(ids(&q, "a", 10), ["e1", "e3"]);
+        assert_eq!(ids(&q, "b", 10), ["e2"]);
         assert_eq!(q.total(), 3);
 
         // Gone from the old layout, kept in the new one.
         let txn = database.begin_write().unwrap();
         assert!(!txn.list_tables().unwrap().any(|t| t.name() == "queue"));
-        let again = Queues::load(&txn).unwrap();
-        assert_eq!(again.oldest("a", 10), ["e1", "e3"]);
+        let (again, migrated) = Queues::load(&txn).unwrap();
+        assert!(!migrated, "moved once");
+        assert_eq!(ids(&again, "a", 10), ["e1", "e3"]);
         assert_eq!(again.total(), 3);
     }
 }

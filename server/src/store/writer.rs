@@ -150,7 +150,8 @@ pub(crate) struct Writer {
 }
 
 impl Writer {
-    /// Creates the tables if needed and reads the queue sequence.
+    /// Creates the tables if needed, moves a legacy queue table into the
+    /// log, and reads the queues and the queue sequence.
     pub(crate) fn open(
         db: Arc<Database>,
         config: StoreConfig,
@@ -160,7 +161,10 @@ impl Writer {
         unsynced: Arc<std::sync::atomic::AtomicBool>,
     ) -> Result<Self, StoreError> {
         let txn = db.begin_write().map_err(super::db)?;
-        let queues = Queues::load(&txn)?;
+        let (mut queues, migrated) = Queues::load(&txn)?;
+        if migrated {
+            drop_stale_entries(&txn, &mut queues)?;
+        }
         metrics::gauge!(m::QUEUED_EVENTS).set(queues.total() as f64);
         let next_seq = {
             let t = Tables::open(&txn)?;
@@ -257,7 +261,8 @@ impl Writer {
         }
     }
 
-    /// Queue reads only: one read snapshot, no commit.
+    /// Queue reads only: the in-memory queues and one read snapshot of the
+    /// events, no commit.
     fn read_only(&mut self, batch: Vec<Job>) {
         let snapshot = (|| {
             self.reload_queues()?;
@@ -298,9 +303,12 @@ impl Writer {
     ) -> Result<Reply, StoreError> {
         let mut out = vec![];
         for ch in channel_ids {
-            for id in queues.oldest(ch, usize::MAX) {
+            for (seq, id) in queues.oldest(ch, usize::MAX) {
                 if let Some(v) = events.get(id.as_str()).map_err(db)? {
                     let ev: StoredEvent = decode("events", v.value())?;
+                    if !is_queued_at(&ev, ch, seq) {
+                        continue;
+                    }
                     let claim = self.claims.claim(&ev.event_id);
                     out.push((ev, claim));
                 }
@@ -323,7 +331,10 @@ impl Writer {
             }
             let results = {
                 let mut t = Tables::open(&txn)?;
-                t.queues = self.queues.take().unwrap_or_default();
+                t.queues = self
+                    .queues
+                    .take()
+                    .ok_or_else(|| StoreError::Read("the queues are not loaded".into()))?;
                 t.acked_in_batch = acked_in(&batch);
                 let results = batch
                     .iter()
@@ -614,17 +625,21 @@ impl Writer {
             let mut collapsible = vec![];
             let mut most = excess + 1;
             loop {
-                let ids = t.queues.oldest(&ch, most);
-                let whole = ids.len() < most;
+                let entries = t.queues.oldest(&ch, most);
+                let whole = entries.len() < most;
                 collapsible.clear();
-                for id in ids {
+                for (seq, id) in entries {
                     if excess == 0 {
                         break;
                     }
                     if self.claims.is_claimed(&id) {
                         continue;
                     }
-                    let Some(e) = t.event(&id)? else { continue };
+                    let Some(e) = t.live_queued(&ch, seq, &id)? else {
+                        // A stale entry, now removed: the queue is shorter.
+                        excess -= 1;
+                        continue;
+                    };
                     if e.collapse_key.is_empty() {
                         finished.push(t.finish(
                             e,
@@ -895,6 +910,37 @@ fn stored_size(ev: &StoredEvent) -> u64 {
 }
 
 /// When a queued event expires, Unix ms.
+/// Removes the queue entries whose event is gone or no longer queued
+/// there (see [`Queues::load`]).
+fn drop_stale_entries(txn: &WriteTransaction, queues: &mut Queues) -> Result<(), StoreError> {
+    let events = txn.open_table(EVENTS).map_err(db)?;
+    let mut log = txn.open_table(QUEUE_LOG).map_err(db)?;
+    let mut dropped = 0u64;
+    for (channel, seq, id) in queues.entries() {
+        let live = match events.get(id.as_str()).map_err(db)? {
+            Some(v) => is_queued_at(&decode::<StoredEvent>("events", v.value())?, &channel, seq),
+            None => false,
+        };
+        if !live {
+            log.remove(seq).map_err(db)?;
+            queues.remove(&channel, seq);
+            dropped += 1;
+        }
+    }
+    if dropped > 0 {
+        tracing::warn!(
+            dropped,
+            "queue entries of events finished by an older relay removed"
+        );
+    }
+    Ok(())
+}
+
+/// Whether `ev` is queued as the entry (`channel`, `seq`) of a queue.
+fn is_queued_at(ev: &StoredEvent, channel: &str, seq: u64) -> bool {
+    ev.state == EventState::Queued as i32 && ev.channel_id == channel && ev.seq == seq
+}
+
 fn expiry(ev: &StoredEvent) -> u64 {
     ev.created_at_ms.saturating_add(u64::from(ev.ttl_s) * 1000)
 }
@@ -1011,14 +1057,33 @@ impl<'t> Tables<'t> {
         Some(at)
     }
 
-    fn queued(&self, channel: &str) -> Result<Vec<StoredEvent>, StoreError> {
+    fn queued(&mut self, channel: &str) -> Result<Vec<StoredEvent>, StoreError> {
         let mut out = vec![];
-        for id in self.queues.oldest(channel, usize::MAX) {
-            if let Some(ev) = self.event(&id)? {
+        for (seq, id) in self.queues.oldest(channel, usize::MAX) {
+            if let Some(ev) = self.live_queued(channel, seq, &id)? {
                 out.push(ev);
             }
         }
         Ok(out)
+    }
+
+    /// The event of a queue entry, if it is still queued there. An entry
+    /// whose event is gone or finished is stale (left by a relay older
+    /// than `queue_log` run on the same store in between): it is removed.
+    fn live_queued(
+        &mut self,
+        channel: &str,
+        seq: u64,
+        id: &str,
+    ) -> Result<Option<StoredEvent>, StoreError> {
+        match self.event(id)? {
+            Some(ev) if is_queued_at(&ev, channel, seq) => Ok(Some(ev)),
+            _ => {
+                self.queue_log.remove(seq).map_err(db)?;
+                self.queues.remove(channel, seq);
+                Ok(None)
+            }
+        }
     }
 
     /// An earlier use of an idempotency key, if any.
@@ -1093,9 +1158,9 @@ impl<'t> Tables<'t> {
         at_ms: u64,
         retention: u64,
     ) -> Result<(StoredEvent, FinishReason), StoreError> {
-        if self.queues.remove(&ev.channel_id, ev.seq) {
-            self.queue_log.remove(ev.seq).map_err(db)?;
-        }
+        // Disk first: an error here leaves the index as it was.
+        self.queue_log.remove(ev.seq).map_err(db)?;
+        self.queues.remove(&ev.channel_id, ev.seq);
         self.sweep
             .remove((expiry(&ev), ev.event_id.as_str()))
             .map_err(db)?;
