@@ -909,7 +909,6 @@ fn stored_size(ev: &StoredEvent) -> u64 {
     (ev.payload.len() + ev.collapse_key.len()) as u64
 }
 
-/// When a queued event expires, Unix ms.
 /// Removes the queue entries whose event is gone or no longer queued
 /// there (see [`Queues::load`]).
 fn drop_stale_entries(txn: &WriteTransaction, queues: &mut Queues) -> Result<(), StoreError> {
@@ -941,6 +940,7 @@ fn is_queued_at(ev: &StoredEvent, channel: &str, seq: u64) -> bool {
     ev.state == EventState::Queued as i32 && ev.channel_id == channel && ev.seq == seq
 }
 
+/// When a queued event expires, Unix ms.
 fn expiry(ev: &StoredEvent) -> u64 {
     ev.created_at_ms.saturating_add(u64::from(ev.ttl_s) * 1000)
 }
