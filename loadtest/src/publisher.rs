@@ -45,9 +45,25 @@ pub enum PublishApi {
 /// One `PublishStream` per gRPC connection; answers find their caller by
 /// sequence number.
 struct Lanes {
-    senders: Vec<mpsc::Sender<PublishStreamRequest>>,
-    waiting: Arc<Mutex<HashMap<u64, oneshot::Sender<PublishBatchResult>>>>,
+    lanes: Vec<Lane>,
     seq: AtomicU64,
+}
+
+/// Longest wait for one streamed publish's answer: past it the publish
+/// counts as "error no answer", so a lost answer cannot stall a run.
+const ANSWER_WAIT: Duration = Duration::from_secs(30);
+
+/// One stream: its callers waiting for answers, and why it ended once it
+/// has (then nobody is left waiting and nobody waits again).
+struct Lane {
+    sender: mpsc::Sender<PublishStreamRequest>,
+    state: Arc<Mutex<LaneState>>,
+}
+
+#[derive(Default)]
+struct LaneState {
+    waiting: HashMap<u64, oneshot::Sender<PublishBatchResult>>,
+    ended: Option<String>,
 }
 
 /// `msg` with the publisher credential as its bearer token.
@@ -105,30 +121,41 @@ impl Publisher {
         clients: &[PublisherClient<Channel>],
         token: &str,
     ) -> anyhow::Result<Lanes> {
-        let waiting: Arc<Mutex<HashMap<u64, oneshot::Sender<PublishBatchResult>>>> = Arc::default();
-        let mut senders = Vec::new();
+        let mut lanes = Vec::new();
         for client in clients {
             let (tx, rx) = mpsc::channel(1024);
             let req = bearer(ReceiverStream::new(rx), token);
             let mut answers = client.clone().publish_stream(req).await?.into_inner();
-            let waiting = waiting.clone();
+            let state: Arc<Mutex<LaneState>> = Arc::default();
+            let lane_state = state.clone();
             tokio::spawn(async move {
-                while let Ok(Some(a)) = answers.message().await {
-                    let w = waiting.lock().ok().and_then(|mut m| m.remove(&a.seq));
-                    if let Some(w) = w {
-                        let _ = w.send(a.result.unwrap_or_default());
+                let why = loop {
+                    match answers.message().await {
+                        Ok(Some(a)) => {
+                            let w = lane_state
+                                .lock()
+                                .ok()
+                                .and_then(|mut l| l.waiting.remove(&a.seq));
+                            if let Some(w) = w {
+                                let _ = w.send(a.result.unwrap_or_default());
+                            }
+                        }
+                        Ok(None) => break "error stream ended by the relay".to_owned(),
+                        Err(s) => {
+                            break format!("error stream ended: {:?} {}", s.code(), s.message())
+                        }
                     }
-                }
-                // The stream ended: callers still waiting see it.
-                if let Ok(mut m) = waiting.lock() {
-                    m.clear();
+                };
+                // Callers still waiting, and later ones, see why.
+                if let Ok(mut l) = lane_state.lock() {
+                    l.waiting.clear();
+                    l.ended = Some(why);
                 }
             });
-            senders.push(tx);
+            lanes.push(Lane { sender: tx, state });
         }
         Ok(Lanes {
-            senders,
-            waiting,
+            lanes,
             seq: AtomicU64::new(0),
         })
     }
@@ -137,11 +164,20 @@ impl Publisher {
     async fn publish_streamed(&self, lanes: &Lanes, i: usize, req: PublishRequest) {
         let seq = lanes.seq.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        if let Ok(mut m) = lanes.waiting.lock() {
-            m.insert(seq, tx);
+        let lane = &lanes.lanes[i % lanes.lanes.len()];
+        let ended = lane.state.lock().ok().and_then(|mut l| match &l.ended {
+            Some(why) => Some(why.clone()),
+            None => {
+                l.waiting.insert(seq, tx);
+                None
+            }
+        });
+        if let Some(why) = ended {
+            self.count(why, 1);
+            return;
         }
-        let lane = &lanes.senders[i % lanes.senders.len()];
         let sent = lane
+            .sender
             .send(PublishStreamRequest {
                 seq,
                 event: Some(req),
@@ -151,12 +187,21 @@ impl Publisher {
             self.count("error stream closed".into(), 1);
             return;
         }
-        match rx.await {
-            Ok(r) => match &r.response {
+        match tokio::time::timeout(ANSWER_WAIT, rx).await {
+            Ok(Ok(r)) => match &r.response {
                 Some(resp) => self.count_response(resp),
                 None => self.count(format!("error {}", r.error_code), 1),
             },
-            Err(_) => self.count("error stream ended".into(), 1),
+            Ok(Err(_)) => {
+                let why = lane.state.lock().ok().and_then(|l| l.ended.clone());
+                self.count(why.unwrap_or_else(|| "error stream ended".into()), 1);
+            }
+            Err(_) => {
+                if let Ok(mut l) = lane.state.lock() {
+                    l.waiting.remove(&seq);
+                }
+                self.count("error no answer".into(), 1);
+            }
         }
     }
 
@@ -346,5 +391,81 @@ impl Publisher {
         let n = total.load(Ordering::Relaxed);
         issued.fetch_add(n, Ordering::Relaxed);
         self.finish(n, 0, start)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wakewire_proto::token::TokenKind;
+    use wakewire_test_support::TestRelay;
+
+    fn counts(p: &Publisher) -> BTreeMap<String, u64> {
+        p.statuses.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn a_stream_the_relay_ends_fails_its_publishes_instead_of_stalling() -> anyhow::Result<()>
+    {
+        // The relay ends a PublishStream whose credential is revoked. Every
+        // publish on it must then be answered with why (before, a caller
+        // that raced the end waited forever, and so did the whole run).
+        let relay = TestRelay::start().await?;
+        let token = relay.publisher_token(&[], &["*"]);
+        let publisher = Publisher::connect(
+            relay.relay().grpc_addr(),
+            1,
+            &token,
+            vec!["no-such-channel".into()],
+            Instant::now(),
+            PublishApi::Stream,
+        )
+        .await?;
+        publisher.publish_one(0, Instant::now()).await;
+        assert_eq!(counts(&publisher).values().sum::<u64>(), 1, "answered");
+
+        let jti = relay
+            .relay()
+            .keys()
+            .verifier
+            .verify(&token, TokenKind::Publisher, 0)?
+            .jti
+            .expect("an id");
+        wakewire_server::data_dir::DataDir::open(&relay.config.data_dir)?.revoke(&jti)?;
+        // The relay re-reads its revocation list every second; each publish
+        // is answered either way, so this loop ends.
+        let ended = |p: &Publisher| {
+            counts(p)
+                .keys()
+                .any(|k| k.starts_with("error stream ended"))
+        };
+        tokio::time::timeout(Duration::from_secs(20), async {
+            let mut i = 1;
+            while !ended(&publisher) {
+                publisher.publish_one(i, Instant::now()).await;
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the relay ended the stream");
+        // Later publishes on the ended stream fail at once, with the reason.
+        let before = counts(&publisher).values().sum::<u64>();
+        tokio::time::timeout(Duration::from_secs(5), async {
+            for i in 0..10 {
+                publisher.publish_one(1000 + i, Instant::now()).await;
+            }
+        })
+        .await
+        .expect("no publish waits on an ended stream");
+        let after = counts(&publisher);
+        assert_eq!(after.values().sum::<u64>(), before + 10, "{after:?}");
+        assert!(
+            after
+                .keys()
+                .any(|k| k.contains("revoked") || k.contains("Unauthenticated")),
+            "{after:?}"
+        );
+        Ok(())
     }
 }
