@@ -36,7 +36,7 @@ mod queues;
 mod writer;
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -251,6 +251,8 @@ pub struct Store {
     publisher_bytes: Arc<dashmap::DashMap<String, u64>>,
     /// Set while a commit without fsync is not on disk yet.
     unsynced: Arc<AtomicBool>,
+    /// Durable commits begun (counted before each starts).
+    durable_begun: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Store {
@@ -309,13 +311,14 @@ impl Store {
         let (receipts, _) = broadcast::channel(65_536);
         let publisher_bytes = Arc::new(dashmap::DashMap::new());
         let unsynced = Arc::new(AtomicBool::new(false));
+        let durable_begun = Arc::new(AtomicU64::new(0));
         let writer = Writer::open(
             database.clone(),
             config,
             receipts.clone(),
             claims.clone(),
             publisher_bytes.clone(),
-            unsynced.clone(),
+            (unsynced.clone(), durable_begun.clone()),
         )?;
         let (jobs, rx) = mpsc::channel(65_536);
         let thread = |e| StoreError::Thread(Arc::new(e));
@@ -359,7 +362,16 @@ impl Store {
             claims,
             publisher_bytes,
             unsynced,
+            durable_begun,
         })
+    }
+
+    /// How many durable commits (with fsync) have begun since the store
+    /// opened. Unchanged across a span means none started within it: a
+    /// copy of the file taken then holds nothing newer than the last
+    /// durable commit before it, which is what a crash would leave.
+    pub fn durable_commits_begun(&self) -> u64 {
+        self.durable_begun.load(Ordering::Acquire)
     }
 
     /// Whether a commit made without fsync (acks) is not yet on disk; the
@@ -595,18 +607,22 @@ mod tests {
         store_with_delay(queue_limit, Duration::from_millis(1))
     }
 
+    fn config(queue_limit: usize, commit_delay: Duration) -> StoreConfig {
+        StoreConfig {
+            queue_limit,
+            status_retention: Duration::from_secs(3600),
+            idempotency_retention: Duration::from_secs(86_400),
+            group_commit: true,
+            commit_delay,
+            max_bytes_per_publisher: 10_000,
+        }
+    }
+
     fn store_with_delay(queue_limit: usize, commit_delay: Duration) -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(
             dir.path(),
-            StoreConfig {
-                queue_limit,
-                status_retention: Duration::from_secs(3600),
-                idempotency_retention: Duration::from_secs(86_400),
-                group_commit: true,
-                commit_delay,
-                max_bytes_per_publisher: 10_000,
-            },
+            config(queue_limit, commit_delay),
             Arc::default(),
         )
         .unwrap();
@@ -890,14 +906,7 @@ mod tests {
 
     /// Opens a crash image as a relay restarting would.
     fn reopen(image: &tempfile::TempDir, queue_limit: usize) -> Store {
-        let config = StoreConfig {
-            queue_limit,
-            status_retention: Duration::from_secs(3600),
-            idempotency_retention: Duration::from_secs(86_400),
-            group_commit: true,
-            commit_delay: Duration::from_millis(1),
-            max_bytes_per_publisher: 10_000,
-        };
+        let config = config(queue_limit, Duration::from_millis(1));
         Store::open(image.path(), config, Arc::default()).unwrap()
     }
 
@@ -915,6 +924,7 @@ mod tests {
             let (a, b) = (format!("a{i}"), format!("b{i}"));
             // `a` is stored durably (its answer waited for the fsync).
             s.enqueue(event(&a, "ch", 1), None).await.unwrap();
+            let durable_before = s.durable_commits_begun();
             // `b` is acked within its commit; `a`'s ack joins that batch.
             let pending = s.begin_enqueue(event(&b, "ch", 2), None).await.unwrap();
             let acks = s.ack(vec![ack_of(&a)[0].clone(), ack_of(&b)[0].clone()], 3);
@@ -923,7 +933,9 @@ mod tests {
             assert_eq!(acks.unwrap().delivered, 2);
             assert!(s.pending_sync(), "the acks' commit waits for no fsync");
             let image = crash_image(dir.path());
-            let before_the_sync = s.pending_sync();
+            // No durable commit (the sync's) began since `a`'s: the copy
+            // holds exactly what a crash would leave.
+            let before_the_sync = s.durable_commits_begun() == durable_before;
             let crashed = reopen(&image, 100);
             // Whatever the sync thread managed: `a` is there, and `b` is
             // either gone or delivered.

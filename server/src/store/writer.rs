@@ -147,6 +147,8 @@ pub(crate) struct Writer {
     /// Set while a commit without fsync is not yet on disk; the store's
     /// sync thread then sends [`Op::Sync`].
     unsynced: Arc<std::sync::atomic::AtomicBool>,
+    /// Durable commits begun.
+    durable_begun: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Writer {
@@ -158,16 +160,23 @@ impl Writer {
         receipts: broadcast::Sender<(StoredEvent, FinishReason)>,
         claims: Arc<Claims>,
         mirror: Arc<DashMap<String, u64>>,
-        unsynced: Arc<std::sync::atomic::AtomicBool>,
+        (unsynced, durable_begun): (
+            Arc<std::sync::atomic::AtomicBool>,
+            Arc<std::sync::atomic::AtomicU64>,
+        ),
     ) -> Result<Self, StoreError> {
         let txn = db.begin_write().map_err(super::db)?;
-        let (mut queues, migrated) = Queues::load(&txn)?;
-        if migrated {
-            drop_stale_entries(&txn, &mut queues)?;
-        }
-        metrics::gauge!(m::QUEUED_EVENTS).set(queues.total() as f64);
+        let (loaded, migrated) = Queues::load(&txn)?;
+        let queues;
         let next_seq = {
-            let t = Tables::open(&txn)?;
+            let mut t = Tables::open(&txn)?;
+            t.queues = loaded;
+            if migrated {
+                // Only a relay older than `queue_log` writes the legacy
+                // table: what it finished may still have log entries.
+                t.drop_stale_entries()?;
+            }
+            queues = std::mem::take(&mut t.queues);
             for row in t.publisher_bytes.iter().map_err(super::db)? {
                 let (k, v) = row.map_err(super::db)?;
                 mirror.insert(k.value().to_owned(), v.value());
@@ -181,6 +190,7 @@ impl Writer {
             seq
         };
         txn.commit().map_err(super::db)?;
+        metrics::gauge!(m::QUEUED_EVENTS).set(queues.total() as f64);
         Ok(Self {
             db,
             config,
@@ -191,6 +201,7 @@ impl Writer {
             touched: HashMap::new(),
             queues: Some(queues),
             unsynced,
+            durable_begun,
         })
     }
 
@@ -349,6 +360,9 @@ impl Writer {
                 .map_err(db)?
                 .insert("next_seq", self.next_seq)
                 .map_err(db)?;
+            if durable {
+                self.durable_begun.fetch_add(1, Ordering::AcqRel);
+            }
             txn.commit().map_err(db)?;
             Ok(results)
         })();
@@ -909,32 +923,6 @@ fn stored_size(ev: &StoredEvent) -> u64 {
     (ev.payload.len() + ev.collapse_key.len()) as u64
 }
 
-/// Removes the queue entries whose event is gone or no longer queued
-/// there (see [`Queues::load`]).
-fn drop_stale_entries(txn: &WriteTransaction, queues: &mut Queues) -> Result<(), StoreError> {
-    let events = txn.open_table(EVENTS).map_err(db)?;
-    let mut log = txn.open_table(QUEUE_LOG).map_err(db)?;
-    let mut dropped = 0u64;
-    for (channel, seq, id) in queues.entries() {
-        let live = match events.get(id.as_str()).map_err(db)? {
-            Some(v) => is_queued_at(&decode::<StoredEvent>("events", v.value())?, &channel, seq),
-            None => false,
-        };
-        if !live {
-            log.remove(seq).map_err(db)?;
-            queues.remove(&channel, seq);
-            dropped += 1;
-        }
-    }
-    if dropped > 0 {
-        tracing::warn!(
-            dropped,
-            "queue entries of events finished by an older relay removed"
-        );
-    }
-    Ok(())
-}
-
 /// Whether `ev` is queued as the entry (`channel`, `seq`) of a queue.
 fn is_queued_at(ev: &StoredEvent, channel: &str, seq: u64) -> bool {
     ev.state == EventState::Queued as i32 && ev.channel_id == channel && ev.seq == seq
@@ -1084,6 +1072,22 @@ impl<'t> Tables<'t> {
                 Ok(None)
             }
         }
+    }
+
+    /// Removes every stale queue entry (see [`Tables::live_queued`]).
+    fn drop_stale_entries(&mut self) -> Result<(), StoreError> {
+        let before = self.queues.total();
+        for (channel, seq, id) in self.queues.entries() {
+            self.live_queued(&channel, seq, &id)?;
+        }
+        let dropped = before - self.queues.total();
+        if dropped > 0 {
+            tracing::warn!(
+                dropped,
+                "queue entries of events finished by an older relay removed"
+            );
+        }
+        Ok(())
     }
 
     /// An earlier use of an idempotency key, if any.
